@@ -1,0 +1,281 @@
+"""The policy protocol of the KV layer: what every compression policy implements.
+
+Pure tensor code: no transformers import. The cache (``memvisor.kv``) owns storage; a policy only
+*decides* (which tokens, which channels, how to merge, how many per layer / head).
+
+Conventions shared by every policy
+----------------------------------
+- ``B`` batch, ``Hq`` query heads, ``Hkv`` key/value heads, ``groups = Hq // Hkv`` (GQA: query head
+  ``q`` reads KV head ``q // groups``), ``T`` cached tokens of one layer, ``Tq`` queries of the current
+  forward (a prefill block or 1 for a decode step), ``D`` head dim. Scores are float32, unitless.
+- Keys/queries are the post-RoPE tensors the attention actually uses.
+- **Token order.** Each KV head's tokens are in storage order, oldest first; eviction keeps that order
+  (``select`` returns sorted indices), so index order is recency order.
+- **Ragged heads.** After Ada-KV style eviction heads hold different counts. The cache then passes
+  ``keys`` padded to ``T = max(lengths)`` plus ``lengths: LongTensor[Hkv]``: head ``h`` has valid tokens
+  ``[0, lengths[h])``; the rest is padding and is never attended, scored or kept.
+- **observe() timing.** Called after the layer appended the current forward's keys, so the ``Tq``
+  queries are the newest ``Tq`` valid tokens of each head: query ``i`` (0-based within the block) of
+  head ``h`` may attend key ``j`` iff ``j <= lengths[h] - Tq + i`` (causal mask inside a prefill block;
+  a decode step, ``Tq == 1``, sees every valid key).
+- **Batch.** ``select`` keeps the same token indices for every batch row (the cache stays rectangular
+  over the batch): scores are averaged over ``B`` before the top-k. Benchmarks use ``B == 1``.
+- **GQA reduction.** Attention statistics are reduced over a KV head's query group by MEAN, so the
+  reduced row is still a probability distribution over keys (Scissorhands compares it to the uniform
+  average). For rankings, mean and sum order tokens identically.
+
+Protocol (agreed in the KV contract; extensions are keyword-only and optional):
+- ``TokenPolicy``: ``observe``, ``scores``, ``protected``, ``on_evict`` (+ ``reset``, ``fresh``).
+- ``select(scores, protected, budget)`` -> per KV head sorted kept indices (ragged allowed).
+- ``HeadBudget`` (extension): ``split(scores, protected, layer_budget) -> LongTensor[Hkv]``.
+- ``ChannelPolicy`` (ThinK): ``keep_channels(queries_window, keys, keep) -> LongTensor[Hkv, keep]``.
+- ``MergePolicy`` (KVMerger): ``merge(keys, values, kept) -> (list[Tensor[B, n_h, D]], list[...])``.
+  NOTE: the contract wrote ``Tensor[n_h, D]``; we keep the batch axis (``[B, n_h, D]``) because kept
+  indices are shared over the batch. With ``B == 1`` use ``[0]``.
+- ``LayerBudget``: ``split(total_tokens, n_layers) -> list[int]`` summing exactly to ``total_tokens``.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+class PolicyError(ValueError):
+    """Bad input to a KV policy (shapes, budgets, knobs)."""
+
+
+class BudgetTooSmallError(PolicyError):
+    """A budget is smaller than the tokens a policy must protect (sinks, recent window)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Token policies
+# ----------------------------------------------------------------------------------------------
+
+
+class TokenPolicy(ABC):
+    """Decides which cached tokens of ONE layer to keep. One instance per layer (use ``fresh()``).
+
+    Subclasses set ``name`` (registry key) and ``needs_queries`` (False lets the cache skip
+    ``observe``, which then costs nothing).
+    """
+
+    name: str = "abstract"
+    needs_queries: bool = True
+
+    def observe(self, queries: Tensor, keys: Tensor, *, lengths: Tensor | None = None) -> None:
+        """Accumulate statistics from one forward.
+
+        queries: [B, Hq, Tq, D] post-RoPE; keys: [B, Hkv, T, D] every key the layer holds, the newest
+        Tq of each head being this forward's own; lengths: optional LongTensor[Hkv] (ragged heads).
+        Default: no statistics.
+        """
+
+    @abstractmethod
+    def scores(self, keys: Tensor, values: Tensor, *, lengths: Tensor | None = None) -> Tensor:
+        """Importance of each cached token: Tensor[B, Hkv, T] float32, higher = keep.
+
+        Padding positions (``>= lengths[h]``) are ``-inf``.
+        """
+
+    def protected(self, T: int) -> Tensor:
+        """BoolTensor[T]: tokens kept whatever their score (sinks, recent window), for a head holding T tokens."""
+        return torch.zeros(T, dtype=torch.bool)
+
+    def on_evict(self, kept: list[Tensor]) -> None:
+        """Re-index accumulated statistics: ``kept[h]`` are the sorted old indices head h keeps."""
+
+    def reset(self) -> None:
+        """Forget all statistics (new sequence). Must assign new objects, never mutate shared ones."""
+
+    def fresh(self) -> "TokenPolicy":
+        """A new instance with the same knobs and no statistics (one per layer)."""
+        new = copy.copy(self)
+        new.reset()
+        return new
+
+    def protected_mask(self, T: int, lengths: Tensor | None = None, n_heads: int | None = None) -> Tensor:
+        """BoolTensor[Hkv, T]: ``protected`` per head, applied to each head's own valid length."""
+        if lengths is None:
+            if n_heads is None:
+                raise PolicyError("protected_mask needs lengths or n_heads")
+            return self.protected(T).unsqueeze(0).expand(n_heads, T).clone()
+        out = torch.zeros(len(lengths), T, dtype=torch.bool)
+        for h, n in enumerate(lengths.tolist()):
+            out[h, :n] = self.protected(int(n))
+        return out
+
+
+def valid_mask(lengths: Tensor | None, T: int, n_heads: int) -> Tensor:
+    """BoolTensor[Hkv, T]: True where a token is stored (not padding)."""
+    if lengths is None:
+        return torch.ones(n_heads, T, dtype=torch.bool)
+    lengths = torch.as_tensor(lengths, dtype=torch.long)
+    if lengths.shape != (n_heads,):
+        raise PolicyError(f"lengths must be LongTensor[{n_heads}], got shape {tuple(lengths.shape)}")
+    if int(lengths.max()) > T or int(lengths.min()) < 0:
+        raise PolicyError(f"lengths {lengths.tolist()} out of range for T={T}")
+    return torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def _as_head_protect(protected: Tensor, n_heads: int, T: int) -> Tensor:
+    protected = torch.as_tensor(protected, dtype=torch.bool)
+    if protected.shape == (T,):
+        return protected.unsqueeze(0).expand(n_heads, T)
+    if protected.shape == (n_heads, T):
+        return protected
+    raise PolicyError(f"protected must be BoolTensor[{T}] or [{n_heads}, {T}], got {tuple(protected.shape)}")
+
+
+def select(
+    scores: Tensor,
+    protected: Tensor,
+    budget: Tensor | int | Sequence[int],
+    *,
+    lengths: Tensor | None = None,
+) -> list[Tensor]:
+    """Per KV head, the sorted indices of the tokens to keep.
+
+    scores: [B, Hkv, T] or [Hkv, T] (averaged over B); protected: BoolTensor[T] or [Hkv, T];
+    budget: LongTensor[Hkv] (or one int for all heads) = tokens to keep per head, protected included;
+    lengths: optional LongTensor[Hkv] of valid tokens per head (padding is never kept).
+    Returns list of Hkv LongTensors (ragged: lengths may differ), each sorted ascending, holding every
+    protected valid token and the highest-scoring others (ties: the newer token wins).
+    A head whose budget is >= its valid length keeps everything.
+    Raises BudgetTooSmallError when a head's budget is below its protected count.
+    """
+    if scores.dim() == 3:
+        scores = scores.float().mean(0)
+    if scores.dim() != 2:
+        raise PolicyError(f"scores must be [B, Hkv, T] or [Hkv, T], got {tuple(scores.shape)}")
+    n_heads, T = scores.shape
+    if isinstance(budget, int):
+        budget = torch.full((n_heads,), budget, dtype=torch.long)
+    budget = torch.as_tensor(budget, dtype=torch.long)
+    if budget.shape != (n_heads,):
+        raise PolicyError(f"budget must be LongTensor[{n_heads}] or int, got shape {tuple(budget.shape)}")
+    if int(budget.min()) < 0:
+        raise PolicyError(f"budget must be >= 0, got {budget.tolist()}")
+    valid = valid_mask(lengths, T, n_heads)
+    prot = _as_head_protect(protected, n_heads, T) & valid
+    # Tie-break toward newer tokens with a tiny position term, added after ranking so it never
+    # overrides a real score difference: sort by (score, position) lexicographically.
+    pos = torch.arange(T, dtype=torch.float64)
+    kept: list[Tensor] = []
+    for h in range(n_heads):
+        n_valid = int(valid[h].sum())
+        b = int(budget[h])
+        if b >= n_valid:
+            kept.append(torch.nonzero(valid[h]).flatten())
+            continue
+        n_prot = int(prot[h].sum())
+        if b < n_prot:
+            raise BudgetTooSmallError(
+                f"head {h}: budget {b} tokens < {n_prot} protected tokens (sinks + recent window); "
+                "raise the budget or shrink the policy's window"
+            )
+        s = scores[h].double().clone()
+        s[~valid[h]] = float("-inf")
+        s[prot[h]] = float("inf")
+        # lexsort: primary score, secondary position (newer first among equals)
+        order = torch.argsort(pos, descending=True, stable=True)
+        order = order[torch.argsort(s[order], descending=True, stable=True)]
+        kept.append(torch.sort(order[:b]).values)
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------
+# Head budgets (extension: Ada-KV)
+# ----------------------------------------------------------------------------------------------
+
+
+class HeadBudget(ABC):
+    """Splits one layer's token budget over its KV heads."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def split(
+        self, scores: Tensor, protected: Tensor, layer_budget: int, *, lengths: Tensor | None = None
+    ) -> Tensor:
+        """LongTensor[Hkv] of per-head token counts summing to ``min(layer_budget, valid tokens)``.
+
+        scores: [B, Hkv, T] or [Hkv, T]; protected: BoolTensor[T] or [Hkv, T]; layer_budget: tokens
+        (a token of one KV head counts 1; a layer holding T tokens in all heads holds Hkv*T).
+        """
+
+
+# ----------------------------------------------------------------------------------------------
+# Channel, merge, layer policies
+# ----------------------------------------------------------------------------------------------
+
+
+class ChannelPolicy(ABC):
+    """Chooses the key channels to store (ThinK). The cache removes the others from storage and
+    projects queries onto the kept ones."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def keep_channels(self, queries_window: Tensor, keys: Tensor, keep: int) -> Tensor:
+        """queries_window: [B, Hq, w, D]; keys: [B, Hkv, T, D] -> LongTensor[Hkv, keep], each row sorted."""
+
+    def keep_count(self, head_dim: int) -> int:
+        """Channels to keep for a head of ``head_dim`` channels under this policy's ratio."""
+        return head_dim
+
+
+class MergePolicy(ABC):
+    """Folds evicted tokens into kept neighbours instead of dropping them (KVMerger)."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def merge(
+        self, keys: Tensor, values: Tensor, kept: list[Tensor], *, lengths: Tensor | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """keys, values: [B, Hkv, T, D]; kept: per-head sorted kept indices.
+
+        Returns (keys, values) as lists over heads of Tensor[B, len(kept[h]), D]: row i is the
+        (possibly merged) state of token ``kept[h][i]``. Same dtype as the input.
+        """
+
+
+class LayerBudget(ABC):
+    """Splits a model-wide token budget over layers."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def split(self, total_tokens: int, n_layers: int) -> list[int]:
+        """Per-layer token budgets, non-negative ints summing exactly to ``total_tokens``."""
+
+
+def check_split_args(total_tokens: int, n_layers: int) -> None:
+    if not isinstance(total_tokens, int) or total_tokens < 0:
+        raise PolicyError(f"total_tokens must be an int >= 0, got {total_tokens!r}")
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise PolicyError(f"n_layers must be an int >= 1, got {n_layers!r}")
+
+
+def largest_remainder(weights: Sequence[float], total: int) -> list[int]:
+    """Integer apportionment of ``total`` proportional to non-negative ``weights`` (sums exactly)."""
+    w = torch.as_tensor(list(weights), dtype=torch.float64)
+    if (w < 0).any() or not torch.isfinite(w).all():
+        raise PolicyError(f"weights must be finite and >= 0, got {list(weights)}")
+    if float(w.sum()) == 0.0:
+        w = torch.ones_like(w)
+    exact = w / w.sum() * total
+    base = torch.floor(exact).long()
+    rest = total - int(base.sum())
+    if rest > 0:
+        # stable: earlier entries win ties
+        frac = exact - base.double()
+        order = torch.argsort(frac, descending=True, stable=True)
+        base[order[:rest]] += 1
+    return [int(x) for x in base]
