@@ -1,0 +1,71 @@
+"""Attention probabilities for statistics-gathering policies (H2O, Scissorhands, SnapKV).
+
+One function, ``group_attention``: softmax(q·k * scaling) with the causal mask of a prefill block
+and the padding of ragged heads, reduced over each KV head's query group by MEAN (GQA), in float32.
+It yields query chunks so a 4k-token prefill block never materialises a [Hq, 4k, 4k] matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from memvisor.kv.policies.base import PolicyError, valid_mask
+
+
+def check_qk(queries: Tensor, keys: Tensor) -> tuple[int, int, int, int, int, int]:
+    """Validate shapes; returns (B, Hq, Tq, D, Hkv, T)."""
+    if queries.dim() != 4 or keys.dim() != 4:
+        raise PolicyError(
+            f"queries must be [B, Hq, Tq, D] and keys [B, Hkv, T, D]; got {tuple(queries.shape)} and {tuple(keys.shape)}"
+        )
+    B, Hq, Tq, D = queries.shape
+    Bk, Hkv, T, Dk = keys.shape
+    if Bk != B or Dk != D:
+        raise PolicyError(f"batch/head_dim mismatch: queries {tuple(queries.shape)}, keys {tuple(keys.shape)}")
+    if Hkv == 0 or Hq % Hkv:
+        raise PolicyError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv}) (GQA)")
+    return B, Hq, Tq, D, Hkv, T
+
+
+def group_attention(
+    queries: Tensor,
+    keys: Tensor,
+    *,
+    lengths: Tensor | None = None,
+    scaling: float | None = None,
+    chunk: int = 256,
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """Yield ``(start, probs, n_visible)`` per chunk of queries.
+
+    queries: [B, Hq, Tq, D]; keys: [B, Hkv, T, D]; lengths: LongTensor[Hkv] or None (all T valid).
+    Query i of the block is the token at position ``lengths[h] - Tq + i`` of head h and attends keys
+    ``j <= lengths[h] - Tq + i`` (causal inside the block, everything older before it).
+    probs: float32 [B, Hkv, c, T], the mean over the query group of the softmax rows (each row sums to 1,
+    zeros at masked keys), for queries ``start .. start + c - 1``.
+    n_visible: LongTensor[Hkv, c], how many keys each query row sees (for "above average" tests).
+    scaling: logit scale, default 1/sqrt(D) (pass the model's own, e.g. Gemma's query_pre_attn_scalar**-0.5).
+    """
+    B, Hq, Tq, D, Hkv, T = check_qk(queries, keys)
+    groups = Hq // Hkv
+    valid = valid_mask(lengths, T, Hkv)  # [Hkv, T]
+    L = valid.sum(1)  # [Hkv]
+    if int(L.min()) < Tq:
+        raise PolicyError(
+            f"every head must hold at least the block's own {Tq} keys (observe() after the cache appended them); lengths={L.tolist()}"
+        )
+    scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
+    k = keys.float()
+    pos = torch.arange(T)
+    for start in range(0, Tq, chunk):
+        stop = min(Tq, start + chunk)
+        q = queries[:, :, start:stop].float().reshape(B, Hkv, groups, stop - start, D)
+        logits = torch.einsum("bhgqd,bhtd->bhgqt", q, k) * scale
+        limit = L.unsqueeze(1) - Tq + torch.arange(start, stop).unsqueeze(0)  # [Hkv, c] last visible key
+        allowed = pos.view(1, 1, T) <= limit.unsqueeze(2)  # [Hkv, c, T]; padding lies beyond limit
+        logits = logits.masked_fill(~allowed.view(1, Hkv, 1, stop - start, T), float("-inf"))
+        probs = torch.softmax(logits, dim=-1).mean(2)
+        yield start, probs, limit + 1

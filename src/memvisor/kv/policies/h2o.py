@@ -1,0 +1,64 @@
+"""H2O: heavy hitters (largest accumulated attention received) + recent tokens.
+
+Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large Language
+Models", NeurIPS 2023.
+
+Statistic: for each KV head and cached token, the sum over every query observed so far (prefill blocks
+and decode steps) of the attention probability it received. GQA: each query's softmax row is averaged
+over the KV head's query group (mean), so one query contributes a total mass of 1 per KV head.
+Prefill-block queries are causally masked (query i sees keys up to its own position), so in one block
+older tokens collect more mass than newer ones, as in the paper.
+
+Shapes/units: ``observe(queries [B, Hq, Tq, D], keys [B, Hkv, T, D])``; ``scores`` -> float32
+[B, Hkv, T], unit = attention probability mass (sum over queries). Tokens appended without being
+observed score 0.
+Knobs: ``recent`` (tokens always kept at the recent end, default 32), ``sinks`` (default 0),
+``scaling`` (logit scale, default 1/sqrt(D)), ``chunk`` (queries per softmax chunk, memory only).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from memvisor.kv.policies.base import PolicyError, TokenPolicy
+from memvisor.kv.policies._attention import group_attention
+from memvisor.kv.policies._stats import extend, finish_scores, reindex
+
+
+class H2O(TokenPolicy):
+    name = "h2o"
+    needs_queries = True
+
+    def __init__(self, recent: int = 32, sinks: int = 0, scaling: float | None = None, chunk: int = 256) -> None:
+        if recent < 0 or sinks < 0 or chunk < 1:
+            raise PolicyError(f"recent, sinks must be >= 0 and chunk >= 1; got {recent}, {sinks}, {chunk}")
+        self.recent, self.sinks, self.scaling, self.chunk = int(recent), int(sinks), scaling, int(chunk)
+        self.reset()
+
+    def reset(self) -> None:
+        self.acc: Tensor | None = None  # float32 [B, Hkv, T]
+
+    def observe(self, queries: Tensor, keys: Tensor, *, lengths: Tensor | None = None) -> None:
+        B, Hkv, T, _ = keys.shape
+        acc = torch.zeros(B, Hkv, 0) if self.acc is None else self.acc
+        acc = extend(acc, T)
+        for _, probs, _ in group_attention(queries, keys, lengths=lengths, scaling=self.scaling, chunk=self.chunk):
+            acc = acc + probs.sum(2)
+        self.acc = acc
+
+    def scores(self, keys: Tensor, values: Tensor, *, lengths: Tensor | None = None) -> Tensor:
+        B, Hkv, T, _ = keys.shape
+        acc = torch.zeros(B, Hkv, 0) if self.acc is None else self.acc
+        return finish_scores(acc, T, lengths)
+
+    def protected(self, T: int) -> Tensor:
+        p = torch.zeros(T, dtype=torch.bool)
+        p[: self.sinks] = True
+        if self.recent:
+            p[max(0, T - self.recent) :] = True
+        return p
+
+    def on_evict(self, kept: list[Tensor]) -> None:
+        if self.acc is not None:
+            self.acc = reindex(self.acc, kept)
