@@ -1,0 +1,107 @@
+"""Protocol helpers: select, the attention helper, statistic re-indexing, registry."""
+
+import math
+
+import pytest
+import torch
+
+from memvisor.kv.policies import POLICIES, BudgetTooSmallError, PolicyError, TokenPolicy, make_policy, select
+from memvisor.kv.policies._attention import group_attention
+from memvisor.kv.policies._stats import extend, reindex
+
+
+def test_select_keeps_protected_then_top_scores_sorted():
+    s = torch.tensor([[[1.0, 5.0, 2.0, 4.0, 0.0, 3.0]]])
+    prot = torch.tensor([True, False, False, False, False, True])
+    assert select(s, prot, 3)[0].tolist() == [0, 1, 5]
+    assert select(s, prot, 4)[0].tolist() == [0, 1, 3, 5]
+    assert select(s, prot, 6)[0].tolist() == [0, 1, 2, 3, 4, 5]
+    assert select(s, prot, 100)[0].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_select_ties_keep_newer_and_ragged_budgets_per_head():
+    s = torch.zeros(2, 5)
+    s[1] = torch.tensor([9.0, 1.0, 1.0, 9.0, 1.0])
+    kept = select(s, torch.zeros(5, dtype=torch.bool), torch.tensor([2, 3]))
+    assert kept[0].tolist() == [3, 4]  # all tied: newest win
+    assert kept[1].tolist() == [0, 3, 4]
+
+
+def test_select_averages_batch_and_ignores_padding():
+    s = torch.tensor([[[1.0, 0.0, 0.0, 7.0]], [[0.0, 3.0, 0.0, 7.0]]])  # B=2, Hkv=1
+    # batch mean: [0.5, 1.5, 0, 7]; token 3 is padding (length 3)
+    kept = select(s, torch.zeros(4, dtype=torch.bool), 2, lengths=torch.tensor([3]))
+    assert kept[0].tolist() == [0, 1]
+
+
+def test_select_budget_below_protected_is_a_typed_error():
+    with pytest.raises(BudgetTooSmallError):
+        select(torch.zeros(1, 6), torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool), 2)
+    with pytest.raises(PolicyError):
+        select(torch.zeros(2, 6), torch.zeros(6, dtype=torch.bool), torch.tensor([1, 2, 3]))
+
+
+def _naive_attention(q, k, L, scaling):
+    """probs for one batch row and one KV head: q [G, Tq, D], k [L, D] -> mean over G of [Tq, L]."""
+    G, Tq, D = q.shape
+    out = torch.zeros(Tq, L)
+    for g in range(G):
+        for i in range(Tq):
+            last = L - Tq + i
+            logits = torch.tensor([float(q[g, i] @ k[j]) * scaling for j in range(last + 1)])
+            out[i, : last + 1] += torch.softmax(logits, 0) / G
+    return out
+
+
+def test_group_attention_matches_naive_causal_gqa_ragged():
+    torch.manual_seed(0)
+    B, Hkv, G, Tq, T, D = 2, 2, 3, 3, 6, 4
+    q = torch.randn(B, Hkv * G, Tq, D)
+    k = torch.randn(B, Hkv, T, D)
+    lengths = torch.tensor([6, 4])
+    chunks = list(group_attention(q, k, lengths=lengths, chunk=2))
+    assert [c[0] for c in chunks] == [0, 2]
+    probs = torch.cat([c[1] for c in chunks], dim=2)  # [B, Hkv, Tq, T]
+    nvis = torch.cat([c[2] for c in chunks], dim=1)
+    assert nvis.tolist() == [[4, 5, 6], [2, 3, 4]]
+    for b in range(B):
+        for h in range(Hkv):
+            L = int(lengths[h])
+            ref = _naive_attention(q[b, h * G : (h + 1) * G], k[b, h, :L], L, 1 / math.sqrt(D))
+            assert torch.allclose(probs[b, h, :, :L], ref, atol=1e-6)
+            assert torch.all(probs[b, h, :, L:] == 0)
+    assert torch.allclose(probs.sum(-1), torch.ones(B, Hkv, Tq))
+
+
+def test_group_attention_rejects_bad_shapes():
+    with pytest.raises(PolicyError):
+        next(group_attention(torch.zeros(1, 3, 1, 4), torch.zeros(1, 2, 5, 4)))  # 3 % 2 != 0
+    with pytest.raises(PolicyError):
+        next(group_attention(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 3, 4)))  # block larger than cache
+
+
+def test_reindex_moves_statistics_with_their_tokens():
+    stat = torch.tensor([[[10.0, 11, 12, 13], [20, 21, 22, 23]]])  # [B=1, Hkv=2, T=4]
+    out = reindex(stat, [torch.tensor([1, 3]), torch.tensor([0, 2, 3])])
+    assert out.tolist() == [[[11.0, 13, 0], [20, 22, 23]]]
+    assert extend(out, 5).shape == (1, 2, 5)
+    with pytest.raises(PolicyError):
+        extend(out, 2)
+
+
+def test_registry_names_kinds_and_fresh_instances():
+    for name in ["streaming", "h2o", "scissorhands", "snapkv", "think", "merge", "knorm",
+                 "uniform", "pyramid", "sensitivity", "head-uniform", "adakv"]:
+        assert POLICIES[name].name == name
+    with pytest.raises(PolicyError, match="known"):
+        make_policy("nope")
+    a = make_policy("h2o", recent=2)
+    a.observe(torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4))
+    b = a.fresh()
+    assert isinstance(b, TokenPolicy) and b.recent == 2 and b.acc is None and a.acc is not None
+
+
+def test_protected_mask_uses_each_heads_length():
+    pol = make_policy("streaming", sinks=1, window=2)
+    m = pol.protected_mask(6, torch.tensor([6, 4]))
+    assert m.tolist() == [[True, False, False, False, True, True], [True, False, True, True, False, False]]
