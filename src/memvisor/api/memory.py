@@ -1,0 +1,268 @@
+"""`Memory`: the one facade of memvisor's plaintext memory. The CLI calls exactly these verbs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from memvisor import timeutil
+from memvisor.errors import InvalidInput
+from memvisor.models.embedders import Embedder, default_embedder
+from memvisor.models.tokenizer import HFTokenizer, default_tokenizer
+from memvisor.store import portable
+from memvisor.store.filters import Filters
+from memvisor.store.sqlite_store import NewItem, SQLiteStore, row_to_item
+from memvisor.text.formats import Conversation, load_conversations
+from memvisor.text.pack import ContextPacker
+from memvisor.text.retrieve import Candidate, HybridRetriever
+from memvisor.types import KINDS, Context, IngestReport, MemoryItem, ScoreExplanation, SearchHit
+
+MAX_TEXT_CHARS = 20_000   # longer texts should be split into several memories
+MAX_BUDGET_TOKENS = 1_000_000
+Progress = Callable[[int], None]  # called with the number of items just written
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("MEMVISOR_HOME") or Path.home() / ".memvisor")
+
+
+def _check_name(value: str | None, what: str, required: bool = False) -> str | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > 200 or not value.isprintable():
+        raise InvalidInput(f"{what} must be a non-empty printable string of at most 200 characters, got {value!r}")
+    return value
+
+
+class Memory:
+    """Plaintext memory in a home folder (SQLite + vector index), embedded in your process.
+
+    >>> m = Memory("~/.memvisor")
+    >>> item = m.add("Ana moved to Lyon", namespace="app", user="ana", valid_from="2024-03-01")
+    >>> m.context("Where does Ana live?", namespace="app", budget_tokens=256).text
+    """
+
+    def __init__(self, home: str | Path | None = None, *, embedder: Embedder | None = None,
+                 tokenizer: HFTokenizer | None = None, retriever: HybridRetriever | None = None,
+                 packer: ContextPacker | None = None):
+        self.home = Path(home).expanduser() if home is not None else default_home()
+        self.embedder = embedder or default_embedder()
+        self.store = SQLiteStore(self.home, self.embedder.dim, self.embedder.name)
+        self.retriever = retriever or HybridRetriever()
+        self._tokenizer = tokenizer
+        self._packer = packer
+
+    @property
+    def packer(self) -> ContextPacker:
+        if self._packer is None:
+            self._packer = ContextPacker(self._tokenizer or default_tokenizer())
+        return self._packer
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Memory":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- writes ---------------------------------------------------------------------------------
+
+    def add(self, text: str, *, namespace: str = "default", user: str | None = None, agent: str | None = None,
+            session: str | None = None, kind: str = "episodic", metadata: dict[str, Any] | None = None,
+            sources: list[str] | None = None, valid_from: Any = None, valid_to: Any = None,
+            key: str | None = None) -> MemoryItem:
+        """Store one memory; returns it once durable. Re-adding the same content (or `key`) returns the
+        existing memory and writes nothing."""
+        return self.add_many([dict(text=text, user=user, agent=agent, session=session, kind=kind,
+                                   metadata=metadata, sources=sources, valid_from=valid_from,
+                                   valid_to=valid_to, key=key)], namespace=namespace).items[0]
+
+    def add_many(self, records: Iterable[dict[str, Any]], *, namespace: str = "default",
+                 batch_size: int = 256, progress: Progress | None = None) -> "AddResult":
+        """Store many memories. Every record is validated before anything is written; then batches of
+        `batch_size` are each one transaction (a re-run after a crash skips what was committed)."""
+        items = [self._validate(namespace, r, i) for i, r in enumerate(records)]
+        return self._write(items, batch_size, progress)
+
+    def ingest(self, source: str | Path | Conversation | list[Conversation], *, namespace: str = "default",
+               user: str | None = None, progress: Progress | None = None) -> IngestReport:
+        """Ingest whole conversations (LoCoMo JSON, JSON-lines turns, or `Conversation` objects): each turn
+        becomes an episodic memory citing its turn id; re-ingesting the same conversation adds nothing."""
+        if isinstance(source, Conversation):
+            conversations = [source]
+        elif isinstance(source, list):
+            conversations = source
+        else:
+            conversations = load_conversations(source)
+        records = []
+        for conv in conversations:
+            for position, turn in enumerate(conv.turns):
+                records.append(dict(
+                    text=turn.text, user=user, session=turn.session, kind="episodic",
+                    metadata={"speaker": turn.speaker, "turn_id": turn.source_id, "conversation": conv.id},
+                    sources=[turn.source_id], valid_from=turn.time, thread=conv.id, position=position,
+                    key=f"turn:{conv.id}:{turn.source_id}"))
+        result = self.add_many(records, namespace=namespace, progress=progress)
+        return IngestReport(namespace, result.added, result.duplicates, [i.id for i in result.items])
+
+    def _validate(self, namespace: str, r: dict[str, Any], index: int) -> NewItem:
+        where = f"memory #{index}" if index else "memory"
+        _check_name(namespace, "namespace", required=True)
+        text = r.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInput(f"{where}: text is empty; give the memory's text")
+        if len(text) > MAX_TEXT_CHARS:
+            raise InvalidInput(f"{where}: text has {len(text)} characters, more than {MAX_TEXT_CHARS}: "
+                               "split it into several memories")
+        kind = r.get("kind") or "episodic"
+        if kind not in KINDS:
+            raise InvalidInput(f"{where}: unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+        metadata = r.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise InvalidInput(f"{where}: metadata must be a JSON object (a dict)")
+        sources = r.get("sources") or []
+        if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
+            raise InvalidInput(f"{where}: sources must be a list of id strings")
+        valid_from = timeutil.to_iso(r.get("valid_from"), "valid_from")
+        valid_to = timeutil.to_iso(r.get("valid_to"), "valid_to")
+        if valid_from and valid_to and valid_to <= valid_from:
+            raise InvalidInput(f"{where}: valid_to ({valid_to}) must be after valid_from ({valid_from})")
+        return NewItem(namespace=namespace, text=text.strip(), kind=kind,
+                       user=_check_name(r.get("user"), "user"), agent=_check_name(r.get("agent"), "agent"),
+                       session=_check_name(r.get("session"), "session"), metadata=metadata, sources=sources,
+                       valid_from=valid_from, valid_to=valid_to, thread=r.get("thread"),
+                       position=r.get("position"), key=r.get("key"))
+
+    def _write(self, items: list[NewItem], batch_size: int, progress: Progress | None) -> "AddResult":
+        written: list[MemoryItem] = []
+        added = 0
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            vectors = self.embedder.encode([_embedding_text(i) for i in batch])
+            for item, created in self.store.add_items(batch, vectors):
+                written.append(item)
+                added += created
+            if progress:
+                progress(len(batch))
+        return AddResult(written, added, len(written) - added)
+
+    def update(self, memory_id: str, *, namespace: str = "default", text: str | None = None,
+               metadata: dict[str, Any] | None = None, kind: str | None = None,
+               valid_from: Any = None) -> MemoryItem:
+        """A new version. With `valid_from` the world changed then (the old version stays true before it);
+        without, it is a correction of the old version. The old version stays in `history`."""
+        if text is None and metadata is None and kind is None:
+            raise InvalidInput("update needs at least one of text, metadata or kind")
+        head = self.get(memory_id, namespace=namespace)
+        merged = self._validate(namespace, dict(text=text if text is not None else head.text,
+                                                kind=kind or head.kind, metadata=metadata), 0)
+        start = timeutil.to_iso(valid_from, "valid_from")
+        if start and head.valid_from and start <= head.valid_from:
+            raise InvalidInput(f"valid_from {start} must be after the current version's valid_from "
+                               f"{head.valid_from}; to correct the old text, update without valid_from")
+        changes = {"text": text and merged.text, "metadata": metadata, "kind": kind, "valid_from": start}
+        vector = None
+        if text is not None:
+            speaker = (metadata or head.metadata).get("speaker")
+            vector = self.embedder.encode([f"{speaker}: {merged.text}" if speaker else merged.text])[0]
+        return self.store.revise(namespace, memory_id, "update", changes, vector)
+
+    def invalidate(self, memory_id: str, *, namespace: str = "default", at: Any = None,
+                   reason: str | None = None) -> MemoryItem:
+        """It stopped being true at `at` (default now). Not deleted: `as_of` an earlier time still finds it."""
+        self.get(memory_id, namespace=namespace)
+        end = timeutil.to_iso(at, "at") or timeutil.now()
+        return self.store.revise(namespace, memory_id, "invalidate", {"valid_to": end, "reason": reason}, None)
+
+    def delete(self, memory_id: str, *, namespace: str = "default") -> int:
+        """Remove a memory and all its versions from every index; returns the number of versions removed."""
+        _check_name(namespace, "namespace", required=True)
+        self.store.require_namespace(namespace)
+        return self.store.delete(namespace, memory_id)
+
+    # ---- reads ----------------------------------------------------------------------------------
+
+    def get(self, memory_id: str, *, namespace: str = "default") -> MemoryItem:
+        _check_name(namespace, "namespace", required=True)
+        return self.store.head(namespace, memory_id)
+
+    def history(self, memory_id: str, *, namespace: str = "default") -> list[MemoryItem]:
+        """Every stored version of a memory, oldest first, with both valid and recorded times."""
+        _check_name(namespace, "namespace", required=True)
+        return self.store.versions(namespace, memory_id)
+
+    def _filters(self, namespace: str, user: str | None, agent: str | None, session: str | None,
+                 kinds: Iterable[str] | None, metadata: dict | None, as_of: Any, known_at: Any) -> Filters:
+        _check_name(namespace, "namespace", required=True)
+        self.store.require_namespace(namespace)
+        return Filters(namespace=namespace, user=user, agent=agent, session=session, kinds=tuple(kinds or ()),
+                       metadata=dict(metadata or {}), as_of=timeutil.to_iso(as_of, "as_of"),
+                       known_at=timeutil.to_iso(known_at, "known_at"))
+
+    def search(self, query: str, *, namespace: str = "default", k: int = 10, user: str | None = None,
+               agent: str | None = None, session: str | None = None, kinds: Iterable[str] | None = None,
+               metadata: dict | None = None, as_of: Any = None, known_at: Any = None) -> list[SearchHit]:
+        """The k best memories for `query`, each with its score and an explanation of it."""
+        _check_query(query)
+        if not isinstance(k, int) or k < 1 or k > 10_000:
+            raise InvalidInput(f"k must be an integer from 1 to 10000, got {k!r}")
+        filters = self._filters(namespace, user, agent, session, kinds, metadata, as_of, known_at)
+        return [_hit(c) for c in self.retriever.retrieve(self.store, self.embedder, query, filters, k)]
+
+    def context(self, query: str, *, namespace: str = "default", budget_tokens: int = 1024,
+                user: str | None = None, agent: str | None = None, session: str | None = None,
+                kinds: Iterable[str] | None = None, metadata: dict | None = None, as_of: Any = None,
+                known_at: Any = None) -> Context:
+        """The most useful memories that fit `budget_tokens` (counted with the model's tokenizer),
+        formatted for a prompt, with citations."""
+        _check_query(query)
+        if not isinstance(budget_tokens, int) or not 1 <= budget_tokens <= MAX_BUDGET_TOKENS:
+            raise InvalidInput(f"budget_tokens must be an integer from 1 to {MAX_BUDGET_TOKENS}, "
+                               f"got {budget_tokens!r}")
+        filters = self._filters(namespace, user, agent, session, kinds, metadata, as_of, known_at)
+        candidates = self.retriever.retrieve(self.store, self.embedder, query, filters,
+                                             limit=max(50, budget_tokens // 8))
+        candidates = self.packer.expand(self.store, candidates, filters)
+        return self.packer.pack(candidates, budget_tokens)
+
+    # ---- portability ----------------------------------------------------------------------------
+
+    def export(self, namespace: str, directory: str | Path) -> Path:
+        """Write a namespace as plain files (JSON lines + safetensors, with a schema version)."""
+        _check_name(namespace, "namespace", required=True)
+        self.store.require_namespace(namespace)
+        return portable.export_namespace(self.store, namespace, Path(directory))
+
+    def import_(self, directory: str | Path) -> IngestReport:
+        """Load an exported namespace into this home (the namespace must not exist here yet)."""
+        return portable.import_namespace(self.store, Path(directory))
+
+
+class AddResult:
+    """What `add_many` wrote: the items (existing ones for duplicates), how many were new."""
+
+    def __init__(self, items: list[MemoryItem], added: int, duplicates: int):
+        self.items, self.added, self.duplicates = items, added, duplicates
+
+    def __repr__(self) -> str:
+        return f"AddResult(added={self.added}, duplicates={self.duplicates})"
+
+
+def _embedding_text(item: NewItem) -> str:
+    speaker = item.metadata.get("speaker")
+    return f"{speaker}: {item.text}" if isinstance(speaker, str) and speaker else item.text
+
+
+def _check_query(query: str) -> None:
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidInput("the query is empty; ask something")
+    if len(query) > MAX_TEXT_CHARS:
+        raise InvalidInput(f"the query has {len(query)} characters, more than {MAX_TEXT_CHARS}")
+
+
+def _hit(c: Candidate) -> SearchHit:
+    return SearchHit(item=row_to_item(c.row), score=c.score, explanation=ScoreExplanation(
+        bm25_rank=c.bm25_rank, vector_rank=c.vector_rank, vector_similarity=c.vector_similarity,
+        fused=c.fused, time_boost=c.time_boost, speaker_boost=c.speaker_boost, neighbour_of=c.neighbour_of))

@@ -1,0 +1,122 @@
+"""Export and import a namespace as plain files — never pickle.
+
+    DIR/manifest.json         format name, schema version, namespace, embedder, counts
+    DIR/items.jsonl           every stored version row, all columns
+    DIR/events.jsonl          the namespace's log
+    DIR/keys.jsonl            idempotency keys
+    DIR/vectors.safetensors   `rids` int64 [n] and `vectors` float16 [n, dim], the rows' embeddings
+
+Import is one transaction and keeps every field (ids, versions, both times), so search over the
+imported copy gives the same results as over the original.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from memvisor.errors import InvalidInput, MalformedFile
+from memvisor.store.sqlite_store import SCHEMA_VERSION, SQLiteStore
+from memvisor.types import IngestReport
+
+FORMAT = "memvisor-namespace"
+ITEM_FIELDS = ("rid", "id", "version", "kind", "user_id", "agent_id", "session_id", "thread", "position", "text",
+               "metadata", "sources", "status", "valid_from", "valid_to", "recorded_at", "expired_at", "seq")
+
+
+def export_namespace(store: SQLiteStore, namespace: str, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    if any(directory.iterdir()):
+        raise InvalidInput(f"{directory} is not empty: export into a new or empty folder")
+    db = store.db
+    items = db.execute(f"SELECT {', '.join(ITEM_FIELDS)} FROM items WHERE namespace=? ORDER BY rid",
+                       (namespace,)).fetchall()
+    with open(directory / "items.jsonl", "w", encoding="utf-8") as f:
+        for row in items:
+            f.write(json.dumps(dict(zip(ITEM_FIELDS, row)), ensure_ascii=False) + "\n")
+    events = db.execute("SELECT seq, op, item_id, payload, recorded_at FROM events WHERE namespace=? ORDER BY seq",
+                        (namespace,)).fetchall()
+    with open(directory / "events.jsonl", "w", encoding="utf-8") as f:
+        for seq, op, item_id, payload, at in events:
+            f.write(json.dumps({"seq": seq, "op": op, "item_id": item_id, "payload": json.loads(payload),
+                                "recorded_at": at}, ensure_ascii=False) + "\n")
+    with open(directory / "keys.jsonl", "w", encoding="utf-8") as f:
+        for key, item_id in db.execute("SELECT key, id FROM item_keys WHERE namespace=?", (namespace,)):
+            f.write(json.dumps({"key": key, "id": item_id}, ensure_ascii=False) + "\n")
+    rids = [row[0] for row in items]
+    vectors = (store.vectors_of(rids).astype(np.float16) if rids else np.zeros((0, store.dim), np.float16))
+    save_file({"rids": np.asarray(rids, dtype=np.int64), "vectors": vectors}, str(directory / "vectors.safetensors"))
+    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "namespace": namespace,
+                "embedder": meta["embedder"], "dim": store.dim, "items": len(items), "events": len(events)}
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return directory
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise MalformedFile(f"{path}: line {number}: {e.msg}") from None
+    return out
+
+
+def import_namespace(store: SQLiteStore, directory: Path) -> IngestReport:
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise InvalidInput(f"{directory} has no manifest.json: give a folder written by `memvisor export`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise MalformedFile(f"{manifest_path}: {e.msg}") from None
+    if manifest.get("format") != FORMAT or manifest.get("schema_version") != SCHEMA_VERSION:
+        raise InvalidInput(f"{directory}: format {manifest.get('format')!r} version {manifest.get('schema_version')!r}"
+                           f" is not {FORMAT!r} version {SCHEMA_VERSION}")
+    meta = dict(store.db.execute("SELECT key, value FROM meta").fetchall())
+    if (manifest.get("embedder"), manifest.get("dim")) != (meta["embedder"], store.dim):
+        raise InvalidInput(f"{directory} was embedded with {manifest.get('embedder')} (dim {manifest.get('dim')}), "
+                           f"this home uses {meta['embedder']} (dim {store.dim})")
+    namespace = manifest["namespace"]
+    if namespace in store.namespaces():
+        raise InvalidInput(f"namespace {namespace!r} already exists in {store.home}: import into another home, "
+                           "or delete its memories first")
+    items = _read_jsonl(directory / "items.jsonl")
+    events = _read_jsonl(directory / "events.jsonl")
+    keys = _read_jsonl(directory / "keys.jsonl")
+    tensors = load_file(str(directory / "vectors.safetensors"))
+    vec_by_rid = {int(r): v for r, v in zip(tensors["rids"], tensors["vectors"])}
+    if len(items) != manifest["items"] or len(vec_by_rid) != len(items):
+        raise MalformedFile(f"{directory}: counts disagree with manifest.json (a truncated export?)")
+
+    seq_map: dict[int, int] = {}
+    rid_map: dict[int, int] = {}
+    with store.transaction() as cur:
+        first = events[0]["recorded_at"] if events else items[0]["recorded_at"]
+        cur.execute("INSERT INTO namespaces VALUES (?, ?)", (namespace, first))
+        for e in events:
+            cur.execute("INSERT INTO events (namespace, op, item_id, payload, recorded_at) VALUES (?, ?, ?, '{}', ?)",
+                        (namespace, e["op"], e["item_id"], e["recorded_at"]))
+            seq_map[e["seq"]] = cur.lastrowid
+        for row in items:
+            values = [row[f] for f in ITEM_FIELDS[1:]]
+            values[-1] = seq_map.get(row["seq"], 0)
+            cur.execute(f"INSERT INTO items (namespace, {', '.join(ITEM_FIELDS[1:])}) "
+                        f"VALUES (?, {', '.join('?' * (len(ITEM_FIELDS) - 1))})", [namespace, *values])
+            rid = rid_map[row["rid"]] = cur.lastrowid
+            cur.execute("INSERT INTO items_fts (rowid, text) VALUES (?, ?)", (rid, row["text"]))
+            cur.execute("INSERT INTO vectors VALUES (?, ?)", (rid, vec_by_rid[row["rid"]].astype(np.float16).tobytes()))
+        for e in events:  # the log refers to rows by rid: rewrite to the new ones
+            payload = dict(e["payload"])
+            for field in ("rids", "removed_rids"):
+                if field in payload:
+                    payload[field] = [rid_map.get(r, -1) for r in payload[field]]
+            cur.execute("UPDATE events SET payload=? WHERE seq=?",
+                        (json.dumps(payload, ensure_ascii=False), seq_map[e["seq"]]))
+        cur.executemany("INSERT INTO item_keys VALUES (?, ?, ?)", [(namespace, k["key"], k["id"]) for k in keys])
+    ids = list(dict.fromkeys(row["id"] for row in items))
+    return IngestReport(namespace, len(ids), 0, ids)

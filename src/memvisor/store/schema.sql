@@ -1,0 +1,54 @@
+-- memvisor embedded store, schema version 1.
+-- The log (events) is the source of truth; items, items_fts and vectors are views derived from it,
+-- written in the same transaction. The ANN index on disk is a cache rebuilt from `vectors` + `events`.
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+
+CREATE TABLE IF NOT EXISTS namespaces (name TEXT PRIMARY KEY, created_at TEXT NOT NULL);
+
+CREATE TABLE IF NOT EXISTS events (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    namespace   TEXT NOT NULL,
+    op          TEXT NOT NULL,          -- add | update | invalidate | delete
+    item_id     TEXT NOT NULL,
+    payload     TEXT NOT NULL,          -- JSON: the change, plus `rids` written / `removed_rids`;
+                                        -- a delete redacts the text of the item's earlier events
+    recorded_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_item ON events (namespace, item_id);
+
+CREATE TABLE IF NOT EXISTS items (
+    rid         INTEGER PRIMARY KEY,    -- one row per stored version; also the FTS rowid and the ANN key
+    id          TEXT NOT NULL,
+    namespace   TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    kind        TEXT NOT NULL,
+    user_id     TEXT,
+    agent_id    TEXT,
+    session_id  TEXT,
+    thread      TEXT,                   -- the stream it came from (a conversation), for neighbours
+    position    INTEGER,                -- its place in that stream
+    text        TEXT NOT NULL,
+    metadata    TEXT NOT NULL,          -- JSON object
+    sources     TEXT NOT NULL,          -- JSON list of source ids
+    status      TEXT NOT NULL,          -- active | superseded | invalidated
+    valid_from  TEXT,
+    valid_to    TEXT,
+    recorded_at TEXT NOT NULL,
+    expired_at  TEXT,
+    seq         INTEGER NOT NULL        -- the event that wrote this row
+);
+CREATE INDEX IF NOT EXISTS items_by_id ON items (namespace, id, version);
+CREATE INDEX IF NOT EXISTS items_current ON items (namespace, expired_at, valid_from);
+CREATE INDEX IF NOT EXISTS items_thread ON items (namespace, thread, position);
+
+-- Idempotency: a client key or a content hash maps to the memory it created.
+CREATE TABLE IF NOT EXISTS item_keys (
+    namespace TEXT NOT NULL, key TEXT NOT NULL, id TEXT NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
+
+CREATE VIRTUAL TABLE IF NOT EXISTS items_fts USING fts5 (
+    text, content='items', content_rowid='rid', tokenize='porter unicode61 remove_diacritics 2'
+);
+
+CREATE TABLE IF NOT EXISTS vectors (rid INTEGER PRIMARY KEY, vec BLOB NOT NULL);  -- float16, unit norm

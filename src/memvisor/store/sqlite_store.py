@@ -1,0 +1,349 @@
+"""The embedded store: SQLite in WAL mode holding the log, the item versions, FTS5 and the vectors.
+
+Every write is one transaction covering the event, the version rows, the full-text index and the
+vectors; a write is acknowledged (the method returns) only after COMMIT with synchronous=FULL, so an
+acknowledged write survives a process kill or a power cut. The ANN index (`vector_index.py`) is a
+cache of the `vectors` table that catches up from the log.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from memvisor import timeutil
+from memvisor.errors import InvalidInput, UnknownMemory, UnknownNamespace
+from memvisor.store.filters import Filters
+from memvisor.store.vector_index import VectorIndex
+from memvisor.types import MemoryItem
+
+SCHEMA_VERSION = 1
+# Save the ANN cache after this many changes; the log replays the rest after a crash.
+SAVE_EVERY = 50_000
+
+ITEM_COLUMNS = ("rid, id, namespace, version, kind, user_id, agent_id, session_id, thread, position, text, "
+                "metadata, sources, status, valid_from, valid_to, recorded_at, expired_at, seq")
+
+
+@dataclass
+class NewItem:
+    """A validated memory about to be written (see `Memory.add`)."""
+
+    namespace: str
+    text: str
+    kind: str
+    user: str | None
+    agent: str | None
+    session: str | None
+    metadata: dict[str, Any]
+    sources: list[str]
+    valid_from: str | None
+    valid_to: str | None
+    thread: str | None = None
+    position: int | None = None
+    key: str | None = None  # idempotency key; a content hash when the client gives none
+
+    def idempotency_key(self) -> str:
+        if self.key:
+            return "client:" + self.key
+        body = json.dumps([self.kind, self.user, self.agent, self.session, self.text, self.sources,
+                           self.valid_from, self.thread, self.position], ensure_ascii=False)
+        return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+
+def row_to_item(row: sqlite3.Row) -> MemoryItem:
+    return MemoryItem(
+        id=row["id"], namespace=row["namespace"], text=row["text"], kind=row["kind"],
+        user=row["user_id"], agent=row["agent_id"], session=row["session_id"],
+        metadata=json.loads(row["metadata"]), sources=json.loads(row["sources"]), version=row["version"],
+        status=row["status"], valid_from=row["valid_from"], valid_to=row["valid_to"],
+        recorded_at=row["recorded_at"], expired_at=row["expired_at"])
+
+
+class SQLiteStore:
+    """One SQLite file per memvisor home; namespaces are partitions inside it."""
+
+    def __init__(self, home: Path, dim: int, embedder_name: str):
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+        self.dim = dim
+        self.db = sqlite3.connect(home / "memvisor.db", isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self.db.executescript(resources.files("memvisor.store").joinpath("schema.sql").read_text())
+        self._check_meta(embedder_name)
+        (home / "vectors").mkdir(exist_ok=True)
+        self._indexes: dict[str, VectorIndex] = {}
+
+    def _check_meta(self, embedder_name: str) -> None:
+        meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        expected = {"schema_version": str(SCHEMA_VERSION), "embedder": embedder_name, "dim": str(self.dim)}
+        if not meta:
+            with self.transaction() as cur:
+                cur.executemany("INSERT INTO meta VALUES (?, ?)", expected.items())
+            return
+        if meta.get("schema_version") != str(SCHEMA_VERSION):
+            raise InvalidInput(f"{self.home} holds schema version {meta.get('schema_version')}, this memvisor "
+                               f"reads version {SCHEMA_VERSION}: export with the older release and import here")
+        if (meta.get("embedder"), meta.get("dim")) != (embedder_name, str(self.dim)):
+            raise InvalidInput(f"{self.home} was built with embedder {meta.get('embedder')} "
+                               f"(dim {meta.get('dim')}); open it with that embedder, or export and import "
+                               f"into a new home to re-embed with {embedder_name}")
+
+    def close(self) -> None:
+        for index in self._indexes.values():
+            if index.dirty:
+                index.save()
+        self.db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
+        """BEGIN IMMEDIATE ... COMMIT; any exception rolls everything back (nothing is partly written)."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+    # ---- writes ---------------------------------------------------------------------------------
+
+    def add_items(self, items: list[NewItem], vectors: np.ndarray) -> list[tuple[MemoryItem, bool]]:
+        """Write new memories in ONE transaction. Returns (item, created); created is False when the
+        idempotency key already existed (the existing memory is returned, nothing is written)."""
+        now = timeutil.now()
+        results: list[tuple[str, bool]] = []
+        with self.transaction() as cur:
+            for item, vec in zip(items, vectors):
+                key = item.idempotency_key()
+                hit = cur.execute("SELECT id FROM item_keys WHERE namespace=? AND key=?",
+                                  (item.namespace, key)).fetchone()
+                if hit:
+                    results.append((hit[0], False))
+                    continue
+                cur.execute("INSERT OR IGNORE INTO namespaces VALUES (?, ?)", (item.namespace, now))
+                item_id = secrets.token_hex(8)
+                cur.execute("INSERT INTO item_keys VALUES (?, ?, ?)", (item.namespace, key, item_id))
+                payload = {"text": item.text, "kind": item.kind, "user": item.user, "agent": item.agent,
+                           "session": item.session, "metadata": item.metadata, "sources": item.sources,
+                           "valid_from": item.valid_from, "valid_to": item.valid_to, "key": key,
+                           "thread": item.thread, "position": item.position}
+                seq = self._event(cur, item.namespace, "add", item_id, payload, now)
+                rid = self._insert_row(cur, seq, item_id, 1, item, "active", item.valid_from, item.valid_to,
+                                       now, vec)
+                self._set_rids(cur, seq, payload, [rid])
+                results.append((item_id, True))
+        # Duplicates inside one batch resolve to the first; read everything back once, after commit.
+        return [(self.head(items[0].namespace, item_id), created) for item_id, created in results]
+
+    def _event(self, cur: sqlite3.Cursor, namespace: str, op: str, item_id: str, payload: dict, at: str) -> int:
+        cur.execute("INSERT INTO events (namespace, op, item_id, payload, recorded_at) VALUES (?, ?, ?, ?, ?)",
+                    (namespace, op, item_id, json.dumps(payload, ensure_ascii=False), at))
+        return cur.lastrowid
+
+    def _set_rids(self, cur: sqlite3.Cursor, seq: int, payload: dict, rids: list[int]) -> None:
+        payload["rids"] = rids
+        cur.execute("UPDATE events SET payload=? WHERE seq=?", (json.dumps(payload, ensure_ascii=False), seq))
+
+    def _insert_row(self, cur: sqlite3.Cursor, seq: int, item_id: str, version: int, item: NewItem,
+                    status: str, valid_from: str | None, valid_to: str | None, recorded_at: str,
+                    vec: np.ndarray | bytes) -> int:
+        cur.execute(
+            "INSERT INTO items (id, namespace, version, kind, user_id, agent_id, session_id, thread, position, "
+            "text, metadata, sources, status, valid_from, valid_to, recorded_at, expired_at, seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+            (item_id, item.namespace, version, item.kind, item.user, item.agent, item.session, item.thread,
+             item.position, item.text, json.dumps(item.metadata, ensure_ascii=False),
+             json.dumps(item.sources, ensure_ascii=False), status, valid_from, valid_to, recorded_at, seq))
+        rid = cur.lastrowid
+        cur.execute("INSERT INTO items_fts (rowid, text) VALUES (?, ?)", (rid, item.text))
+        blob = vec if isinstance(vec, bytes) else np.asarray(vec, dtype=np.float16).tobytes()
+        cur.execute("INSERT INTO vectors VALUES (?, ?)", (rid, blob))
+        return rid
+
+    def revise(self, namespace: str, item_id: str, op: str, changes: dict[str, Any],
+               new_vector: np.ndarray | None) -> MemoryItem:
+        """Update or invalidate: the head version is expired (system time) and superseded by new rows.
+
+        - `update` with `valid_from` T (the world changed at T): a copy of the old version bounded to
+          valid_to=T stays believed, and version v+1 holds the new content from T.
+        - `update` without it (a correction): version v+1 replaces v over the same validity.
+        - `invalidate` with `valid_to` T: a copy of the head bounded to T, status invalidated.
+        """
+        now = timeutil.now()
+        with self.transaction() as cur:
+            head = self._head_row(cur, namespace, item_id)
+            old = self._as_new_item(head)
+            cur.execute("UPDATE items SET expired_at=?, status='superseded' WHERE rid=?", (now, head["rid"]))
+            seq = self._event(cur, namespace, op, item_id, dict(changes), now)
+            old_vec = cur.execute("SELECT vec FROM vectors WHERE rid=?", (head["rid"],)).fetchone()[0]
+            rids = []
+            if op == "invalidate":
+                rids.append(self._insert_row(cur, seq, item_id, head["version"], old, "invalidated",
+                                             head["valid_from"], changes["valid_to"], now, old_vec))
+            else:
+                new = self._as_new_item(head)
+                for field in ("text", "kind", "metadata"):
+                    if changes.get(field) is not None:
+                        setattr(new, field, changes[field])
+                start = changes.get("valid_from")
+                if start is not None:
+                    rids.append(self._insert_row(cur, seq, item_id, head["version"], old, "active",
+                                                 head["valid_from"], start, now, old_vec))
+                vec = new_vector if new_vector is not None else old_vec
+                rids.append(self._insert_row(cur, seq, item_id, head["version"] + 1, new, "active",
+                                             start if start is not None else head["valid_from"],
+                                             head["valid_to"], now, vec))
+            self._set_rids(cur, seq, dict(changes), rids)
+        return self.head(namespace, item_id, include_ended=True)
+
+    def delete(self, namespace: str, item_id: str) -> int:
+        """Hard delete: every version leaves the items, full-text and vector tables; earlier events of the
+        item keep only a tombstone (their text is redacted). Returns the number of version rows removed."""
+        now = timeutil.now()
+        with self.transaction() as cur:
+            rows = cur.execute("SELECT rid, text FROM items WHERE namespace=? AND id=?",
+                               (namespace, item_id)).fetchall()
+            if not rows:
+                raise UnknownMemory(f"no memory {item_id!r} in namespace {namespace!r}")
+            rids = [r["rid"] for r in rows]
+            for r in rows:
+                cur.execute("INSERT INTO items_fts (items_fts, rowid, text) VALUES ('delete', ?, ?)",
+                            (r["rid"], r["text"]))
+            marks = ",".join("?" * len(rids))
+            cur.execute(f"DELETE FROM vectors WHERE rid IN ({marks})", rids)
+            cur.execute(f"DELETE FROM items WHERE rid IN ({marks})", rids)
+            cur.execute("DELETE FROM item_keys WHERE namespace=? AND id=?", (namespace, item_id))
+            cur.execute("UPDATE events SET payload=? WHERE namespace=? AND item_id=?",
+                        (json.dumps({"redacted": True}), namespace, item_id))
+            self._event(cur, namespace, "delete", item_id, {"removed_rids": rids}, now)
+        return len(rids)
+
+    @staticmethod
+    def _as_new_item(row: sqlite3.Row) -> NewItem:
+        return NewItem(namespace=row["namespace"], text=row["text"], kind=row["kind"], user=row["user_id"],
+                       agent=row["agent_id"], session=row["session_id"], metadata=json.loads(row["metadata"]),
+                       sources=json.loads(row["sources"]), valid_from=row["valid_from"],
+                       valid_to=row["valid_to"], thread=row["thread"], position=row["position"])
+
+    # ---- reads ----------------------------------------------------------------------------------
+
+    def _head_row(self, cur: sqlite3.Cursor | sqlite3.Connection, namespace: str, item_id: str,
+                  include_ended: bool = True) -> sqlite3.Row:
+        row = cur.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE namespace=? AND id=? AND expired_at IS NULL "
+                          "ORDER BY version DESC, rid DESC LIMIT 1", (namespace, item_id)).fetchone()
+        if row is None:
+            self.require_namespace(namespace)
+            raise UnknownMemory(f"no memory {item_id!r} in namespace {namespace!r}")
+        return row
+
+    def head(self, namespace: str, item_id: str, include_ended: bool = True) -> MemoryItem:
+        """The newest believed version of a memory."""
+        return row_to_item(self._head_row(self.db, namespace, item_id, include_ended))
+
+    def versions(self, namespace: str, item_id: str) -> list[MemoryItem]:
+        rows = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE namespace=? AND id=? ORDER BY rid",
+                               (namespace, item_id)).fetchall()
+        if not rows:
+            self.require_namespace(namespace)
+            raise UnknownMemory(f"no memory {item_id!r} in namespace {namespace!r}")
+        return [row_to_item(r) for r in rows]
+
+    def require_namespace(self, namespace: str) -> None:
+        if not self.db.execute("SELECT 1 FROM namespaces WHERE name=?", (namespace,)).fetchone():
+            raise UnknownNamespace(f"namespace {namespace!r} has no memories: add some first, "
+                                   f"or check the name (known: {', '.join(self.namespaces()) or 'none'})")
+
+    def namespaces(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT name FROM namespaces ORDER BY name")]
+
+    def rows(self, rids: list[int], filters: Filters | None = None) -> dict[int, sqlite3.Row]:
+        """Rows by rid, keeping only those the filters admit."""
+        out: dict[int, sqlite3.Row] = {}
+        for start in range(0, len(rids), 900):  # SQLite's bound-parameter limit
+            chunk = rids[start:start + 900]
+            sql = f"SELECT {ITEM_COLUMNS} FROM items WHERE rid IN ({','.join('?' * len(chunk))})"
+            args: list[Any] = list(chunk)
+            if filters is not None:
+                where, extra = filters.where()
+                sql += " AND " + where
+                args += extra
+            out.update({r["rid"]: r for r in self.db.execute(sql, args)})
+        return out
+
+    def full_text(self, match: str, filters: Filters, limit: int) -> list[tuple[int, float]]:
+        """(rid, bm25) best first; `match` is an FTS5 expression built by the caller from quoted terms.
+        FTS5's bm25() is lower-is-better; it is negated here so higher is better everywhere."""
+        where, args = filters.where()
+        rows = self.db.execute(
+            f"SELECT items.rid, bm25(items_fts) FROM items_fts JOIN items ON items.rid = items_fts.rowid "
+            f"WHERE items_fts MATCH ? AND {where} ORDER BY bm25(items_fts) LIMIT ?", [match, *args, limit])
+        return [(r[0], -r[1]) for r in rows]
+
+    def thread_rows(self, namespace: str, thread: str, first: int, last: int,
+                    filters: Filters) -> list[sqlite3.Row]:
+        where, args = filters.where()
+        return self.db.execute(
+            f"SELECT {ITEM_COLUMNS} FROM items WHERE thread=? AND position BETWEEN ? AND ? AND {where} "
+            "ORDER BY position", [thread, first, last, *args]).fetchall()
+
+    def count(self, filters: Filters) -> int:
+        where, args = filters.where()
+        return self.db.execute(f"SELECT count(*) FROM items WHERE {where}", args).fetchone()[0]
+
+    # ---- vectors --------------------------------------------------------------------------------
+
+    def vector_index(self, namespace: str) -> VectorIndex:
+        """The namespace's ANN index, caught up with the log (cheap when nothing changed)."""
+        index = self._indexes.get(namespace)
+        if index is None:
+            name = hashlib.sha256(namespace.encode()).hexdigest()[:16]
+            index = self._indexes[namespace] = VectorIndex(self.home / "vectors", name, self.dim)
+        self._catch_up(namespace, index)
+        return index
+
+    def _catch_up(self, namespace: str, index: VectorIndex) -> None:
+        last = self.db.execute("SELECT max(seq) FROM events WHERE namespace=?", (namespace,)).fetchone()[0] or 0
+        if last == index.applied_seq:
+            return
+        if last < index.applied_seq:  # the index is newer than the database (restored backup?): rebuild
+            index.reset()
+        added: list[int] = []
+        for op, payload in self.db.execute("SELECT op, payload FROM events WHERE namespace=? AND seq>? "
+                                           "ORDER BY seq", (namespace, index.applied_seq)):
+            body = json.loads(payload)
+            if op == "delete":
+                removed = set(body["removed_rids"])
+                added = [r for r in added if r not in removed]
+                index.remove(list(removed))
+            else:
+                added += body.get("rids", [])
+        for start in range(0, len(added), 10_000):
+            chunk = added[start:start + 10_000]
+            found = self.db.execute(f"SELECT rid, vec FROM vectors WHERE rid IN ({','.join('?' * len(chunk))})",
+                                    chunk).fetchall()
+            if found:
+                keys = np.array([r[0] for r in found], dtype=np.int64)
+                vecs = np.frombuffer(b"".join(r[1] for r in found), dtype=np.float16).reshape(len(found), self.dim)
+                index.add(keys, vecs)
+        index.applied_seq = last
+        if index.dirty >= SAVE_EVERY:
+            index.save()
+
+    def vectors_of(self, rids: list[int]) -> np.ndarray:
+        """float32 [len(rids), dim] in the order given."""
+        got = {r[0]: r[1] for r in self.db.execute(
+            f"SELECT rid, vec FROM vectors WHERE rid IN ({','.join('?' * len(rids))})", rids)}
+        return np.stack([np.frombuffer(got[r], dtype=np.float16) for r in rids]).astype(np.float32)

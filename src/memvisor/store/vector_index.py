@@ -1,0 +1,85 @@
+"""Approximate nearest-neighbour index over memory vectors: one usearch HNSW index per namespace.
+
+Why usearch: a maintained single-file HNSW with SIMD kernels, f16 storage, save/load and removal by key;
+at 1M x 384 dims it searches in well under a millisecond (see BENCHMARKS.md). It is a cache: SQLite holds
+the vectors and the log; the index file records the last log sequence it reflects, and on open (or when
+another process wrote) it replays the log from there, so a crash can never leave it disagreeing with SQLite.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from usearch.index import Index
+
+# Below this many vectors an exhaustive scan is as fast as the graph and exact.
+EXACT_BELOW = 20_000
+
+
+class VectorIndex:
+    """usearch index of one namespace. Keys are item row ids (`items.rid`); vectors are unit norm."""
+
+    def __init__(self, folder: Path, name: str, dim: int):
+        self.dim = dim
+        self._path = folder / f"{name}.usearch"
+        self._state_path = folder / f"{name}.json"
+        self.applied_seq = 0
+        self._index = self._new()
+        if self._path.exists() and self._state_path.exists():
+            try:
+                state = json.loads(self._state_path.read_text())
+                self._index.load(str(self._path))
+                self.applied_seq = int(state["applied_seq"])
+            except (OSError, ValueError, KeyError, RuntimeError):
+                self._index = self._new()  # unreadable cache: rebuilt from the log by the caller
+                self.applied_seq = 0
+        self.dirty = 0
+
+    def _new(self) -> Index:
+        return Index(ndim=self.dim, metric="cos", dtype="f16", connectivity=16,
+                     expansion_add=128, expansion_search=64)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+        """keys int64 [n]; vectors float [n, dim]. Idempotent: a key already present is replaced
+        (replaying the log after a crash may meet keys the saved index already holds)."""
+        if len(keys):
+            keys = keys.astype(np.uint64)
+            present = np.asarray(self._index.contains(keys), dtype=bool).reshape(-1)
+            if present.any():
+                self._index.remove(keys[present])
+            self._index.add(keys, vectors.astype(np.float32), threads=0)
+            self.dirty += len(keys)
+
+    def remove(self, keys: list[int]) -> None:
+        present = [k for k in keys if self._index.contains(k)]
+        if present:
+            self._index.remove(np.asarray(present, dtype=np.uint64))
+            self.dirty += len(present)
+
+    def search(self, query: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """query float [dim] -> (keys int64 [m], cosine similarity float32 [m]), best first, m <= count."""
+        n = len(self._index)
+        if n == 0 or count <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        matches = self._index.search(query.astype(np.float32), min(count, n), exact=n <= EXACT_BELOW, threads=1)
+        return matches.keys.astype(np.int64), (1.0 - matches.distances).astype(np.float32)
+
+    def save(self) -> None:
+        """Write the index then its state, each atomically (write aside, rename)."""
+        tmp = self._path.with_suffix(".usearch.tmp")
+        self._index.save(str(tmp))
+        os.replace(tmp, self._path)
+        state_tmp = self._state_path.with_suffix(".json.tmp")
+        state_tmp.write_text(json.dumps({"applied_seq": self.applied_seq, "dim": self.dim}))
+        os.replace(state_tmp, self._state_path)
+        self.dirty = 0
+
+    def reset(self) -> None:
+        self._index = self._new()
+        self.applied_seq = 0
+        self.dirty = 0

@@ -1,0 +1,106 @@
+"""Context packing: the most useful memories that fit a token budget, formatted for a prompt.
+
+Greedy by score (a knapsack heuristic: an item that does not fit is skipped and smaller ones are still
+tried), then rendered in time order, grouped under one date header per conversation session so the
+date is paid for once, not per line. The rendered text is counted with the real tokenizer; if joining
+made it longer than the sum of the parts, the lowest-scored items are dropped until it fits.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+
+from memvisor import timeutil
+from memvisor.models.tokenizer import HFTokenizer
+from memvisor.store.filters import Filters
+from memvisor.store.sqlite_store import SQLiteStore, row_to_item
+from memvisor.text.retrieve import Candidate
+from memvisor.types import Citation, Context
+
+
+def render_line(row: sqlite3.Row) -> str:
+    speaker = json.loads(row["metadata"]).get("speaker")
+    return f"{speaker}: {row['text']}" if isinstance(speaker, str) and speaker else row["text"]
+
+
+def group_key(row: sqlite3.Row) -> tuple:
+    if row["thread"] is not None:
+        return (row["thread"], row["session_id"], row["valid_from"])
+    return (None, None, (row["valid_from"] or "")[:10])
+
+
+def render_header(row: sqlite3.Row) -> str:
+    return f"[{timeutil.human(row['valid_from'])}]" if row["valid_from"] else "[undated]"
+
+
+@dataclass
+class ContextPacker:
+    """`neighbours`: turns on each side of a top hit in its conversation that become candidates too
+    (a fact often spans a question and its answer), scored `neighbour_decay` x the hit's score;
+    only the best `expand_top` hits are expanded."""
+
+    tokenizer: HFTokenizer
+    neighbours: int = 1
+    neighbour_decay: float = 0.5
+    expand_top: int = 30
+
+    def expand(self, store: SQLiteStore, candidates: list[Candidate], filters: Filters) -> list[Candidate]:
+        by_rid = {c.row["rid"]: c for c in candidates}
+        if self.neighbours <= 0:
+            return candidates
+        for hit in candidates[:self.expand_top]:
+            row = hit.row
+            if row["thread"] is None or row["position"] is None:
+                continue
+            for other in store.thread_rows(row["namespace"], row["thread"], row["position"] - self.neighbours,
+                                           row["position"] + self.neighbours, filters):
+                score = hit.score * self.neighbour_decay
+                known = by_rid.get(other["rid"])
+                if known is None:
+                    by_rid[other["rid"]] = Candidate(row=other, score=score, neighbour_of=row["id"])
+                elif known.score < score:
+                    known.score, known.neighbour_of = score, row["id"]
+        return sorted(by_rid.values(), key=lambda c: -c.score)
+
+    def pack(self, candidates: list[Candidate], budget_tokens: int) -> Context:
+        chosen: list[Candidate] = []
+        groups: set[tuple] = set()
+        used = 0
+        lines = self.tokenizer.count_many(["\n" + render_line(c.row) for c in candidates])
+        for cand, line_cost in zip(candidates, lines):
+            key = group_key(cand.row)
+            cost = line_cost + (0 if key in groups else self.tokenizer.count("\n" + render_header(cand.row)))
+            if used + cost > budget_tokens:
+                continue
+            chosen.append(cand)
+            groups.add(key)
+            used += cost
+        while True:
+            text = render(chosen)
+            tokens = self.tokenizer.count(text)
+            if tokens <= budget_tokens or not chosen:
+                break
+            chosen = chosen[:-1]  # lowest score last
+        ordered = sorted(chosen, key=_time_order)
+        return Context(text=text, tokens=tokens, budget_tokens=budget_tokens,
+                       citations=[Citation(c.row["id"], json.loads(c.row["sources"])) for c in ordered],
+                       items=[row_to_item(c.row) for c in ordered], dropped=len(candidates) - len(chosen))
+
+
+def _time_order(c: Candidate) -> tuple:
+    row = c.row
+    return (row["valid_from"] or "", row["thread"] or "", row["session_id"] or "", row["position"] or 0, row["rid"])
+
+
+def render(chosen: list[Candidate]) -> str:
+    """Chronological, one header per group, lines in conversation order."""
+    out: list[str] = []
+    last_group = None
+    for cand in sorted(chosen, key=_time_order):
+        key = group_key(cand.row)
+        if key != last_group:
+            out.append(render_header(cand.row))
+            last_group = key
+        out.append(render_line(cand.row))
+    return "\n".join(out)

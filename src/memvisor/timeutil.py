@@ -1,0 +1,45 @@
+"""Times are stored as fixed-width ISO-8601 UTC strings, so that string order is time order in SQL."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from memvisor.errors import InvalidInput
+
+_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime(_FORMAT)
+
+
+def to_iso(value: str | datetime | None, field: str = "time") -> str | None:
+    """Normalise a user-given time (ISO-8601 string or datetime; naive means UTC) to the stored form."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise InvalidInput(f"{field} is empty: give an ISO-8601 time such as 2024-05-08 or 2024-05-08T13:56:00Z")
+        try:
+            value = datetime.fromisoformat(text.replace("z", "Z"))
+        except ValueError:
+            raise InvalidInput(f"{field} {text!r} is not an ISO-8601 time: "
+                               "write it like 2024-05-08 or 2024-05-08T13:56:00+02:00") from None
+    if not isinstance(value, datetime):
+        raise InvalidInput(f"{field} must be an ISO-8601 string or a datetime, not {type(value).__name__}")
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc).strftime(_FORMAT)
+
+
+def parse(stored: str) -> datetime:
+    return datetime.strptime(stored, _FORMAT).replace(tzinfo=timezone.utc)
+
+
+def human(stored: str | None) -> str:
+    """A compact human form for prompts: '8 May 2023, 13:56' (time omitted at midnight)."""
+    if not stored:
+        return ""
+    t = parse(stored)
+    day = f"{t.day} {t.strftime('%B %Y')}"
+    return day if (t.hour, t.minute) == (0, 0) else f"{day}, {t.strftime('%H:%M')}"
