@@ -1,0 +1,54 @@
+"""Decode attention over the KIVI-quantized cache: a fused Triton kernel on CUDA, a torch reference elsewhere.
+
+``decode_attention(q, layer)`` picks the Triton kernel when ``q`` is on a CUDA device and Triton
+imports, else the block-by-block torch reference (which is also what tests check the kernel
+against). Shapes: q ``[B, Hq, D]``; ``layer`` a :class:`KiviLayer` in the agreed layout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from memvisor.kv.gpu.errors import KVLayoutError, TritonUnavailableError
+from memvisor.kv.gpu.layout import (
+    KiviLayer,
+    dequantize_keys,
+    dequantize_values,
+    pack_codes,
+    quantize_keys,
+    quantize_layer,
+    quantize_values,
+    random_layer,
+    unpack_codes,
+)
+from memvisor.kv.gpu.reference import decode_attention_reference, dense_decode_attention
+
+__all__ = [
+    "KVLayoutError", "KiviLayer", "TritonUnavailableError", "decode_attention", "decode_attention_reference",
+    "dense_decode_attention", "dequantize_keys", "dequantize_values", "pack_codes", "quantize_keys",
+    "quantize_layer", "quantize_values", "random_layer", "triton_available", "unpack_codes",
+]
+
+
+def triton_available() -> bool:
+    """True when Triton is installed and a CUDA device is visible."""
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def decode_attention(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None = None,
+                     use_triton: bool | None = None) -> torch.Tensor:
+    """One decode step's attention over a quantized layer: ``[B, Hq, D]`` in q's dtype.
+
+    ``use_triton``: None = automatic (CUDA + Triton), True = require the kernel (raises
+    ``TritonUnavailableError`` if it cannot run), False = torch reference.
+    """
+    want = use_triton if use_triton is not None else (q.is_cuda and triton_available())
+    if want:
+        if not (q.is_cuda and triton_available()):
+            raise TritonUnavailableError("the fused kernel needs Triton and a CUDA tensor")
+        from memvisor.kv.gpu.triton_decode import kivi_decode_attention
+
+        return kivi_decode_attention(q, layer, sm_scale)
+    return decode_attention_reference(q, layer, sm_scale).to(q.dtype)

@@ -1,0 +1,337 @@
+"""Fused Triton decode attention over a KIVI-quantized layer (and the same design over bf16/fp16).
+
+Flash-decoding in two launches:
+
+1. ``_kivi_split_kernel``: grid ``(B*Hkv, n_split + 1)``. Program ``(bh, s)`` takes ALL query
+   heads of kv head ``bh`` (GQA: the cache is read once per group, not once per query head) and
+   tokens ``[s*tps, (s+1)*tps)`` of the quantized history; the last program of each row takes the
+   full-precision residual. Each ``BLOCK_N``-token tile is loaded as packed codes + fp16
+   scale/zero, unpacked and dequantized in registers (never written back), and folded into an
+   online softmax (base 2). It writes a partial output ``[GP, D]`` and its log2-sum-exp.
+2. ``_combine_kernel``: one program per query row merges the ``n_split + 1`` partials.
+
+Bytes read per step = the quantized cache's real bytes (codes + scales + zeros + residual) + q,
+which is what makes it faster than the bf16 cache: decode attention is memory-bound.
+Importing this module needs Triton; :mod:`memvisor.kv.gpu` imports it lazily.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from memvisor.kv.gpu.errors import KVLayoutError
+from memvisor.kv.gpu.layout import KiviLayer
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2):
+    """One tile into the online softmax: q [GP, D], k/v [BLOCK_N, D] (model dtype)."""
+    s = tl.dot(q, tl.trans(k)) * sm_scale_log2
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
+                        m_i, l_i, acc, do_residual,
+                        GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    if do_residual:
+        for n0 in range(0, T_r, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < T_r
+            k = tl.load(KR + pid_bh * skr_bh + offs_n[:, None] * D + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+            v = tl.load(VR + pid_bh * svr_bh + offs_n[:, None] * D + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+            m_i, l_i, acc = _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    rows = pid_bh * GROUPS + offs_g
+    g_mask = offs_g < GROUPS
+    tl.store(OP + (rows[:, None] * n_rows + pid_s) * D + offs_d[None, :], out, mask=g_mask[:, None])
+    tl.store(LP + rows * n_rows + pid_s, lse, mask=g_mask)
+
+
+@triton.jit
+def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_log2,
+                       T_q, T_r, tps, skc_bh, sks_bh, svc_bh, svs_bh, skr_bh, svr_bh,
+                       GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                       G: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_rows = tl.num_programs(1)
+    PER: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + (pid_bh * GROUPS + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < GROUPS)[:, None],
+                other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    is_res = pid_s == n_rows - 1
+    if pid_s < n_rows - 1:
+        start = pid_s * tps
+        end = tl.minimum(start + tps, T_q)
+        v_shift = ((offs_d % PER) * BITS)[None, :]
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            m2 = n_mask[:, None]
+            # keys: byte row t // PER holds PER consecutive tokens of one channel
+            kb = tl.load(KC + pid_bh * skc_bh + (offs_n // PER)[:, None] * D + offs_d[None, :], mask=m2, other=0)
+            kq = (kb.to(tl.int32) >> ((offs_n % PER) * BITS)[:, None]) & MASK
+            kofs = pid_bh * sks_bh + (offs_n // G)[:, None] * D + offs_d[None, :]
+            ks = tl.load(KS + kofs, mask=m2, other=0.0).to(tl.float32)
+            kz = tl.load(KZ + kofs, mask=m2, other=0.0).to(tl.float32)
+            k = (kq.to(tl.float32) * ks + kz).to(q.dtype)
+            # values: byte c // PER of a token row holds PER consecutive channels
+            vb = tl.load(VC + pid_bh * svc_bh + offs_n[:, None] * (D // PER) + (offs_d // PER)[None, :], mask=m2,
+                         other=0)
+            vq = (vb.to(tl.int32) >> v_shift) & MASK
+            vofs = pid_bh * svs_bh + offs_n[:, None] * (D // G) + (offs_d // G)[None, :]
+            vs = tl.load(VS + vofs, mask=m2, other=0.0).to(tl.float32)
+            vz = tl.load(VZ + vofs, mask=m2, other=0.0).to(tl.float32)
+            v = (vq.to(tl.float32) * vs + vz).to(q.dtype)
+            m_i, l_i, acc = _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2)
+    _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
+                        m_i, l_i, acc, is_res, GROUPS, GP, D, BLOCK_N)
+
+
+@triton.jit
+def _kivi_split_kernel_fact(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_log2,
+                            T_q, T_r, tps, skc_bh, sks_bh, svc_bh, svs_bh, skr_bh, svr_bh,
+                            GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                            G: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Factored variant: scales and zeros are folded into the small operands, not the big tiles.
+
+    Tile = one key group of G tokens. Keys: s = (q * k_scale[g]) . codes^T + q . k_zero[g]
+    (the per-channel scale multiplies the [GP, D] query, not the [G, D] tile). Values: per
+    channel-group j, out_j += (p * v_scale[:, j]) @ codes_j + p @ v_zero[:, j], as a batched
+    dot over j. Each code is only unpacked and converted (exact small integers in fp16).
+    """
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_rows = tl.num_programs(1)
+    PER: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    NGV: tl.constexpr = D // G
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    g_mask = offs_g < GROUPS
+    rows = pid_bh * GROUPS + offs_g
+    q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=g_mask[:, None], other=0.0)
+    if pid_s < n_rows - 1:
+        qf = q.to(tl.float32) * sm_scale_log2
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([NGV, GP, G], tl.float32)
+        offs_t = tl.arange(0, G)
+        offs_j = tl.arange(0, NGV)
+        offs_c = tl.arange(0, G)
+        start = pid_s * tps
+        end = tl.minimum(start + tps, T_q)
+        k_shift = ((offs_t % PER) * BITS)[:, None]
+        v_col = (offs_j[:, None, None] * G + offs_c[None, None, :])  # [NGV, 1, G] channel index
+        v_shift = (v_col % PER) * BITS
+        for n0 in range(start, end, G):
+            grp = n0 // G
+            kb = tl.load(KC + pid_bh * skc_bh + ((n0 + offs_t) // PER)[:, None] * D + offs_d[None, :])
+            kq = ((kb.to(tl.int32) >> k_shift) & MASK).to(tl.float16)
+            ks = tl.load(KS + pid_bh * sks_bh + grp * D + offs_d).to(tl.float32)
+            kz = tl.load(KZ + pid_bh * sks_bh + grp * D + offs_d).to(tl.float32)
+            qs = (qf * ks[None, :]).to(tl.float16)
+            s = tl.dot(qs, tl.trans(kq)) + tl.sum(qf * kz[None, :], 1)[:, None]  # [GP, G], log2 units
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            t_idx = n0 + offs_t
+            vb = tl.load(VC + pid_bh * svc_bh + t_idx[None, :, None] * (D // PER) + v_col // PER)  # [NGV, G, G]
+            vq = ((vb.to(tl.int32) >> v_shift) & MASK).to(tl.float16)
+            vofs = pid_bh * svs_bh + t_idx[None, :] * NGV + offs_j[:, None]  # [NGV, G]
+            vs = tl.load(VS + vofs).to(tl.float32)
+            vz = tl.load(VZ + vofs).to(tl.float32)
+            ps = (p[None, :, :] * vs[:, None, :]).to(tl.float16)  # [NGV, GP, G]
+            pz = tl.sum(p[None, :, :] * vz[:, None, :], 2)  # [NGV, GP]
+            acc = acc * alpha[None, :, None] + tl.dot(ps, vq) + pz[:, :, None]
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[None, :, None]
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        optr = OP + (rows[None, :, None] * n_rows + pid_s) * D + v_col
+        tl.store(optr, out, mask=g_mask[None, :, None])
+        tl.store(LP + rows * n_rows + pid_s, lse, mask=g_mask)
+    else:
+        m0 = tl.full([GP], float("-inf"), tl.float32)
+        l0 = tl.zeros([GP], tl.float32)
+        a0 = tl.zeros([GP, D], tl.float32)
+        _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
+                            m0, l0, a0, True, GROUPS, GP, D, BLOCK_R)
+
+
+@triton.jit
+def _dense_split_kernel(Q, K, V, OP, LP, sm_scale_log2, T, tps, sk_bh,
+                        GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The same flash-decoding split over a plain [B, Hkv, T, D] cache (the bf16/fp16 baseline)."""
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_rows = tl.num_programs(1)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + (pid_bh * GROUPS + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < GROUPS)[:, None],
+                other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    start = pid_s * tps
+    end = tl.minimum(start + tps, T)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        ofs = pid_bh * sk_bh + offs_n[:, None] * D + offs_d[None, :]
+        k = tl.load(K + ofs, mask=n_mask[:, None], other=0.0)
+        v = tl.load(V + ofs, mask=n_mask[:, None], other=0.0)
+        m_i, l_i, acc = _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2)
+    _residual_and_store(q, K, V, OP, LP, pid_bh, pid_s, n_rows, 0, sk_bh, sk_bh, sm_scale_log2,
+                        m_i, l_i, acc, False, GROUPS, GP, D, BLOCK_N)
+
+
+@triton.jit
+def _combine_kernel(OP, LP, O, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)
+    offs_d = tl.arange(0, D)
+    m = float("-inf")
+    l = 0.0
+    acc = tl.zeros([D], tl.float32)
+    for s0 in range(0, n_rows, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_mask = offs_s < n_rows
+        lse = tl.load(LP + row * n_rows + offs_s, mask=s_mask, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-empty chunk so far: no NaN
+        alpha = tl.exp2(m - m_ref)
+        w = tl.exp2(lse - m_ref)
+        o = tl.load(OP + (row * n_rows + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        l = l * alpha + tl.sum(w, 0)
+        m = m_new
+    tl.store(O + row * D + offs_d, (acc / l).to(O.dtype.element_ty))
+
+
+def _split_plan(bh: int, tokens: int, block_n: int, sm_count: int, waves: float) -> tuple[int, int]:
+    """(number of token splits, tokens per split): about ``waves`` programs per SM, whole tiles per split."""
+    if tokens <= 0:
+        return 0, block_n
+    want = max(1, math.ceil(waves * sm_count / max(bh, 1)))
+    tps = max(block_n, math.ceil(tokens / want / block_n) * block_n)
+    return math.ceil(tokens / tps), tps
+
+
+def _interpreting() -> bool:
+    """Triton's CPU interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors, for debugging."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _sm_count(device: torch.device) -> int:
+    return 4 if _interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check(q: torch.Tensor, hkv: int, d: int, b: int) -> int:
+    if not q.is_cuda and not _interpreting():
+        raise KVLayoutError("the Triton kernel needs CUDA tensors; use decode_attention_reference on the CPU")
+    if q.dim() != 3 or q.shape[0] != b or q.shape[2] != d or q.shape[1] % hkv:
+        raise KVLayoutError(f"query {tuple(q.shape)} does not fit a cache of B={b}, Hkv={hkv}, D={d}")
+    if d & (d - 1) or d < 16:
+        raise KVLayoutError(f"head_dim must be a power of two >= 16, got {d}")
+    return q.shape[1] // hkv
+
+
+def _combine(op: torch.Tensor, lp: torch.Tensor, q: torch.Tensor, n_rows: int) -> torch.Tensor:
+    b, hq, d = q.shape
+    out = torch.empty_like(q)
+    _combine_kernel[(b * hq,)](op, lp, out, n_rows, D=d, BLOCK_S=16, num_warps=4)
+    return out
+
+
+def kivi_decode_attention(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None = None, *, block_n: int = 64,
+                          num_warps: int = 4, num_stages: int = 2, waves: float = 2.0,
+                          variant: str = "factored") -> torch.Tensor:
+    """Fused decode attention: q ``[B, Hq, D]`` (bf16/fp16, CUDA) over ``layer`` -> ``[B, Hq, D]`` in q's dtype.
+
+    ``variant``: "factored" (scales folded into q and p; tiles of one key group) or "dequant"
+    (each tile dequantized in registers; ``block_n`` tokens per tile, a power of two >= 16).
+    ``waves``: programs per SM to aim for. Tensors must be contiguous (the cache stores them so).
+    """
+    if variant not in ("factored", "dequant"):
+        raise KVLayoutError(f"variant must be 'factored' or 'dequant', got {variant!r}")
+    b, hkv, t_r, d = layer.k_res.shape
+    groups = _check(q, hkv, d, b)
+    if layer.t_total == 0:
+        raise KVLayoutError("cannot attend over an empty cache")
+    tensors = (layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes, layer.v_scale, layer.v_zero,
+               layer.k_res, layer.v_res)
+    if not all(t.is_contiguous() for t in tensors) or not q.is_contiguous():
+        raise KVLayoutError("the Triton kernel needs contiguous query and cache tensors")
+    if layer.k_res.dtype != q.dtype:
+        raise KVLayoutError(f"residual dtype {layer.k_res.dtype} != query dtype {q.dtype}")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    sm_count = _sm_count(q.device)
+    g = layer.group
+    if variant == "factored" and (g & (g - 1) or g < 16 or d % g):
+        raise KVLayoutError(f"the factored kernel needs a power-of-two group >= 16 dividing head_dim, got {g}")
+    tile = g if variant == "factored" else block_n
+    n_split, tps = _split_plan(b * hkv, layer.t_quant, tile, sm_count, waves)
+    if variant == "dequant" and tps % g and n_split > 1:
+        tps = math.ceil(tps / g) * g  # splits start on whole groups (and whole code bytes)
+        n_split = math.ceil(layer.t_quant / tps)
+    n_rows = n_split + 1
+    op = torch.empty((b * q.shape[1], n_rows, d), device=q.device, dtype=torch.float32)
+    lp = torch.empty((b * q.shape[1], n_rows), device=q.device, dtype=torch.float32)
+    gp = max(16, triton.next_power_of_2(groups))
+    strides = (layer.k_codes.stride(1), layer.k_scale.stride(1), layer.v_codes.stride(1), layer.v_scale.stride(1),
+               layer.k_res.stride(1), layer.v_res.stride(1))
+    if variant == "factored":
+        _kivi_split_kernel_fact[(b * hkv, n_rows)](
+            q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,
+            GROUPS=groups, GP=gp, D=d, BITS=layer.bits, G=g, BLOCK_R=block_n,
+            num_warps=num_warps, num_stages=num_stages)
+    else:
+        _kivi_split_kernel[(b * hkv, n_rows)](
+            q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,
+            GROUPS=groups, GP=gp, D=d, BITS=layer.bits, G=g, BLOCK_N=block_n,
+            num_warps=num_warps, num_stages=num_stages)
+    return _combine(op, lp, q, n_rows)
+
+
+def dense_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
+                                  *, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+                                  waves: float = 2.0) -> torch.Tensor:
+    """The same split-K decode over a plain cache: q ``[B, Hq, D]``, k/v ``[B, Hkv, T, D]`` (q's dtype)."""
+    b, hkv, t, d = k.shape
+    groups = _check(q, hkv, d, b)
+    if v.shape != k.shape or not (k.is_contiguous() and v.is_contiguous() and q.is_contiguous()):
+        raise KVLayoutError("keys and values must be contiguous and of one shape")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    sm_count = _sm_count(q.device)
+    n_split, tps = _split_plan(b * hkv, t, block_n, sm_count, waves)
+    op = torch.empty((b * q.shape[1], n_split, d), device=q.device, dtype=torch.float32)
+    lp = torch.empty((b * q.shape[1], n_split), device=q.device, dtype=torch.float32)
+    gp = max(16, triton.next_power_of_2(groups))
+    _dense_split_kernel[(b * hkv, n_split)](
+        q, k, v, op, lp, scale * _LOG2E, t, tps, k.stride(1),
+        GROUPS=groups, GP=gp, D=d, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    return _combine(op, lp, q, n_split)

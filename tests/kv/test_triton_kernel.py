@@ -1,0 +1,55 @@
+"""The fused Triton kernel against the torch reference; runs only where CUDA and Triton are (the device)."""
+
+import pytest
+import torch
+
+from memvisor.kv.gpu import (
+    decode_attention,
+    decode_attention_reference,
+    dense_decode_attention,
+    quantize_layer,
+    triton_available,
+)
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("shape", [
+    (1, 32, 8, 128, 4096 + 45),   # Llama-3.1-8B heads, residual of 45 tokens
+    (2, 9, 3, 64, 1000),          # SmolLM2 heads, batch 2, odd length
+    (1, 4, 1, 256, 700),          # Gemma 3 270M: one kv head, head_dim 256
+    (1, 8, 8, 128, 20),           # residual only
+    (3, 16, 4, 128, 96),          # quantized tokens without residual (R=0 below)
+])
+def test_kernel_matches_reference(bits, shape):
+    b, hq, hkv, d, t = shape
+    g = torch.Generator(device="cuda").manual_seed(hash(shape) % 1000 + bits)
+    k = torch.randn(b, hkv, t, d, device="cuda", generator=g)
+    v = torch.randn(b, hkv, t, d, device="cuda", generator=g)
+    residual = 0 if t == 96 else 32
+    layer = quantize_layer(k.bfloat16().float(), v.bfloat16().float(), bits, 32, residual)
+    layer.k_res = layer.k_res.bfloat16().contiguous()
+    layer.v_res = layer.v_res.bfloat16().contiguous()
+    q = torch.randn(b, hq, d, device="cuda", generator=g).bfloat16()
+    want = decode_attention_reference(q, layer)
+    for block_n in (16, 64, 128):
+        from memvisor.kv.gpu.triton_decode import kivi_decode_attention
+
+        got = kivi_decode_attention(q, layer, block_n=block_n)
+        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+        assert _rel(got, want) < 1e-2, (block_n, _rel(got, want))
+    assert _rel(decode_attention(q, layer), want) < 1e-2
+
+
+def test_dense_triton_baseline_matches_float64():
+    from memvisor.kv.gpu.triton_decode import dense_decode_attention_triton
+
+    k = torch.randn(1, 8, 5000, 128, device="cuda").bfloat16()
+    v = torch.randn(1, 8, 5000, 128, device="cuda").bfloat16()
+    q = torch.randn(1, 32, 128, device="cuda").bfloat16()
+    assert _rel(dense_decode_attention_triton(q, k, v), dense_decode_attention(q, k, v)) < 1e-2
