@@ -105,3 +105,30 @@ def test_protected_mask_uses_each_heads_length():
     pol = make_policy("streaming", sinks=1, window=2)
     m = pol.protected_mask(6, torch.tensor([6, 4]))
     assert m.tolist() == [[True, False, False, False, True, True], [True, False, True, True, False, False]]
+
+
+def test_group_attention_sliding_window_uses_absolute_positions():
+    # 5 stored keys at absolute positions 0, 3, 6, 7, 8 (some evicted); block of 2 queries at 7, 8; window 3
+    torch.manual_seed(1)
+    q = torch.randn(1, 1, 2, 4)
+    k = torch.randn(1, 1, 5, 4)
+    positions = torch.tensor([[0, 3, 6, 7, 8]])
+    (_, probs, nvis), = list(group_attention(q, k, positions=positions, window=3))
+    # query at 7 sees positions > 4 and <= 7: {6, 7}; query at 8 sees {6, 7, 8}
+    assert nvis.tolist() == [[2, 3]]
+    assert torch.all(probs[0, 0, 0, [0, 1, 4]] == 0) and torch.all(probs[0, 0, 1, [0, 1]] == 0)
+    ref = torch.softmax(torch.stack([q[0, 0, 1] @ k[0, 0, j] for j in (2, 3, 4)]) / 2.0, 0)
+    assert torch.allclose(probs[0, 0, 1, 2:], ref, atol=1e-6)
+    with pytest.raises(PolicyError):
+        next(group_attention(q, k, window=3))
+
+
+def test_scissorhands_average_counts_only_keys_inside_the_window():
+    from memvisor.kv.policies import Scissorhands
+
+    k = torch.eye(4).view(1, 1, 4, 4)
+    q = torch.zeros(1, 1, 1, 4)  # uniform over what it sees
+    q[0, 0, 0, 3] = math.log(2.0)  # key 3 gets twice the weight of key 2 -> 2/3 vs 1/3 inside window 2
+    pol = Scissorhands(history=4, recent=0, scaling=1.0)
+    pol.observe(q, k, positions=torch.tensor([[0, 1, 2, 3]]), window=2)
+    assert pol.counts(4)[0, 0].tolist() == [0, 0, 0, 1]  # 1/3 < average 1/2 of a 2-key window

@@ -38,6 +38,8 @@ def group_attention(
     lengths: Tensor | None = None,
     scaling: float | None = None,
     chunk: int = 256,
+    positions: Tensor | None = None,
+    window: int | None = None,
 ) -> Iterator[tuple[int, Tensor, Tensor]]:
     """Yield ``(start, probs, n_visible)`` per chunk of queries.
 
@@ -48,6 +50,9 @@ def group_attention(
     zeros at masked keys), for queries ``start .. start + c - 1``.
     n_visible: LongTensor[Hkv, c], how many keys each query row sees (for "above average" tests).
     scaling: logit scale, default 1/sqrt(D) (pass the model's own, e.g. Gemma's query_pre_attn_scalar**-0.5).
+    window, positions: sliding-window layers. ``positions`` LongTensor[Hkv, T] gives each stored key's
+    absolute position (queries are at the positions of the newest Tq keys); a query at p then also
+    needs ``key_pos > p - window`` (the transformers rule). Both or neither.
     """
     B, Hq, Tq, D, Hkv, T = check_qk(queries, keys)
     groups = Hq // Hkv
@@ -57,6 +62,12 @@ def group_attention(
         raise PolicyError(
             f"every head must hold at least the block's own {Tq} keys (observe() after the cache appended them); lengths={L.tolist()}"
         )
+    if (window is None) != (positions is None):
+        raise PolicyError("sliding-window masking needs both window and positions")
+    if positions is not None:
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        if positions.shape != (Hkv, T):
+            raise PolicyError(f"positions must be LongTensor[{Hkv}, {T}], got {tuple(positions.shape)}")
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
     k = keys.float()
     pos = torch.arange(T)
@@ -66,6 +77,9 @@ def group_attention(
         logits = torch.einsum("bhgqd,bhtd->bhgqt", q, k) * scale
         limit = L.unsqueeze(1) - Tq + torch.arange(start, stop).unsqueeze(0)  # [Hkv, c] last visible key
         allowed = pos.view(1, 1, T) <= limit.unsqueeze(2)  # [Hkv, c, T]; padding lies beyond limit
+        if positions is not None:
+            q_abs = torch.gather(positions, 1, limit)  # [Hkv, c] absolute position of each query
+            allowed &= positions.unsqueeze(1) > (q_abs - window).unsqueeze(2)
         logits = logits.masked_fill(~allowed.view(1, Hkv, 1, stop - start, T), float("-inf"))
         probs = torch.softmax(logits, dim=-1).mean(2)
-        yield start, probs, limit + 1
+        yield start, probs, allowed.sum(-1)

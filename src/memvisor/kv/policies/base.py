@@ -61,18 +61,30 @@ class BudgetTooSmallError(PolicyError):
 class TokenPolicy(ABC):
     """Decides which cached tokens of ONE layer to keep. One instance per layer (use ``fresh()``).
 
-    Subclasses set ``name`` (registry key) and ``needs_queries`` (False lets the cache skip
-    ``observe``, which then costs nothing).
+    Subclasses set ``name`` (registry key), ``needs_queries`` (False lets the cache skip
+    ``observe``, which then costs nothing) and ``observe_uses_keys`` (False: ``observe`` reads only
+    the queries, so the cache may pass ``keys=None`` and skip dequantizing the history).
     """
 
     name: str = "abstract"
     needs_queries: bool = True
+    observe_uses_keys: bool = True
 
-    def observe(self, queries: Tensor, keys: Tensor, *, lengths: Tensor | None = None) -> None:
+    def observe(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        *,
+        lengths: Tensor | None = None,
+        positions: Tensor | None = None,
+        window: int | None = None,
+    ) -> None:
         """Accumulate statistics from one forward.
 
         queries: [B, Hq, Tq, D] post-RoPE; keys: [B, Hkv, T, D] every key the layer holds, the newest
         Tq of each head being this forward's own; lengths: optional LongTensor[Hkv] (ragged heads).
+        Sliding-window layers (extension): ``positions`` LongTensor[Hkv, T] absolute position of each
+        stored key and ``window`` (tokens) so queries do not attend keys outside their window.
         Default: no statistics.
         """
 

@@ -39,11 +39,21 @@ class H2O(TokenPolicy):
     def reset(self) -> None:
         self.acc: Tensor | None = None  # float32 [B, Hkv, T]
 
-    def observe(self, queries: Tensor, keys: Tensor, *, lengths: Tensor | None = None) -> None:
+    def observe(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        *,
+        lengths: Tensor | None = None,
+        positions: Tensor | None = None,
+        window: int | None = None,
+    ) -> None:
         B, Hkv, T, _ = keys.shape
         acc = torch.zeros(B, Hkv, 0) if self.acc is None else self.acc
         acc = extend(acc, T)
-        for _, probs, _ in group_attention(queries, keys, lengths=lengths, scaling=self.scaling, chunk=self.chunk):
+        for _, probs, _ in group_attention(
+            queries, keys, lengths=lengths, scaling=self.scaling, chunk=self.chunk, positions=positions, window=window
+        ):
             acc = acc + probs.sum(2)
         self.acc = acc
 

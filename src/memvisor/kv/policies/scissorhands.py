@@ -50,11 +50,21 @@ class Scissorhands(TokenPolicy):
     def reset(self) -> None:
         self.hits: Tensor | None = None  # bool [n, B, Hkv, T], one row per remembered query, oldest first
 
-    def observe(self, queries: Tensor, keys: Tensor, *, lengths: Tensor | None = None) -> None:
+    def observe(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        *,
+        lengths: Tensor | None = None,
+        positions: Tensor | None = None,
+        window: int | None = None,
+    ) -> None:
         B, Hkv, T, _ = keys.shape
         q = queries[:, :, -self.history :]
         rows = []
-        for _, probs, n_visible in group_attention(q, keys, lengths=lengths, scaling=self.scaling, chunk=self.chunk):
+        for _, probs, n_visible in group_attention(
+            q, keys, lengths=lengths, scaling=self.scaling, chunk=self.chunk, positions=positions, window=window
+        ):
             # probs [B, Hkv, c, T]; above-average test against this query's own uniform level
             above = probs > (1.0 / n_visible.float()).view(1, Hkv, -1, 1)
             rows.append(above.permute(2, 0, 1, 3))  # [c, B, Hkv, T]

@@ -15,7 +15,9 @@ attention-probability mass (sum of ``window`` rows; pooled). ``protected(T)``: t
 Knobs: ``window`` (tokens, default 32; the paper uses 32-64), ``kernel`` (default 5), ``pooling``,
 ``scaling`` (logit scale, default 1/sqrt(D)), ``sinks`` (default 0).
 The remembered queries must be the newest ``window`` tokens of the layer; they stay valid across
-eviction because the window is protected.
+eviction because the window is protected. ``observe`` reads only the queries (``observe_uses_keys`` is
+False: the cache may pass ``keys=None``). Sliding-window layers: the vote ignores the layer's window
+(keys older than it are dropped by the cache anyway).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from memvisor.kv.policies._stats import finish_scores
 class SnapKV(TokenPolicy):
     name = "snapkv"
     needs_queries = True
+    observe_uses_keys = False
 
     def __init__(
         self,
@@ -51,8 +54,20 @@ class SnapKV(TokenPolicy):
     def reset(self) -> None:
         self.queries: Tensor | None = None  # [B, Hq, <=window, D], newest last
 
-    def observe(self, queries: Tensor, keys: Tensor, *, lengths: Tensor | None = None) -> None:
-        check_qk(queries, keys)
+    def observe(
+        self,
+        queries: Tensor,
+        keys: Tensor | None,
+        *,
+        lengths: Tensor | None = None,
+        positions: Tensor | None = None,
+        window: int | None = None,
+    ) -> None:
+        """Remember the newest ``self.window`` queries; keys/positions are not needed (may be None)."""
+        if queries.dim() != 4:
+            raise PolicyError(f"queries must be [B, Hq, Tq, D], got {tuple(queries.shape)}")
+        if keys is not None:
+            check_qk(queries, keys)
         q = queries.detach()
         if self.queries is not None and self.queries.shape[:2] == q.shape[:2] and self.queries.shape[3] == q.shape[3]:
             q = torch.cat([self.queries, q], dim=2)
