@@ -1,0 +1,82 @@
+"""Block-wise attention over ragged, possibly quantized per-head storage (the CPU reference path).
+
+The history of each KV head is read ``block`` tokens at a time (dequantized per block for KIVI
+storage) with an online softmax (running max ``m``, normaliser ``l``, accumulator ``acc``, as in
+FlashAttention), so a decode step never materialises the whole history in floating point.
+
+Masking is computed here from storage indices, not from transformers' mask: heads and layers may
+hold different token counts after eviction, which one shared mask cannot describe. Rules, for the
+``Tq`` newest stored tokens being this forward's own (query ``i`` at absolute position ``q_pos[i]``):
+- causal: query ``i`` sees stored index ``j`` iff ``j <= n - Tq + i``;
+- sliding window ``w``: additionally ``pos[j] > q_pos[i] - w`` (the token's absolute position).
+Padding of a batch (left-padded prompts) is not supported on this path: use batch rows of equal
+length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from memvisor.kv.storage import HeadStore
+
+
+def head_attention(q: Tensor, store: HeadStore, q_pos: Tensor, scaling: float, window: int | None = None,
+                   softcap: float | None = None, block: int = 1024) -> Tensor:
+    """Attention of one KV head's query group over everything ``store`` holds.
+
+    q: [B, g, Tq, D] (g query heads share this KV head), q_pos: LongTensor[Tq] absolute positions,
+    scaling: multiplier of q.k (1/sqrt(D) usually). Returns float32 [B, g, Tq, D].
+    """
+    B, g, Tq, D = q.shape
+    qf = q.float().reshape(B, g * Tq, D)
+    n = len(store)
+    first_new = n - Tq  # storage index of query 0's own token
+    m = torch.full((B, g * Tq), float("-inf"), device=q.device)
+    l = torch.zeros(B, g * Tq, device=q.device)
+    acc = torch.zeros(B, g * Tq, store.D, device=q.device)
+    qi = torch.arange(Tq, device=q.device)
+    start = 0
+    for k, v, pos in store.blocks(block):
+        nb = k.shape[1]
+        s = torch.bmm(qf, k.transpose(1, 2)) * scaling  # [B, g*Tq, nb]
+        if softcap is not None:
+            s = torch.tanh(s / softcap) * softcap
+        allowed = None
+        if start + nb > first_new + 1 and Tq > 1:  # block reaches this forward's own tokens
+            j = torch.arange(start, start + nb, device=q.device)
+            allowed = j.unsqueeze(0) <= (first_new + qi).unsqueeze(1)  # [Tq, nb]
+        if window is not None:
+            if pos is None:
+                raise ValueError("a sliding-window head must store token positions")
+            w_ok = pos.unsqueeze(0) > (q_pos.unsqueeze(1) - window)
+            allowed = w_ok if allowed is None else allowed & w_ok
+        if allowed is not None:
+            s = s.masked_fill(~allowed.repeat(g, 1).unsqueeze(0), float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        # Rows with nothing visible yet keep m = -inf: shift by 0 there to avoid inf - inf.
+        shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(s - shift.unsqueeze(-1))
+        corr = torch.exp(m - shift)
+        l = l * corr + p.sum(-1)
+        acc = acc * corr.unsqueeze(-1) + torch.bmm(p, v)
+        m = m_new
+        start += nb
+    out = acc / l.clamp_min(1e-30).unsqueeze(-1)
+    return out.reshape(B, g, Tq, store.D)
+
+
+def layer_attention(query: Tensor, stores: list[HeadStore], q_pos: Tensor, scaling: float,
+                    window: int | None = None, softcap: float | None = None, block: int = 1024) -> Tensor:
+    """query: [B, Hq, Tq, D]; stores: one per KV head (Hkv = len(stores), Hq % Hkv == 0).
+
+    Returns attn_output [B, Tq, Hq, D] in the query dtype (the layout transformers' attention
+    functions return)."""
+    B, Hq, Tq, D = query.shape
+    Hkv = len(stores)
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
+    g = Hq // Hkv
+    outs = [head_attention(query[:, h * g:(h + 1) * g], st, q_pos, scaling, window, softcap, block)
+            for h, st in enumerate(stores)]
+    return torch.cat(outs, dim=1).transpose(1, 2).to(query.dtype).contiguous()

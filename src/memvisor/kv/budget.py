@@ -1,0 +1,97 @@
+"""From a byte budget to token budgets: what one stored token costs and how many fit.
+
+Units: bytes; a "head-token" is one token of one KV head (for all batch rows). A layer holding
+``T`` tokens in each of ``Hkv`` heads holds ``Hkv * T`` head-tokens (the unit of the policies'
+``LayerBudget`` and ``HeadBudget``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memvisor.kv.policies.base import LayerBudget, largest_remainder
+
+
+class BudgetError(ValueError):
+    """A byte budget that cannot be met (too small for the fixed parts of the cache)."""
+
+
+@dataclass(frozen=True)
+class TokenCost:
+    """Bytes of one head-token, for ``batch`` rows of ``head_dim`` channels.
+
+    fp: a full-precision token (model dtype) = 2 * B * D * dtype_bytes (+ 4 with positions);
+    q: a KIVI-quantized token in a full group = 2 * B * D * bits/8 codes + B * D * 4 / G (key
+    scale+zero per group) + B * (D/G) * 4 (value scale+zero) + 4/G (group size) (+ 4 positions);
+    residual_max: most tokens the full-precision residual can hold (R + G - 1; 0 unquantized).
+    """
+
+    fp: float
+    q: float
+    residual_max: int
+
+    def capacity(self, nbytes: float) -> int:
+        """Most head-tokens one head can hold in ``nbytes`` (residual at its largest)."""
+        if nbytes <= 0:
+            return 0
+        if self.residual_max == 0:
+            return int(nbytes // self.fp)
+        fp_part = self.residual_max * self.fp
+        if nbytes <= fp_part:
+            return int(nbytes // self.fp)
+        return self.residual_max + int((nbytes - fp_part) // self.q)
+
+
+def token_cost(batch: int, head_dim: int, dtype_bytes: int, bits: int | None, group: int,
+               residual: int, track_pos: bool) -> TokenCost:
+    pos = 4.0 if track_pos else 0.0
+    fp = 2.0 * batch * head_dim * dtype_bytes + pos
+    if bits is None:
+        return TokenCost(fp=fp, q=fp, residual_max=0)
+    q = (2.0 * batch * head_dim * bits / 8 + batch * head_dim * 4.0 / group
+         + batch * (head_dim / group) * 4.0 + 4.0 / group + pos)
+    return TokenCost(fp=fp, q=q, residual_max=residual + group - 1)
+
+
+def split_layers(budget_bytes: int, costs: list[TokenCost], n_heads: int, windows: list[int | None],
+                 layer_budget: LayerBudget | None) -> list[int]:
+    """Per-layer byte budgets summing to at most ``budget_bytes``.
+
+    The budget is first split in head-tokens by ``layer_budget`` (uniform when None) at the
+    quantized token cost; a sliding-window layer never needs more than ``window - 1`` tokens per
+    head, and what it cannot use goes to the other layers in proportion to their share.
+    """
+    n = len(costs)
+    if budget_bytes < 0:
+        raise BudgetError(f"budget_bytes must be >= 0, got {budget_bytes}")
+    unit = max(c.q for c in costs)
+    total_tokens = int(budget_bytes // unit)
+    shares = (layer_budget.split(total_tokens, n) if layer_budget is not None
+              else largest_remainder([1.0] * n, total_tokens))
+    per_layer = [float(s) * unit for s in shares]
+    # Cap sliding layers at what their window can use; hand the surplus to the others.
+    for _ in range(n):
+        surplus, open_layers = 0.0, []
+        for i, (c, w) in enumerate(zip(costs, windows)):
+            if w is None:
+                open_layers.append(i)
+                continue
+            need = _bytes_for(c, w - 1) * n_heads
+            if per_layer[i] > need:
+                surplus += per_layer[i] - need
+                per_layer[i] = need
+            elif per_layer[i] < need:
+                open_layers.append(i)
+        if surplus <= 0 or not open_layers:
+            break
+        weight = sum(per_layer[i] for i in open_layers) or float(len(open_layers))
+        for i in open_layers:
+            share = per_layer[i] / weight if weight else 1.0 / len(open_layers)
+            per_layer[i] += surplus * share
+    return [int(b) for b in per_layer]
+
+
+def _bytes_for(cost: TokenCost, tokens: int) -> float:
+    """Bytes one head needs to hold ``tokens`` tokens (upper estimate, residual at its largest)."""
+    r = min(tokens, cost.residual_max)
+    return r * cost.fp + (tokens - r) * cost.q

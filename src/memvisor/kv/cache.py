@@ -1,0 +1,158 @@
+"""The compressed KV cache: one byte budget, KIVI quantization, token policies, ragged heads.
+
+Usage::
+
+    model, tok = load_local_model("smollm2")            # already switched to ATTN_NAME
+    cache = CompressedCache(model.config, CacheSpec(budget_bytes=2_000_000, quant="kivi2",
+                                                     token_policy=SomePolicy()))
+    out = model(input_ids, **{cache_kwarg(model): cache}, use_cache=True)
+    cache.nbytes()                                      # bytes of every stored tensor
+
+A model must use the memvisor attention function (:func:`memvisor.kv.use_kv_attention`; done by
+``load_local_model``) for any compressed layer; with ``CacheSpec()`` (no compression) the cache
+reproduces transformers' ``DynamicCache`` bit for bit under any attention implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from memvisor.kv.adapter import HFCache, kv_shape, layer_windows
+from memvisor.kv.budget import BudgetError, split_layers, token_cost
+from memvisor.kv.layer import LayerConfig, LayerCore
+from memvisor.kv.policies.base import HeadBudget, LayerBudget, MergePolicy, TokenPolicy
+from memvisor.kv.storage import QuantConfig
+
+QUANT_BITS = {"none": None, "kivi2": 2, "kivi4": 4}
+
+
+class CacheSpecError(ValueError):
+    """An invalid cache specification."""
+
+
+@dataclass
+class CacheSpec:
+    """What to store and how much.
+
+    budget_bytes: cap on the bytes of every stored tensor of the cache between forwards (None: no
+      cap). During one forward the cache may hold one forward's tokens more (a prefill block).
+    quant: "none" | "kivi2" | "kivi4"; group: G; residual: R (tokens kept in the model dtype).
+    token_policy: which tokens to evict when over budget (one fresh copy per layer); None keeps
+      the most recent tokens.
+    head_budget: splits a layer's budget over its KV heads (ragged, Ada-KV); None: equal shares.
+    layer_budget: splits the model budget over layers (PyramidKV, EpiCache); None: uniform.
+    merge_policy: folds evicted tokens into kept ones instead of dropping them (KVMerger).
+    slack: head-tokens evicted below the cap each time it is hit (amortises eviction in decode).
+    block: tokens per block of the attention loop (a multiple of 8).
+    batch_size: rows the budget is planned for (the byte cost of a token scales with it).
+    """
+
+    budget_bytes: int | None = None
+    quant: str = "none"
+    group: int = 32
+    residual: int = 32
+    token_policy: TokenPolicy | None = None
+    head_budget: HeadBudget | None = None
+    layer_budget: LayerBudget | None = None
+    merge_policy: MergePolicy | None = None
+    slack: int = 32
+    block: int = 1024
+    batch_size: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.quant not in QUANT_BITS:
+            raise CacheSpecError(f"quant must be one of {sorted(QUANT_BITS)}, got {self.quant!r}")
+        if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes < 0):
+            raise CacheSpecError(f"budget_bytes must be an int >= 0 or None, got {self.budget_bytes!r}")
+        for name in ("group", "residual", "slack", "block", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < (0 if name in ("residual", "slack") else 1):
+                raise CacheSpecError(f"{name} must be a positive int, got {v!r}")
+        if self.block % 8:
+            raise CacheSpecError(f"block must be a multiple of 8, got {self.block}")
+        if self.quant != "none" and self.group % 8:
+            raise CacheSpecError(f"group must be a multiple of 8 for KIVI, got {self.group}")
+
+
+class CompressedCache(HFCache):
+    """A transformers ``Cache`` whose layers store KIVI-quantized, policy-evicted, ragged KV.
+
+    model_config: the model's config (layers, KV heads, head dim, sliding windows, dtype);
+    spec: :class:`CacheSpec`.
+    """
+
+    def __init__(self, model_config: Any, spec: CacheSpec | None = None) -> None:
+        spec = spec or CacheSpec()
+        spec.validate()
+        self.spec = spec
+        n_layers, n_kv, head_dim = kv_shape(model_config)
+        windows = layer_windows(model_config)[:n_layers]
+        bits = QUANT_BITS[spec.quant]
+        qcfg = QuantConfig(bits=bits, group=spec.group, residual=spec.residual)
+        layer_bytes: list[int | None] = [None] * n_layers
+        if spec.budget_bytes is not None:
+            dtype_bytes = _dtype_bytes(model_config)
+            costs = [token_cost(spec.batch_size, head_dim, dtype_bytes, bits, spec.group, spec.residual,
+                                w is not None) for w in windows]
+            layer_bytes = split_layers(spec.budget_bytes, costs, n_kv, windows, spec.layer_budget)
+            smallest = min(c.fp for c in costs) * n_kv
+            if min(layer_bytes) < smallest:
+                raise BudgetError(
+                    f"budget_bytes={spec.budget_bytes} leaves a layer {min(layer_bytes)} B, less than "
+                    f"one token ({smallest:.0f} B per layer in full precision)")
+        cores = [
+            LayerCore(LayerConfig(
+                layer_idx=i, window=windows[i], qcfg=qcfg,
+                policy=spec.token_policy.fresh() if spec.token_policy is not None else None,
+                head_budget=spec.head_budget, merge=spec.merge_policy, budget_bytes=layer_bytes[i],
+                slack=spec.slack, block=spec.block))
+            for i in range(n_layers)
+        ]
+        super().__init__(cores)
+        self.layer_budget_bytes = layer_bytes
+        self.peak_bytes = 0
+        self._layer_bytes = [0] * n_layers
+        for c in cores:
+            c.observer = self._observe_bytes
+
+    def _observe_bytes(self, layer_idx: int, before: int, after: int) -> None:
+        # High-water mark: this layer before its compression, every other layer as it stands.
+        others = sum(self._layer_bytes) - self._layer_bytes[layer_idx]
+        self.peak_bytes = max(self.peak_bytes, others + before)
+        self._layer_bytes[layer_idx] = after
+
+    def nbytes(self) -> int:
+        """Bytes of every stored tensor: codes, scales, zero points, group sizes, positions, residuals."""
+        return sum(c.nbytes() for c in self.cores)
+
+    def stored_tokens(self) -> list[list[int]]:
+        """Per layer, per KV head: tokens stored."""
+        return [c.lengths() for c in self.cores]
+
+    def track_peak(self) -> int:
+        """``peak_bytes``: the most bytes the cache held at any point of any forward so far (each
+        layer counted just before it compressed itself)."""
+        self.peak_bytes = max(self.peak_bytes, self.nbytes())
+        return self.peak_bytes
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.nbytes()
+
+    def compress(self) -> None:
+        """Evict every layer down to its budget now (ignoring the slack hysteresis)."""
+        for c in self.cores:
+            if c.initialized:
+                c.compress(force=True)
+                for st in c.stores:
+                    st.flush()
+
+
+def _dtype_bytes(config: Any) -> int:
+    import torch
+
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return torch.empty(0, dtype=dtype).element_size()

@@ -1,0 +1,237 @@
+"""One layer of the compressed cache, free of transformers: storage, eviction, attention.
+
+A forward through one attention layer calls, in order (the adapter wires these to transformers):
+1. :meth:`LayerCore.update` with the forward's new keys/values ``[B, Hkv, Tq, D]`` (post-RoPE);
+2. :meth:`LayerCore.attend` with the queries ``[B, Hq, Tq, D]``: block-wise attention over the
+   stored tokens, then the policy observes the queries, tokens that left a sliding window are
+   dropped, the layer is compressed to its budget, and full groups of the residual are quantized.
+
+"Passthrough" layers (no quantization, no budget, no policy) store full precision tensors and
+``update`` returns the whole history like transformers' DynamicLayer / DynamicSlidingWindowLayer,
+so the model's own attention runs on bit-identical inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from memvisor.kv.attention import layer_attention
+from memvisor.kv.budget import TokenCost, token_cost
+from memvisor.kv.policies.base import HeadBudget, MergePolicy, TokenPolicy, select
+from memvisor.kv.storage import HeadStore, QuantConfig
+
+
+@dataclass
+class LayerConfig:
+    """Everything one layer needs. window: sliding window (tokens) or None for full attention;
+    budget_bytes: byte cap of the layer between forwards (None = unbounded); slack: head-tokens
+    evicted below the cap each time the cap is hit, so eviction runs every ``slack`` decode steps
+    rather than every step; block: tokens per block of the attention loop."""
+
+    layer_idx: int
+    window: int | None
+    qcfg: QuantConfig
+    policy: TokenPolicy | None = None
+    head_budget: HeadBudget | None = None
+    merge: MergePolicy | None = None
+    budget_bytes: int | None = None
+    slack: int = 32
+    block: int = 1024
+
+
+class LayerCore:
+    def __init__(self, cfg: LayerConfig) -> None:
+        self.cfg = cfg
+        self.stores: list[HeadStore] | None = None
+        self.cum = 0  # tokens seen so far = absolute position of the next token
+        self.passthrough = (cfg.qcfg.bits is None and cfg.budget_bytes is None and cfg.policy is None
+                            and cfg.merge is None)
+        self.cost: TokenCost | None = None
+        self._pending: tuple[int, int] | None = None  # (Tq, first position) of the current forward
+        self.evictions = 0
+        # Called as observer(layer_idx, bytes_before_compression, bytes_after) after each forward.
+        self.observer = None
+
+    # ------------------------------------------------------------------ state
+    def init(self, key_states: Tensor) -> None:
+        B, Hkv, _, D = key_states.shape
+        track = self.cfg.window is not None and not self.passthrough
+        self.stores = [HeadStore(B, D, key_states.dtype, key_states.device, self.cfg.qcfg, track)
+                       for _ in range(Hkv)]
+        q = self.cfg.qcfg
+        self.cost = token_cost(B, D, key_states.element_size(), q.bits, q.group, q.residual, track)
+
+    @property
+    def initialized(self) -> bool:
+        return self.stores is not None
+
+    def reset(self) -> None:
+        self.stores, self.cum, self._pending = None, 0, None
+        if self.cfg.policy is not None:
+            self.cfg.policy.reset()
+
+    def nbytes(self) -> int:
+        return 0 if self.stores is None else sum(s.nbytes() for s in self.stores)
+
+    def lengths(self) -> list[int]:
+        return [] if self.stores is None else [len(s) for s in self.stores]
+
+    def seq_length(self) -> int:
+        """Tokens seen (not stored): what transformers uses to place the next token."""
+        return self.cum
+
+    def mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) for transformers' mask (used on the passthrough path only; the
+        compressed path masks by itself, but the sizes stay consistent with what is stored)."""
+        stored = max(self.lengths(), default=0)
+        if self.cfg.window is not None and self.passthrough:
+            w = self.cfg.window
+            offset = max(self.cum - w + 1, 0)
+            kv = (w - 1 if self.cum >= w else self.cum) + query_length
+            return kv, offset
+        return stored + query_length, self.cum - stored
+
+    # ------------------------------------------------------------------ forward
+    def update(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor] | None:
+        """Store a forward's new tokens ([B, Hkv, Tq, D]). Passthrough: returns the full (k, v)
+        [B, Hkv, T, D] to attend. Compressed: returns None; :meth:`attend` must follow."""
+        if self.stores is None:
+            self.init(key_states)
+        Tq = key_states.shape[2]
+        first = self.cum
+        self.cum += Tq
+        if self.passthrough:
+            return self._update_passthrough(key_states, value_states)
+        pos = torch.arange(first, first + Tq, device=key_states.device)
+        for h, st in enumerate(self.stores):
+            st.append(key_states[:, h], value_states[:, h], pos, flush=False)
+        self._pending = (Tq, first)
+        return None
+
+    def _update_passthrough(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        for h, st in enumerate(self.stores):
+            st.append(k[:, h], v[:, h])
+        before = self.nbytes()
+        full_k = torch.stack([st.k_res for st in self.stores], dim=1)
+        full_v = torch.stack([st.v_res for st in self.stores], dim=1)
+        w = self.cfg.window
+        if w is not None:  # same rule as DynamicSlidingWindowLayer: keep the last w - 1 tokens
+            for st in self.stores:
+                if st.nr > w - 1:
+                    st.keep(torch.arange(st.nr - (w - 1), st.nr))
+        if self.observer is not None:
+            self.observer(self.cfg.layer_idx, before, self.nbytes())
+        return full_k, full_v
+
+    def attend(self, query: Tensor, scaling: float, softcap: float | None = None) -> Tensor:
+        """Attention of the pending forward's queries [B, Hq, Tq, D] -> [B, Tq, Hq, D]; then
+        observe, drop out-of-window tokens, compress to budget, quantize full groups."""
+        if self._pending is None:
+            raise RuntimeError(f"layer {self.cfg.layer_idx}: attend() without a preceding update()")
+        Tq, first = self._pending
+        self._pending = None
+        q_pos = torch.arange(first, first + Tq, device=query.device)
+        out = layer_attention(query, self.stores, q_pos, scaling, self.cfg.window, softcap, self.cfg.block)
+        self._after_forward(query)
+        return out
+
+    # ------------------------------------------------------------------ compression
+    def padded(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+        """(keys, values) [B, Hkv, Tmax, D] dequantized and zero-padded, lengths LongTensor[Hkv]."""
+        dense = [st.dense(dtype) for st in self.stores]
+        lengths = torch.tensor([k.shape[1] for k, _ in dense], dtype=torch.long)
+        T = int(lengths.max()) if len(lengths) else 0
+        B, D = self.stores[0].B, self.stores[0].D
+
+        def pad(x: Tensor) -> Tensor:
+            return torch.nn.functional.pad(x, (0, 0, 0, T - x.shape[1]))
+
+        keys = torch.stack([pad(k) for k, _ in dense], 1) if dense else torch.empty(B, 0, 0, D)
+        values = torch.stack([pad(v) for _, v in dense], 1) if dense else torch.empty(B, 0, 0, D)
+        return keys, values, lengths
+
+    def _after_forward(self, query: Tensor) -> None:
+        pol = self.cfg.policy
+        if pol is not None and pol.needs_queries:
+            keys, _, lengths = self.padded()
+            ragged = bool((lengths != lengths[0]).any())
+            pol.observe(query.float(), keys, lengths=lengths if ragged else None)
+        before = self.nbytes()
+        if self.cfg.window is not None:
+            self._drop_out_of_window()
+        if self.cfg.budget_bytes is not None:
+            self.compress()
+        for st in self.stores:
+            st.flush()
+        if self.observer is not None:
+            self.observer(self.cfg.layer_idx, before, self.nbytes())
+
+    def _drop_out_of_window(self) -> None:
+        # Future queries sit at positions >= cum, so a token at p <= cum - window is never seen again.
+        limit = self.cum - self.cfg.window
+        kept = [torch.nonzero(st.positions() > limit).flatten() for st in self.stores]
+        if all(len(k) == len(st) for k, st in zip(kept, self.stores)):
+            return
+        self._apply_keep(kept, merge=False)
+
+    def head_caps(self) -> int:
+        """Head-tokens per head that fit ``budget_bytes`` (uniform split over heads)."""
+        per_head = self.cfg.budget_bytes / len(self.stores)
+        return self.cost.capacity(per_head)
+
+    def compress(self, force: bool = False) -> None:
+        """Evict down to the byte budget when it is exceeded (``force``: evict whenever any token
+        is over the cap, ignoring the slack hysteresis)."""
+        if self.cfg.budget_bytes is None or self.stores is None:
+            return
+        cap = self.head_caps()
+        Hkv = len(self.stores)
+        total = sum(self.lengths())
+        if total <= cap * Hkv and self.nbytes() <= self.cfg.budget_bytes:
+            return
+        target = max(cap - (0 if force else self.cfg.slack), 0) * Hkv
+        for _ in range(8):  # partial key groups after eviction can cost more than estimated: re-check
+            self._evict_to(target)
+            excess = self.nbytes() - self.cfg.budget_bytes
+            if excess <= 0 or target == 0:
+                break
+            target = max(target - Hkv * (int(excess // self.cost.q) + 1), 0)
+
+    def _evict_to(self, target: int) -> None:
+        """Keep ``target`` head-tokens in all (policy scores; newest first when no policy)."""
+        keys, values, lengths = self.padded()
+        T = keys.shape[2]
+        Hkv = len(self.stores)
+        ragged = bool((lengths != lengths[0]).any())
+        lens = lengths if ragged else None
+        pol = self.cfg.policy
+        if pol is not None:
+            scores = pol.scores(keys, values, lengths=lens)
+            protected = pol.protected_mask(T, lengths, Hkv)
+        else:  # no policy: keep the most recent tokens of each head
+            scores = torch.arange(T, dtype=torch.float32).expand(keys.shape[0], Hkv, T).clone()
+            scores[:, torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)] = float("-inf")
+            protected = torch.zeros(Hkv, T, dtype=torch.bool)
+        if self.cfg.head_budget is not None:
+            budget = self.cfg.head_budget.split(scores, protected, target, lengths=lens)
+        else:
+            budget = torch.full((Hkv,), target // Hkv, dtype=torch.long)
+        kept = select(scores, protected, budget, lengths=lens)
+        self._apply_keep(kept, merge=True, dense=(keys, values, lens))
+        self.evictions += 1
+
+    def _apply_keep(self, kept: list[Tensor], merge: bool, dense=None) -> None:
+        if merge and self.cfg.merge is not None:
+            keys, values, lens = dense
+            mk, mv = self.cfg.merge.merge(keys, values, kept, lengths=lens)
+            for st, idx, k, v in zip(self.stores, kept, mk, mv):
+                pos = None if st.pos is None else st.pos[idx.to(st.pos.device)]
+                st.replace(k, v, pos)
+        else:
+            for st, idx in zip(self.stores, kept):
+                st.keep(idx)
+        if self.cfg.policy is not None:
+            self.cfg.policy.on_evict(kept)

@@ -1,0 +1,201 @@
+"""Storage of ONE KV head of one layer (all batch rows): the unit of ragged per-head storage.
+
+Heads of a layer are separate :class:`HeadStore` objects, so a head that keeps fewer tokens really
+stores fewer bytes. Tokens are kept oldest first; eviction keeps that order. Batch rows share the
+kept token indices (policies select per head, averaged over the batch), so every tensor keeps the
+batch axis ``B`` first.
+
+Layout (``n = nq + nr`` tokens: ``nq`` quantized oldest, ``nr`` newest in full precision):
+
+- residual: ``k_res, v_res [B, nr, D]`` in the model dtype.
+- quantized (KIVI, see :mod:`memvisor.kv.quant`): ``k_codes uint8 [B, ceil(nq*bits/8), D]``,
+  ``k_scale, k_zero fp16 [B, ng, D]``, ``group_sizes int32 [ng]`` (tokens per key group: G when
+  fresh, fewer after eviction, because evicting never re-quantizes survivors),
+  ``v_codes uint8 [B, nq, D*bits/8]``, ``v_scale, v_zero fp16 [B, nq, D/G]``.
+- ``pos int32 [n]``: absolute position of each token, stored only for sliding-window layers (the
+  window test needs it); full-attention layers see every stored token, so positions are not kept.
+
+``nbytes()`` is the sum of ``numel * element_size`` over every tensor above that exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from memvisor.kv import quant
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """bits: None (full precision), 2 or 4; group: G tokens (keys) / G channels (values);
+    residual: R newest tokens kept in the model dtype."""
+
+    bits: int | None = None
+    group: int = 32
+    residual: int = 32
+
+
+class HeadStore:
+    """One KV head: ``B`` batch rows, ``D`` channels, dtype of the model for the residual."""
+
+    def __init__(self, batch: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 qcfg: QuantConfig, track_pos: bool) -> None:
+        self.B, self.D, self.dtype, self.device, self.q = batch, head_dim, dtype, device, qcfg
+        if qcfg.bits is not None:
+            quant.check_bits(qcfg.bits)
+            if head_dim % qcfg.group:
+                raise quant.QuantError(f"head dim {head_dim} is not a multiple of group {qcfg.group}")
+        e = dict(device=device)
+        self.k_res = torch.empty(batch, 0, head_dim, dtype=dtype, **e)
+        self.v_res = torch.empty(batch, 0, head_dim, dtype=dtype, **e)
+        self.nq = 0
+        if qcfg.bits is not None:
+            b, G = qcfg.bits, qcfg.group
+            self.k_codes = torch.empty(batch, 0, head_dim, dtype=torch.uint8, **e)
+            self.k_scale = torch.empty(batch, 0, head_dim, dtype=torch.float16, **e)
+            self.k_zero = torch.empty(batch, 0, head_dim, dtype=torch.float16, **e)
+            self.group_sizes = torch.empty(0, dtype=torch.int32, **e)
+            self.v_codes = torch.empty(batch, 0, head_dim * b // 8, dtype=torch.uint8, **e)
+            self.v_scale = torch.empty(batch, 0, head_dim // G, dtype=torch.float16, **e)
+            self.v_zero = torch.empty(batch, 0, head_dim // G, dtype=torch.float16, **e)
+        self.pos = torch.empty(0, dtype=torch.int32, **e) if track_pos else None
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def nr(self) -> int:
+        return self.k_res.shape[1]
+
+    def __len__(self) -> int:
+        return self.nq + self.nr
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every stored tensor by name (what :meth:`nbytes` counts)."""
+        out = {"k_res": self.k_res, "v_res": self.v_res}
+        if self.q.bits is not None:
+            for name in ("k_codes", "k_scale", "k_zero", "group_sizes", "v_codes", "v_scale", "v_zero"):
+                out[name] = getattr(self, name)
+        if self.pos is not None:
+            out["pos"] = self.pos
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    # ------------------------------------------------------------------ writing
+    def append(self, k: Tensor, v: Tensor, pos: Tensor | None = None, flush: bool = True) -> None:
+        """Append ``t`` new tokens: k, v [B, t, D]; pos LongTensor[t] (sliding layers).
+
+        ``flush=False`` leaves them in full precision until :meth:`flush` (the cache attends a
+        forward's own tokens unquantized, as KIVI does, and quantizes afterwards)."""
+        self.k_res = torch.cat([self.k_res, k.to(self.dtype)], dim=1)
+        self.v_res = torch.cat([self.v_res, v.to(self.dtype)], dim=1)
+        if self.pos is not None:
+            self.pos = torch.cat([self.pos, pos.to(torch.int32)])
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        """Quantize the oldest whole groups of the residual while it holds at least R + G tokens."""
+        if self.q.bits is None:
+            return
+        G, R = self.q.group, self.q.residual
+        n = ((self.nr - R) // G) * G
+        if n <= 0:
+            return
+        k, v = self.k_res[:, :n], self.v_res[:, :n]
+        kc, ks, kz = quant.quantize_keys(k, self.q.bits, G)
+        vc, vs, vz = quant.quantize_values(v, self.q.bits, G)
+        self._append_key_codes(kc, n)
+        self.k_scale = torch.cat([self.k_scale, ks], dim=1)
+        self.k_zero = torch.cat([self.k_zero, kz], dim=1)
+        self.group_sizes = torch.cat(
+            [self.group_sizes, torch.full((n // G,), G, dtype=torch.int32, device=self.device)])
+        self.v_codes = torch.cat([self.v_codes, vc], dim=1)
+        self.v_scale = torch.cat([self.v_scale, vs], dim=1)
+        self.v_zero = torch.cat([self.v_zero, vz], dim=1)
+        self.nq += n
+        self.k_res, self.v_res = self.k_res[:, n:].clone(), self.v_res[:, n:].clone()
+
+    def _append_key_codes(self, packed: Tensor, n: int) -> None:
+        per = 8 // self.q.bits
+        if self.nq % per == 0:
+            self.k_codes = torch.cat([self.k_codes, packed], dim=1)
+            return
+        # Stored tail byte is partly filled (after an eviction): re-pack the codes, exactly.
+        old = quant.unpack(self.k_codes, self.q.bits, dim=1, n=self.nq)
+        new = quant.unpack(packed, self.q.bits, dim=1, n=n)
+        self.k_codes = quant.pack(torch.cat([old, new], dim=1), self.q.bits, dim=1)
+
+    def keep(self, idx: Tensor) -> None:
+        """Evict every token not in ``idx`` (sorted LongTensor of stored indices). Survivors keep
+        their codes, scales and zero points: nothing is re-quantized."""
+        idx = idx.to(self.device, torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"keep indices out of range for a head holding {len(self)} tokens")
+        qi, ri = idx[idx < self.nq], idx[idx >= self.nq] - self.nq
+        self.k_res, self.v_res = self.k_res[:, ri], self.v_res[:, ri]
+        if self.pos is not None:
+            self.pos = self.pos[idx]
+        if self.q.bits is None or self.nq == 0:
+            return
+        b = self.q.bits
+        codes = quant.unpack(self.k_codes, b, dim=1, n=self.nq)[:, qi]
+        gid = self.group_of_tokens(0, self.nq)[qi]
+        counts = torch.bincount(gid, minlength=self.group_sizes.numel())
+        live = torch.nonzero(counts).flatten()
+        self.k_codes = quant.pack(codes, b, dim=1)
+        self.k_scale, self.k_zero = self.k_scale[:, live], self.k_zero[:, live]
+        self.group_sizes = counts[live].to(torch.int32)
+        self.v_codes, self.v_scale, self.v_zero = self.v_codes[:, qi], self.v_scale[:, qi], self.v_zero[:, qi]
+        self.nq = int(qi.numel())
+
+    def replace(self, k: Tensor, v: Tensor, pos: Tensor | None = None) -> None:
+        """Store exactly these tokens (k, v [B, n, D]), re-quantizing them (used after merging)."""
+        fresh = HeadStore(self.B, self.D, self.dtype, self.device, self.q, self.pos is not None)
+        fresh.append(k, v, pos)
+        self.__dict__.update(fresh.__dict__)
+
+    # ------------------------------------------------------------------ reading
+    def group_of_tokens(self, start: int, end: int) -> Tensor:
+        """LongTensor[end-start]: key-group row of each quantized token in [start, end)."""
+        ends = torch.cumsum(self.group_sizes.long(), 0)
+        t = torch.arange(start, end, device=self.device)
+        return torch.searchsorted(ends, t, right=True)
+
+    def blocks(self, block: int, dtype: torch.dtype = torch.float32
+               ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+        """Yield (k [B, n_blk, D], v [B, n_blk, D], pos LongTensor[n_blk] | None) over all stored
+        tokens, oldest first. Quantized tokens are dequantized ``block`` at a time (``block`` a
+        multiple of 8, so blocks start on byte boundaries): never the whole history at once."""
+        if block % 8:
+            raise ValueError(f"block must be a multiple of 8, got {block}")
+        b = self.q.bits
+        for s in range(0, self.nq, block):
+            e = min(s + block, self.nq)
+            per = 8 // b
+            kc = self.k_codes[:, s // per: (e + per - 1) // per]
+            gid = self.group_of_tokens(s, e)
+            k = quant.dequantize_keys(kc, self.k_scale, self.k_zero, b, e - s, gid, dtype=dtype)
+            v = quant.dequantize_values(self.v_codes[:, s:e], self.v_scale[:, s:e], self.v_zero[:, s:e],
+                                        b, self.D, dtype=dtype)
+            yield k, v, (self.pos[s:e].long() if self.pos is not None else None)
+        for s in range(0, self.nr, block):
+            e = min(s + block, self.nr)
+            p = self.pos[self.nq + s: self.nq + e].long() if self.pos is not None else None
+            yield self.k_res[:, s:e].to(dtype), self.v_res[:, s:e].to(dtype), p
+
+    def dense(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """All tokens as (k, v) [B, n, D] (dequantized): for policies and merging, not attention."""
+        dtype = dtype or self.dtype
+        parts = list(self.blocks(1024, dtype))
+        if not parts:
+            empty = torch.empty(self.B, 0, self.D, dtype=dtype, device=self.device)
+            return empty, empty.clone()
+        return torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)
+
+    def positions(self) -> Tensor | None:
+        return None if self.pos is None else self.pos.long()
