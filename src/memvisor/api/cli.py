@@ -1,0 +1,217 @@
+"""The `memvisor` command line: the same verbs as `memvisor.Memory`, one command each.
+
+Errors print one line, `error: <what to fix>`, and exit with status 2; nothing is partly written.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from memvisor.errors import MemvisorError
+
+app = typer.Typer(help="memvisor: memory for LLM applications (plaintext, KV and parametric).",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+bench_app = typer.Typer(help="Benchmarks on real data, peers side by side.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+out = Console()
+err = Console(stderr=True)
+
+HomeOpt = typer.Option(None, "--home", envvar="MEMVISOR_HOME", help="Memory home folder (default ~/.memvisor).")
+NsOpt = typer.Option(..., "--namespace", "-n", help="Namespace (a hard partition, e.g. one app or tenant).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON instead of text.")
+
+
+def _memory(home: Optional[Path]):
+    from memvisor.api.memory import Memory
+
+    return Memory(home)
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, ensure_ascii=False, indent=2) + "\n")
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err, transient=False)
+
+
+@app.command()
+def add(text: str, namespace: str = NsOpt, user: Optional[str] = typer.Option(None, "--user"),
+        agent: Optional[str] = typer.Option(None, "--agent"), session: Optional[str] = typer.Option(None, "--session"),
+        kind: str = typer.Option("episodic", "--kind", help="episodic | semantic | core | procedural"),
+        valid_from: Optional[str] = typer.Option(None, "--valid-from", help="ISO-8601: when it became true."),
+        metadata: Optional[str] = typer.Option(None, "--metadata", help="A JSON object."),
+        home: Optional[Path] = HomeOpt) -> None:
+    """Store one memory and print its id."""
+    meta = _json_object(metadata, "--metadata")
+    with _memory(home) as m:
+        item = m.add(text, namespace=namespace, user=user, agent=agent, session=session, kind=kind,
+                     valid_from=valid_from, metadata=meta)
+    out.print(item.id)
+
+
+@app.command()
+def ingest(file: Path, namespace: str = NsOpt, user: Optional[str] = typer.Option(None, "--user"),
+           home: Optional[Path] = HomeOpt) -> None:
+    """Ingest conversations: LoCoMo JSON or JSON-lines turns ({"speaker", "text", "time", "session"})."""
+    from memvisor.text.formats import load_conversations
+
+    conversations = load_conversations(file)
+    total = sum(len(c.turns) for c in conversations)
+    with _memory(home) as m, progress_bar() as bar:
+        task = bar.add_task(f"ingesting {file.name}", total=total)
+        report = m.ingest(conversations, namespace=namespace, user=user,
+                          progress=lambda n: bar.advance(task, n))
+    out.print(f"added {report.added} memories, skipped {report.skipped_duplicates} already present "
+              f"(namespace {namespace})")
+
+
+@app.command()
+def search(query: str, namespace: str = NsOpt, user: Optional[str] = typer.Option(None, "--user"),
+           k: int = typer.Option(10, "-k", help="How many results."),
+           as_of: Optional[str] = typer.Option(None, "--as-of", help="ISO-8601: what was true then."),
+           kind: Optional[list[str]] = typer.Option(None, "--kind"), as_json: bool = JsonOpt,
+           home: Optional[Path] = HomeOpt) -> None:
+    """Hybrid search (full-text + vectors); each result with its score and why."""
+    with _memory(home) as m:
+        hits = m.search(query, namespace=namespace, user=user, k=k, as_of=as_of, kinds=kind)
+    if as_json:
+        _print_json([h.to_dict() for h in hits])
+        return
+    for h in hits:
+        e = h.explanation
+        why = f"bm25 #{e.bm25_rank or '-'} · vector #{e.vector_rank or '-'}"
+        out.print(f"[bold]{h.score:.4f}[/] {h.item.id}  {_when(h.item.valid_from)}[dim]{why}[/]\n    {h.item.text}",
+                  highlight=False)
+
+
+@app.command()
+def context(query: str, namespace: str = NsOpt, budget: int = typer.Option(..., "--budget", help="Token budget."),
+            user: Optional[str] = typer.Option(None, "--user"),
+            as_of: Optional[str] = typer.Option(None, "--as-of", help="ISO-8601: what was true then."),
+            as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
+    """The best memories that fit a token budget, formatted for a prompt, with citations."""
+    with _memory(home) as m:
+        ctx = m.context(query, namespace=namespace, budget_tokens=budget, user=user, as_of=as_of)
+    if as_json:
+        _print_json(ctx.to_dict())
+        return
+    sys.stdout.write(ctx.text + "\n")
+    err.print(f"[dim]{ctx.tokens}/{ctx.budget_tokens} tokens · {len(ctx.citations)} memories cited · "
+              f"{ctx.dropped} candidates did not fit[/]")
+
+
+@app.command()
+def get(memory_id: str, namespace: str = NsOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Print a memory (its newest version) as JSON."""
+    with _memory(home) as m:
+        _print_json(m.get(memory_id, namespace=namespace).to_dict())
+
+
+@app.command()
+def history(memory_id: str, namespace: str = NsOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Every version of a memory with its valid and recorded times, as JSON."""
+    with _memory(home) as m:
+        _print_json([v.to_dict() for v in m.history(memory_id, namespace=namespace)])
+
+
+@app.command()
+def update(memory_id: str, namespace: str = NsOpt, text: Optional[str] = typer.Option(None, "--text"),
+           metadata: Optional[str] = typer.Option(None, "--metadata", help="A JSON object (replaces the old)."),
+           valid_from: Optional[str] = typer.Option(
+               None, "--valid-from", help="ISO-8601: the world changed then (else: a correction)."),
+           home: Optional[Path] = HomeOpt) -> None:
+    """Write a new version of a memory; the old one stays in its history."""
+    with _memory(home) as m:
+        item = m.update(memory_id, namespace=namespace, text=text, metadata=_json_object(metadata, "--metadata"),
+                        valid_from=valid_from)
+    out.print(f"{item.id} is now version {item.version}")
+
+
+@app.command()
+def invalidate(memory_id: str, namespace: str = NsOpt,
+               at: Optional[str] = typer.Option(None, "--at", help="ISO-8601: when it stopped being true."),
+               home: Optional[Path] = HomeOpt) -> None:
+    """Mark a memory as no longer true (kept for 'as of' queries)."""
+    with _memory(home) as m:
+        item = m.invalidate(memory_id, namespace=namespace, at=at)
+    out.print(f"{item.id} valid until {item.valid_to}")
+
+
+@app.command()
+def delete(memory_id: str, namespace: str = NsOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Delete a memory and every version of it from every index."""
+    with _memory(home) as m:
+        removed = m.delete(memory_id, namespace=namespace)
+    out.print(f"deleted {memory_id} ({removed} stored versions removed)")
+
+
+@app.command("export")
+def export_(directory: Path, namespace: str = NsOpt, home: Optional[Path] = HomeOpt) -> None:
+    """Write a namespace to DIR as plain files (JSON lines + safetensors)."""
+    with _memory(home) as m:
+        m.export(namespace, directory)
+    out.print(f"exported namespace {namespace} to {directory}")
+
+
+@app.command("import")
+def import_(directory: Path, home: Optional[Path] = HomeOpt) -> None:
+    """Load a namespace exported with `memvisor export`."""
+    with _memory(home) as m:
+        report = m.import_(directory)
+    out.print(f"imported {report.added} memories into namespace {report.namespace}")
+
+
+@app.command()
+def demo(home: Optional[Path] = typer.Option(None, "--home", help="Keep the demo's memory here (default: a "
+                                             "temporary folder)."),
+         budget: int = typer.Option(160, "--budget", help="Token budget for each question's context.")) -> None:
+    """Ingest a small bundled conversation, then answer questions from memory with the local SmolLM2."""
+    from memvisor.api.demo import run_demo
+
+    run_demo(home, budget, out, progress_bar)
+
+
+def _json_object(text: Optional[str], flag: str) -> Optional[dict]:
+    from memvisor.errors import InvalidInput
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"{flag} is not valid JSON ({e.msg}); give an object like '{{\"k\": \"v\"}}'") from None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{flag} must be a JSON object like '{{\"k\": \"v\"}}'")
+    return value
+
+
+def _when(valid_from: Optional[str]) -> str:
+    from memvisor import timeutil
+
+    return f"[cyan]{timeutil.human(valid_from)}[/] " if valid_from else ""
+
+
+def _register_benches() -> None:
+    """Benchmarks import heavy optional packages; they are registered only for `memvisor bench ...`."""
+    from memvisor.bench import kv, locomo
+
+    locomo.register(bench_app)
+    kv.register(bench_app)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "bench":
+        _register_benches()
+    try:
+        app()
+    except MemvisorError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False)
+        raise SystemExit(2) from None
