@@ -30,6 +30,8 @@ from memvisor.bench.peers.bm25_files import build_qdrant_bm25_folder
 from memvisor.errors import ModelUnavailable
 
 SEARCH_TOP_K = 200
+# Mem0 reads this when it is imported, and it is imported only after this module: no telemetry.
+os.environ["MEM0_TELEMETRY"] = "False"
 
 
 class Mem0Unavailable(ModelUnavailable):
