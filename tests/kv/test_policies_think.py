@@ -45,3 +45,20 @@ def test_keep_count_rounding_and_errors():
         ThinK(ratio=1.0)
     with pytest.raises(PolicyError):
         ThinK().keep_channels(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 2, 4), 5)
+
+
+def test_gather_helpers_give_the_pruned_logits():
+    torch.manual_seed(2)
+    B, Hkv, G, T, D = 1, 3, 3, 5, 8
+    q = torch.randn(B, Hkv * G, 2, D)
+    k = torch.randn(B, Hkv, T, D)
+    pol = ThinK(ratio=0.5)
+    ch = pol.keep_channels(q, k, pol.keep_count(D))
+    kk, qq = ThinK.gather_keys(k, ch), ThinK.gather_queries(q, ch)
+    assert kk.shape == (B, Hkv, T, 4) and qq.shape == (B, Hkv * G, 2, 4)
+    for i in range(Hkv * G):
+        h = i // G
+        mask = torch.zeros(D)
+        mask[ch[h]] = 1.0
+        want = (q[0, i] * mask) @ k[0, h].T  # logits with the pruned channels zeroed
+        assert torch.allclose(qq[0, i] @ kk[0, h].T, want, atol=1e-5)

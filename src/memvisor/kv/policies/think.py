@@ -14,6 +14,11 @@ Shapes/units: queries_window [B, Hq, w, D], keys [B, Hkv, T, D] (post-RoPE, the 
 -> LongTensor[Hkv, keep], each row sorted ascending. Scores are in (query units * key units)^2.
 Knobs: ``ratio`` r in [0, 1): fraction of channels pruned (paper: about 0.4), giving
 ``keep_count(D) = D - floor(r * D)`` rounded up to ``multiple_of`` (default 1; 8 or 16 suits kernels).
+
+Helpers for the cache: ``gather_keys(keys [B, Hkv, T, D], channels) -> [B, Hkv, T, keep]`` (what to
+store) and ``gather_queries(queries [B, Hq, Tq, D], channels) -> [B, Hq, Tq, keep]`` (query head i
+reads KV head i // groups' channels), so ``gather_queries(q) @ gather_keys(k)^T`` is the pruned logit.
+Scale the logits with the ORIGINAL head dim (the model's scaling), not ``keep``.
 """
 
 from __future__ import annotations
@@ -54,3 +59,23 @@ class ThinK(ChannelPolicy):
         s = self.channel_scores(queries_window, keys)
         top = torch.topk(s, keep, dim=-1).indices
         return torch.sort(top, dim=-1).values
+
+    @staticmethod
+    def gather_keys(keys: Tensor, channels: Tensor) -> Tensor:
+        """keys [B, Hkv, T, D], channels LongTensor[Hkv, keep] -> [B, Hkv, T, keep]."""
+        B, Hkv, T, _ = keys.shape
+        if channels.dim() != 2 or channels.shape[0] != Hkv:
+            raise PolicyError(f"channels must be LongTensor[{Hkv}, keep], got {tuple(channels.shape)}")
+        idx = channels.to(keys.device).view(1, Hkv, 1, -1).expand(B, Hkv, T, channels.shape[1])
+        return torch.gather(keys, 3, idx)
+
+    @staticmethod
+    def gather_queries(queries: Tensor, channels: Tensor) -> Tensor:
+        """queries [B, Hq, Tq, D], channels LongTensor[Hkv, keep] -> [B, Hq, Tq, keep] (GQA: head i uses row i // groups)."""
+        B, Hq, Tq, _ = queries.shape
+        Hkv = channels.shape[0]
+        if channels.dim() != 2 or Hq % Hkv:
+            raise PolicyError(f"channels must be [Hkv, keep] with Hq ({Hq}) a multiple of Hkv ({Hkv})")
+        per_q = channels.to(queries.device).repeat_interleave(Hq // Hkv, dim=0)  # [Hq, keep]
+        idx = per_q.view(1, Hq, 1, -1).expand(B, Hq, Tq, per_q.shape[1])
+        return torch.gather(queries, 3, idx)
