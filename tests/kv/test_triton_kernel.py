@@ -37,12 +37,15 @@ def test_kernel_matches_reference(bits, shape):
     layer.v_res = layer.v_res.bfloat16().contiguous()
     q = torch.randn(b, hq, d, device="cuda", generator=g).bfloat16()
     want = decode_attention_reference(q, layer)
-    for block_n in (16, 64, 128):
-        from memvisor.kv.gpu.triton_decode import kivi_decode_attention
+    from memvisor.kv.gpu.triton_decode import kivi_decode_attention
 
-        got = kivi_decode_attention(q, layer, block_n=block_n)
+    variants = [dict(variant="dequant", block_n=bn) for bn in (16, 64, 128)] + [
+        dict(variant="factored", block_n=bn, k_reshape=kr, v_reshape=vr, waves=wv)
+        for bn, kr, vr, wv in ((16, False, False, 4.0), (64, True, True, 8.0), (32, False, True, 1.0))]
+    for kw in variants:
+        got = kivi_decode_attention(q, layer, **kw)
         assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
-        assert _rel(got, want) < 1e-2, (block_n, _rel(got, want))
+        assert _rel(got, want) < 1e-2, (kw, _rel(got, want))
     assert _rel(decode_attention(q, layer), want) < 1e-2
 
 

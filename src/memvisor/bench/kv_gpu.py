@@ -38,13 +38,14 @@ class GpuBenchConfig:
     tune_length: int = 32768
     # kernel settings tried at tune_length (the fastest is used at every length)
     configs: list[dict] = field(default_factory=lambda: [
-        *(dict(variant="factored", block_n=32, num_warps=w, waves=wv, num_stages=st)
-          for w in (4, 8) for wv in (1.0, 2.0, 4.0) for st in (2, 3)),
-        *(dict(variant="dequant", block_n=bn, num_warps=w, waves=2.0, num_stages=2) for bn in (32, 64) for w in (4, 8)),
+        *(dict(variant="factored", block_n=64, num_warps=w, waves=wv, num_stages=st, k_reshape=kr, v_reshape=vr)
+          for kr in (False, True) for vr in (False, True) for w in (4,) for wv in (4.0, 8.0) for st in (2, 3)),
+        *(dict(variant="factored", block_n=64, num_warps=8, waves=4.0, num_stages=2, k_reshape=kr, v_reshape=kr)
+          for kr in (False, True)),
+        dict(variant="dequant", block_n=64, num_warps=4, waves=4.0, num_stages=2),
     ])
     dense_configs: list[dict] = field(default_factory=lambda: [
-        dict(block_n=bn, num_warps=w, waves=wv, num_stages=2)
-        for bn in (32, 64, 128) for w in (4, 8) for wv in (1.0, 2.0, 4.0)
+        dict(block_n=bn, num_warps=w, waves=wv, num_stages=2) for bn in (64, 128) for w in (4, 8) for wv in (2.0, 4.0)
     ])
 
 

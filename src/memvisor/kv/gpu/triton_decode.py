@@ -26,43 +26,10 @@ import triton.language as tl
 
 from memvisor.kv.gpu.errors import KVLayoutError
 from memvisor.kv.gpu.layout import KiviLayer
+from memvisor.kv.gpu.triton_common import _combine_kernel, _fold, _residual_and_store
+from memvisor.kv.gpu.triton_kivi_rep import _kivi_split_kernel_rep
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2):
-    """One tile into the online softmax: q [GP, D], k/v [BLOCK_N, D] (model dtype)."""
-    s = tl.dot(q, tl.trans(k)) * sm_scale_log2
-    s = tl.where(n_mask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
-                        m_i, l_i, acc, do_residual,
-                        GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    if do_residual:
-        for n0 in range(0, T_r, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < T_r
-            k = tl.load(KR + pid_bh * skr_bh + offs_n[:, None] * D + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-            v = tl.load(VR + pid_bh * svr_bh + offs_n[:, None] * D + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-            m_i, l_i, acc = _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-    rows = pid_bh * GROUPS + offs_g
-    g_mask = offs_g < GROUPS
-    tl.store(OP + (rows[:, None] * n_rows + pid_s) * D + offs_d[None, :], out, mask=g_mask[:, None])
-    tl.store(LP + rows * n_rows + pid_s, lse, mask=g_mask)
 
 
 @triton.jit
@@ -112,78 +79,6 @@ def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_log2,
 
 
 @triton.jit
-def _kivi_split_kernel_fact(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_log2,
-                            T_q, T_r, tps, skc_bh, sks_bh, svc_bh, svs_bh, skr_bh, svr_bh,
-                            GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                            G: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Factored variant: scales and zeros are folded into the small operands, not the big tiles.
-
-    Tile = one key group of G tokens. Keys: s = (q * k_scale[g]) . codes^T + q . k_zero[g]
-    (the per-channel scale multiplies the [GP, D] query, not the [G, D] tile). Values: per
-    channel-group j, out_j += (p * v_scale[:, j]) @ codes_j + p @ v_zero[:, j], as a batched
-    dot over j. Each code is only unpacked and converted (exact small integers in fp16).
-    """
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_rows = tl.num_programs(1)
-    PER: tl.constexpr = 8 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    NGV: tl.constexpr = D // G
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    g_mask = offs_g < GROUPS
-    rows = pid_bh * GROUPS + offs_g
-    q = tl.load(Q + rows[:, None] * D + offs_d[None, :], mask=g_mask[:, None], other=0.0)
-    if pid_s < n_rows - 1:
-        qf = q.to(tl.float32) * sm_scale_log2
-        m_i = tl.full([GP], float("-inf"), tl.float32)
-        l_i = tl.zeros([GP], tl.float32)
-        acc = tl.zeros([NGV, GP, G], tl.float32)
-        offs_t = tl.arange(0, G)
-        offs_j = tl.arange(0, NGV)
-        offs_c = tl.arange(0, G)
-        start = pid_s * tps
-        end = tl.minimum(start + tps, T_q)
-        k_shift = ((offs_t % PER) * BITS)[:, None]
-        v_col = (offs_j[:, None, None] * G + offs_c[None, None, :])  # [NGV, 1, G] channel index
-        v_shift = (v_col % PER) * BITS
-        for n0 in range(start, end, G):
-            grp = n0 // G
-            kb = tl.load(KC + pid_bh * skc_bh + ((n0 + offs_t) // PER)[:, None] * D + offs_d[None, :])
-            kq = ((kb.to(tl.int32) >> k_shift) & MASK).to(tl.float16)
-            ks = tl.load(KS + pid_bh * sks_bh + grp * D + offs_d).to(tl.float32)
-            kz = tl.load(KZ + pid_bh * sks_bh + grp * D + offs_d).to(tl.float32)
-            qs = (qf * ks[None, :]).to(tl.float16)
-            s = tl.dot(qs, tl.trans(kq)) + tl.sum(qf * kz[None, :], 1)[:, None]  # [GP, G], log2 units
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            t_idx = n0 + offs_t
-            vb = tl.load(VC + pid_bh * svc_bh + t_idx[None, :, None] * (D // PER) + v_col // PER)  # [NGV, G, G]
-            vq = ((vb.to(tl.int32) >> v_shift) & MASK).to(tl.float16)
-            vofs = pid_bh * svs_bh + t_idx[None, :] * NGV + offs_j[:, None]  # [NGV, G]
-            vs = tl.load(VS + vofs).to(tl.float32)
-            vz = tl.load(VZ + vofs).to(tl.float32)
-            ps = (p[None, :, :] * vs[:, None, :]).to(tl.float16)  # [NGV, GP, G]
-            pz = tl.sum(p[None, :, :] * vz[:, None, :], 2)  # [NGV, GP]
-            acc = acc * alpha[None, :, None] + tl.dot(ps, vq) + pz[:, :, None]
-            m_i = m_new
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        out = acc / l_safe[None, :, None]
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-        optr = OP + (rows[None, :, None] * n_rows + pid_s) * D + v_col
-        tl.store(optr, out, mask=g_mask[None, :, None])
-        tl.store(LP + rows * n_rows + pid_s, lse, mask=g_mask)
-    else:
-        m0 = tl.full([GP], float("-inf"), tl.float32)
-        l0 = tl.zeros([GP], tl.float32)
-        a0 = tl.zeros([GP, D], tl.float32)
-        _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
-                            m0, l0, a0, True, GROUPS, GP, D, BLOCK_R)
-
-
-@triton.jit
 def _dense_split_kernel(Q, K, V, OP, LP, sm_scale_log2, T, tps, sk_bh,
                         GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     """The same flash-decoding split over a plain [B, Hkv, T, D] cache (the bf16/fp16 baseline)."""
@@ -208,28 +103,6 @@ def _dense_split_kernel(Q, K, V, OP, LP, sm_scale_log2, T, tps, sk_bh,
         m_i, l_i, acc = _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2)
     _residual_and_store(q, K, V, OP, LP, pid_bh, pid_s, n_rows, 0, sk_bh, sk_bh, sm_scale_log2,
                         m_i, l_i, acc, False, GROUPS, GP, D, BLOCK_N)
-
-
-@triton.jit
-def _combine_kernel(OP, LP, O, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    row = tl.program_id(0)
-    offs_d = tl.arange(0, D)
-    m = float("-inf")
-    l = 0.0
-    acc = tl.zeros([D], tl.float32)
-    for s0 in range(0, n_rows, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        s_mask = offs_s < n_rows
-        lse = tl.load(LP + row * n_rows + offs_s, mask=s_mask, other=float("-inf"))
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-empty chunk so far: no NaN
-        alpha = tl.exp2(m - m_ref)
-        w = tl.exp2(lse - m_ref)
-        o = tl.load(OP + (row * n_rows + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
-        acc = acc * alpha + tl.sum(o * w[:, None], 0)
-        l = l * alpha + tl.sum(w, 0)
-        m = m_new
-    tl.store(O + row * D + offs_d, (acc / l).to(O.dtype.element_ty))
 
 
 def _split_plan(bh: int, tokens: int, block_n: int, sm_count: int, waves: float) -> tuple[int, int]:
@@ -268,13 +141,17 @@ def _combine(op: torch.Tensor, lp: torch.Tensor, q: torch.Tensor, n_rows: int) -
 
 
 def kivi_decode_attention(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None = None, *, block_n: int = 64,
-                          num_warps: int = 4, num_stages: int = 2, waves: float = 2.0,
-                          variant: str = "factored") -> torch.Tensor:
+                          num_warps: int = 4, num_stages: int = 2, waves: float = 4.0,
+                          variant: str = "factored", k_reshape: bool = False,
+                          v_reshape: bool = False) -> torch.Tensor:
     """Fused decode attention: q ``[B, Hq, D]`` (bf16/fp16, CUDA) over ``layer`` -> ``[B, Hq, D]`` in q's dtype.
 
-    ``variant``: "factored" (scales folded into q and p; tiles of one key group) or "dequant"
+    ``variant``: "factored" (codes fed to the matrix units as fp16 integers, scales folded into
+    the query and the probabilities, tiles of one key group: triton_kivi_rep.py) or "dequant"
     (each tile dequantized in registers; ``block_n`` tokens per tile, a power of two >= 16).
-    ``waves``: programs per SM to aim for. Tensors must be contiguous (the cache stores them so).
+    ``k_reshape``/``v_reshape``: unpack codes by loading each byte once and reshaping, instead of
+    loading it once per code. ``block_n`` is also the residual tile. ``waves``: programs per SM
+    to aim for. Tensors must be contiguous (the cache stores them so).
     """
     if variant not in ("factored", "dequant"):
         raise KVLayoutError(f"variant must be 'factored' or 'dequant', got {variant!r}")
@@ -305,10 +182,11 @@ def kivi_decode_attention(q: torch.Tensor, layer: KiviLayer, sm_scale: float | N
     strides = (layer.k_codes.stride(1), layer.k_scale.stride(1), layer.v_codes.stride(1), layer.v_scale.stride(1),
                layer.k_res.stride(1), layer.v_res.stride(1))
     if variant == "factored":
-        _kivi_split_kernel_fact[(b * hkv, n_rows)](
+        rows = max(16, triton.next_power_of_2(groups * (d // g)))
+        _kivi_split_kernel_rep[(b * hkv, n_rows)](
             q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,
-            GROUPS=groups, GP=gp, D=d, BITS=layer.bits, G=g, BLOCK_R=block_n,
-            num_warps=num_warps, num_stages=num_stages)
+            GROUPS=groups, GP=gp, ROWS=rows, D=d, BITS=layer.bits, G=g, BLOCK_R=block_n,
+            K_RESHAPE=k_reshape, V_RESHAPE=v_reshape, num_warps=num_warps, num_stages=num_stages)
     else:
         _kivi_split_kernel[(b * hkv, n_rows)](
             q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,

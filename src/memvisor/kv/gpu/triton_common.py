@@ -1,0 +1,64 @@
+"""Triton pieces shared by the decode kernels: one tile into an online softmax, the residual tail and
+the partial-result store, and the split combiner (see triton_decode.py for the overall design)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2):
+    """One tile into the online softmax: q [GP, D], k/v [BLOCK_N, D] (model dtype)."""
+    s = tl.dot(q, tl.trans(k)) * sm_scale_log2
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
+                        m_i, l_i, acc, do_residual,
+                        GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    if do_residual:
+        for n0 in range(0, T_r, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < T_r
+            k = tl.load(KR + pid_bh * skr_bh + offs_n[:, None] * D + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+            v = tl.load(VR + pid_bh * svr_bh + offs_n[:, None] * D + offs_d[None, :], mask=n_mask[:, None], other=0.0)
+            m_i, l_i, acc = _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    rows = pid_bh * GROUPS + offs_g
+    g_mask = offs_g < GROUPS
+    tl.store(OP + (rows[:, None] * n_rows + pid_s) * D + offs_d[None, :], out, mask=g_mask[:, None])
+    tl.store(LP + rows * n_rows + pid_s, lse, mask=g_mask)
+
+
+@triton.jit
+def _combine_kernel(OP, LP, O, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)
+    offs_d = tl.arange(0, D)
+    m = float("-inf")
+    l = 0.0
+    acc = tl.zeros([D], tl.float32)
+    for s0 in range(0, n_rows, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_mask = offs_s < n_rows
+        lse = tl.load(LP + row * n_rows + offs_s, mask=s_mask, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-empty chunk so far: no NaN
+        alpha = tl.exp2(m - m_ref)
+        w = tl.exp2(lse - m_ref)
+        o = tl.load(OP + (row * n_rows + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(o * w[:, None], 0)
+        l = l * alpha + tl.sum(w, 0)
+        m = m_new
+    tl.store(O + row * D + offs_d, (acc / l).to(O.dtype.element_ty))

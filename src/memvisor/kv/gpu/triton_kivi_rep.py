@@ -1,0 +1,110 @@
+"""The fast KIVI decode split kernel: integer codes straight into the matrix units, scales folded out.
+
+Why it is shaped this way (a first version that dequantized every element with int->float
+conversions ran at 6% of copy bandwidth: conversions and per-element FMAs, not bytes, bound it):
+
+- Codes become fp16 without a conversion instruction: ``(code | 0x6400)`` read as fp16 is exactly
+  ``1024 + code``; one fp16 subtract makes it ``code`` (exact small integers).
+- Keys (per-channel scale ``ks[g, d]``, zero ``kz[g, d]`` for a group ``g`` of G tokens):
+  ``q . k_t = (q * ks[g]) . codes_t + q . kz[g]``, so a tile is exactly one key group and the scale
+  multiplies the small query, not the ``[G, D]`` tile.
+- Values (per-token scale ``vs[t, j]`` over channel group ``j``): the query rows are replicated
+  once per channel group, row ``r = j * GROUPS + h``. Row ``r``'s probabilities are scaled by
+  ``vs[:, j]`` before ONE dot with the raw codes, and only columns of group ``j`` of row ``r`` are
+  kept at the end: ``out[h, d] = acc[j(d) * GROUPS + h, d]``. With Llama's 4 query heads per kv
+  head and 4 channel groups these 16 rows are exactly the matrix unit's minimum M: no waste.
+- The zero points of the values add ``sum_t p[r, t] * vz[t, j]``: a per-row scalar per tile.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from memvisor.kv.gpu.triton_common import _residual_and_store
+
+
+@triton.jit
+def _codes_to_f16(b, shift, MASK: tl.constexpr):
+    """uint8 bytes (already broadcast to the element grid) >> shift & MASK -> fp16 code values."""
+    bits = ((b.to(tl.int16) >> shift) & MASK) | 0x6400
+    return bits.to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _kivi_split_kernel_rep(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_log2,
+                           T_q, T_r, tps, skc_bh, sks_bh, svc_bh, svs_bh, skr_bh, svr_bh,
+                           GROUPS: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                           BITS: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr,
+                           K_RESHAPE: tl.constexpr, V_RESHAPE: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_rows = tl.num_programs(1)
+    PER: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    NGV: tl.constexpr = D // G
+    offs_d = tl.arange(0, D)
+    if pid_s < n_rows - 1:
+        r = tl.arange(0, ROWS)
+        h = r % GROUPS
+        j = r // GROUPS
+        r_ok = r < NGV * GROUPS
+        qrep = tl.load(Q + (pid_bh * GROUPS + h)[:, None] * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+        qrep = qrep.to(tl.float32) * sm_scale_log2  # [ROWS, D], log2 units
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, D], tl.float32)
+        accz = tl.zeros([ROWS], tl.float32)
+        offs_t = tl.arange(0, G)
+        start = pid_s * tps
+        end = tl.minimum(start + tps, T_q)
+        kc_base = KC + pid_bh * skc_bh
+        vc_base = VC + pid_bh * svc_bh
+        for n0 in range(start, end, G):
+            grp = n0 // G
+            # keys [G, D]: byte row t // PER holds PER consecutive tokens of a channel
+            if K_RESHAPE:
+                kb = tl.load(kc_base + (n0 // PER + tl.arange(0, G // PER))[:, None] * D + offs_d[None, :])
+                ksh = (tl.arange(0, PER) * BITS).to(tl.int16)
+                kq = tl.reshape(_codes_to_f16(kb[:, None, :], ksh[None, :, None], MASK), [G, D])
+            else:
+                kb = tl.load(kc_base + ((n0 + offs_t) // PER)[:, None] * D + offs_d[None, :])
+                kq = _codes_to_f16(kb, ((offs_t % PER) * BITS).to(tl.int16)[:, None], MASK)
+            ks = tl.load(KS + pid_bh * sks_bh + grp * D + offs_d).to(tl.float32)
+            kz = tl.load(KZ + pid_bh * sks_bh + grp * D + offs_d).to(tl.float32)
+            qs = (qrep * ks[None, :]).to(tl.float16)
+            s = tl.dot(qs, tl.trans(kq)) + tl.sum(qrep * kz[None, :], 1)[:, None]  # [ROWS, G]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # values [G, D]: byte c // PER of a token row holds PER consecutive channels
+            t_idx = n0 + offs_t
+            if V_RESHAPE:
+                vb = tl.load(vc_base + t_idx[:, None] * (D // PER) + tl.arange(0, D // PER)[None, :])
+                vsh = (tl.arange(0, PER) * BITS).to(tl.int16)
+                vq = tl.reshape(_codes_to_f16(vb[:, :, None], vsh[None, None, :], MASK), [G, D])
+            else:
+                vb = tl.load(vc_base + t_idx[:, None] * (D // PER) + (offs_d // PER)[None, :])
+                vq = _codes_to_f16(vb, ((offs_d % PER) * BITS).to(tl.int16)[None, :], MASK)
+            vofs = pid_bh * svs_bh + t_idx[None, :] * NGV + j[:, None]  # [ROWS, G]
+            vs = tl.load(VS + vofs, mask=r_ok[:, None], other=0.0).to(tl.float32)
+            vz = tl.load(VZ + vofs, mask=r_ok[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot((p * vs).to(tl.float16), vq)
+            accz = accz * alpha + tl.sum(p * vz, 1)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = (acc + accz[:, None]) / l_safe[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        rows = pid_bh * GROUPS + h
+        keep = r_ok[:, None] & (j[:, None] == (offs_d // G)[None, :])  # row r owns channel group j(r)
+        tl.store(OP + (rows[:, None] * n_rows + pid_s) * D + offs_d[None, :], out, mask=keep)
+        tl.store(LP + rows * n_rows + pid_s, lse, mask=r_ok & (j == 0))
+    else:
+        g = tl.arange(0, GP)
+        q = tl.load(Q + (pid_bh * GROUPS + g)[:, None] * D + offs_d[None, :], mask=(g < GROUPS)[:, None], other=0.0)
+        m0 = tl.full([GP], float("-inf"), tl.float32)
+        l0 = tl.zeros([GP], tl.float32)
+        a0 = tl.zeros([GP, D], tl.float32)
+        _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
+                            m0, l0, a0, True, GROUPS, GP, D, BLOCK_R)
