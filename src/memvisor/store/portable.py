@@ -114,7 +114,8 @@ def import_namespace(store: SQLiteStore, directory: Path) -> IngestReport:
             payload = dict(e["payload"])
             for field in ("rids", "removed_rids"):
                 if field in payload:
-                    payload[field] = [rid_map.get(r, -1) for r in payload[field]]
+                    # rows deleted before the export were never exported: they simply do not exist here
+                    payload[field] = [rid_map[r] for r in payload[field] if r in rid_map]
             cur.execute("UPDATE events SET payload=? WHERE seq=?",
                         (json.dumps(payload, ensure_ascii=False), seq_map[e["seq"]]))
         cur.executemany("INSERT INTO item_keys VALUES (?, ?, ?)", [(namespace, k["key"], k["id"]) for k in keys])

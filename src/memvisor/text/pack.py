@@ -70,7 +70,9 @@ class ContextPacker:
         lines = self.tokenizer.count_many(["\n" + render_line(c.row) for c in candidates])
         for cand, line_cost in zip(candidates, lines):
             key = group_key(cand.row)
-            cost = line_cost + (0 if key in groups else self.tokenizer.count("\n" + render_header(cand.row)))
+            # The first header of the text has no newline before it.
+            header = ("\n" if groups else "") + render_header(cand.row)
+            cost = line_cost + (0 if key in groups else self.tokenizer.count(header))
             if used + cost > budget_tokens:
                 continue
             chosen.append(cand)

@@ -1,0 +1,141 @@
+"""Every verb of the Memory facade against a real SQLite file."""
+from __future__ import annotations
+
+import pytest
+
+from memvisor import InvalidInput, UnknownMemory, UnknownNamespace
+
+
+def test_add_get_search_and_explanations(memory):
+    a = memory.add("Ana moved to Lyon for a bakery job", namespace="app", user="ana",
+                   valid_from="2024-03-01", metadata={"topic": "home"}, sources=["msg-1"])
+    memory.add("Ben runs the Annecy 10k race", namespace="app", user="ben")
+    got = memory.get(a.id, namespace="app")
+    assert (got.text, got.user, got.metadata, got.sources, got.version) == (
+        "Ana moved to Lyon for a bakery job", "ana", {"topic": "home"}, ["msg-1"], 1)
+    assert got.valid_from == "2024-03-01T00:00:00.000000Z" and got.recorded_at and got.expired_at is None
+    hits = memory.search("Where does Ana live? Lyon?", namespace="app", k=2)
+    assert hits[0].item.id == a.id
+    e = hits[0].explanation
+    assert e.bm25_rank == 1 and e.vector_rank == 1 and e.vector_similarity > 0.3
+    assert hits[0].score == pytest.approx(e.fused + e.time_boost + e.speaker_boost)
+    # filters: by user, kind, metadata
+    assert [h.item.id for h in memory.search("race", namespace="app", user="ana")] == [a.id]
+    assert memory.search("Lyon", namespace="app", kinds=["semantic"]) == []
+    assert [h.item.id for h in memory.search("Lyon", namespace="app", metadata={"topic": "home"})] == [a.id]
+
+
+def test_update_keeps_history_with_both_times(memory):
+    a = memory.add("Ana lives in Grenoble", namespace="app", valid_from="2020-01-01")
+    b = memory.update(a.id, namespace="app", text="Ana lives in Lyon", valid_from="2024-04-01")
+    assert (b.id, b.version, b.text, b.valid_from) == (a.id, 2, "Ana lives in Lyon", "2024-04-01T00:00:00.000000Z")
+    versions = memory.history(a.id, namespace="app")
+    # the original (now expired in system time), its copy bounded in world time, and the new version
+    assert [(v.version, v.text, v.valid_to) for v in versions] == [
+        (1, "Ana lives in Grenoble", None),
+        (1, "Ana lives in Grenoble", "2024-04-01T00:00:00.000000Z"),
+        (2, "Ana lives in Lyon", None)]
+    assert versions[0].expired_at is not None and versions[0].expired_at >= versions[0].recorded_at
+    assert versions[1].expired_at is None and versions[2].expired_at is None
+    # a correction (no valid_from) replaces the text over the same validity
+    c = memory.update(a.id, namespace="app", text="Ana lives in Lyon 4e")
+    assert c.version == 3 and c.valid_from == b.valid_from
+    assert memory.get(a.id, namespace="app").text == "Ana lives in Lyon 4e"
+
+
+def test_as_of_returns_what_was_valid_then(memory):
+    a = memory.add("Ana lives in Grenoble", namespace="app", valid_from="2020-01-01")
+    memory.update(a.id, namespace="app", text="Ana lives in Lyon", valid_from="2024-04-01")
+    then = memory.search("Where does Ana live?", namespace="app", as_of="2022-06-01")
+    assert [h.item.text for h in then] == ["Ana lives in Grenoble"]
+    now = memory.search("Where does Ana live?", namespace="app")
+    assert [h.item.text for h in now] == ["Ana lives in Lyon"]
+    assert memory.search("Where does Ana live?", namespace="app", as_of="2019-01-01") == []
+    # known_at: before the update was recorded, the system believed Grenoble with no end
+    first = memory.history(a.id, namespace="app")[0]
+    believed = memory.search("Ana", namespace="app", known_at=first.recorded_at)
+    assert [(h.item.text, h.item.valid_to) for h in believed] == [("Ana lives in Grenoble", None)]
+
+
+def test_invalidate_hides_now_but_not_as_of(memory):
+    a = memory.add("Ben is training for a half marathon", namespace="app", valid_from="2024-03-01")
+    memory.invalidate(a.id, namespace="app", at="2024-04-20")
+    assert memory.search("half marathon", namespace="app") == []
+    assert [h.item.id for h in memory.search("half marathon", namespace="app", as_of="2024-04-01")] == [a.id]
+    assert memory.get(a.id, namespace="app").status == "invalidated"
+
+
+def test_delete_removes_from_every_index(memory):
+    keep = memory.add("Pixel the cat sleeps on the balcony", namespace="app")
+    gone = memory.add("Ana's secret door code is 4471", namespace="app")
+    memory.update(gone.id, namespace="app", text="Ana's secret door code is 9912")
+    assert memory.delete(gone.id, namespace="app") == 2
+    db = memory.store.db
+    assert db.execute("SELECT count(*) FROM items WHERE id=?", (gone.id,)).fetchone()[0] == 0
+    for word in ("secret", "4471", "9912"):
+        assert db.execute("SELECT count(*) FROM items_fts WHERE items_fts MATCH ?", (word,)).fetchone()[0] == 0
+    assert db.execute("SELECT count(*) FROM vectors").fetchone()[0] == 1
+    log = " ".join(r[0] for r in db.execute("SELECT payload FROM events WHERE item_id=?", (gone.id,)))
+    assert "4471" not in log and "9912" not in log
+    index = memory.store.vector_index("app")
+    assert len(index) == 1
+    assert [h.item.id for h in memory.search("secret door code", namespace="app", k=5)] == [keep.id]
+    with pytest.raises(UnknownMemory):
+        memory.get(gone.id, namespace="app")
+    with pytest.raises(UnknownMemory):
+        memory.history(gone.id, namespace="app")
+
+
+def test_ingest_is_idempotent(memory, small_conversation):
+    first = memory.ingest(small_conversation, namespace="chat")
+    assert first.added == 8 and first.skipped_duplicates == 0
+    again = memory.ingest(small_conversation, namespace="chat")
+    assert again.added == 0 and again.skipped_duplicates == 8
+    assert memory.store.db.execute("SELECT count(*) FROM items").fetchone()[0] == 8
+    # the same text added twice through add() is also one memory
+    x = memory.add("same words", namespace="chat")
+    assert memory.add("same words", namespace="chat").id == x.id
+
+
+def test_turn_memories_carry_time_speaker_and_source(memory, small_conversation):
+    memory.ingest(small_conversation, namespace="chat")
+    hit = memory.search("Which islands is Ana hiking?", namespace="chat", k=1)[0]
+    assert hit.item.sources == ["t4"] and hit.item.metadata["speaker"] == "Ana"
+    assert hit.item.valid_from == "2024-02-11T18:30:00.000000Z" and hit.item.session == "s2"
+
+
+def test_export_import_round_trip_gives_identical_search(memory, small_conversation, tmp_path):
+    from memvisor import Memory
+
+    memory.ingest(small_conversation, namespace="chat")
+    a = memory.add("Ana lives in Grenoble", namespace="chat", valid_from="2020-01-01")
+    memory.update(a.id, namespace="chat", text="Ana lives in Lyon", valid_from="2024-04-01")
+    memory.delete(memory.search("cello teacher orchestra", namespace="chat", k=1)[0].item.id, namespace="chat")
+    memory.export("chat", tmp_path / "cube")
+    with Memory(tmp_path / "other") as other:
+        report = other.import_(tmp_path / "cube")
+        assert report.namespace == "chat"
+        for q, as_of in [("What does Ben play?", None), ("Where does Ana live?", None),
+                         ("Where does Ana live?", "2021-01-01"), ("holiday hiking", None)]:
+            mine = [(h.item.id, h.item.version, h.item.text, round(h.score, 6))
+                    for h in memory.search(q, namespace="chat", k=5, as_of=as_of)]
+            theirs = [(h.item.id, h.item.version, h.item.text, round(h.score, 6))
+                      for h in other.search(q, namespace="chat", k=5, as_of=as_of)]
+            assert mine == theirs and mine
+        assert other.history(a.id, namespace="chat") == memory.history(a.id, namespace="chat")
+        assert other.context("cello", namespace="chat", budget_tokens=64).text == \
+            memory.context("cello", namespace="chat", budget_tokens=64).text
+
+
+def test_unknown_namespace_and_id(memory):
+    with pytest.raises(UnknownNamespace, match="has no memories"):
+        memory.search("anything", namespace="nope")
+    memory.add("x marks the spot", namespace="app")
+    with pytest.raises(UnknownMemory, match="no memory 'deadbeef'"):
+        memory.get("deadbeef", namespace="app")
+    with pytest.raises(UnknownMemory):
+        memory.update("deadbeef", namespace="app", text="y")
+    with pytest.raises(UnknownMemory):
+        memory.delete("deadbeef", namespace="app")
+    with pytest.raises(InvalidInput, match="namespace must be"):
+        memory.search("x", namespace="")

@@ -1,0 +1,67 @@
+"""Context packing: never over budget (counted with the real tokenizer), top hit included, neighbours."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memvisor.models.tokenizer import default_tokenizer
+from memvisor.timeutil import human
+from tests.conftest import LOCOMO
+
+
+@pytest.fixture(scope="module")
+def locomo_memory(tmp_path_factory):
+    from memvisor import Memory
+    from memvisor.text.formats import locomo_conversation
+
+    sample = json.loads(LOCOMO.read_text())[0]
+    conv = locomo_conversation(sample)
+    conv = type(conv)(conv.id, conv.turns[:150])  # keep the test quick
+    with Memory(tmp_path_factory.mktemp("home")) as m:
+        m.ingest(conv, namespace="c26")
+        yield m
+
+
+QUESTIONS = ["When did Caroline go to the LGBTQ support group?", "What did Melanie paint?",
+             "What is Caroline's identity?", "Where did Melanie camp?", "kids"]
+
+
+@pytest.mark.parametrize("budget", [1, 8, 30, 64, 200, 512, 1024])
+def test_context_never_exceeds_budget_and_includes_top_hit(locomo_memory, budget):
+    tokenizer = default_tokenizer()
+    for q in QUESTIONS:
+        ctx = locomo_memory.context(q, namespace="c26", budget_tokens=budget)
+        assert ctx.tokens == tokenizer.count(ctx.text) <= budget
+        top = locomo_memory.search(q, namespace="c26", k=1)[0]
+        alone = f"[{human(top.item.valid_from)}]\n{top.item.metadata['speaker']}: {top.item.text}"
+        top_cost = tokenizer.count(alone)
+        if budget >= top_cost:
+            assert top.item.id in [c.memory_id for c in ctx.citations]
+            assert top.item.text in ctx.text
+
+
+def test_context_format_and_citations(locomo_memory):
+    ctx = locomo_memory.context("When did Caroline go to the LGBTQ support group?", namespace="c26",
+                                budget_tokens=120)
+    lines = ctx.text.splitlines()
+    assert lines[0] == "[8 May 2023, 13:56]"
+    assert "Caroline: I went to a LGBTQ support group yesterday and it was so powerful." in lines
+    assert len(ctx.citations) == len(ctx.items) == sum(1 for ln in lines if not ln.startswith("["))
+    assert {"D1:3"} <= {s for c in ctx.citations for s in c.sources}
+
+
+def test_neighbouring_turns_become_candidates(locomo_memory):
+    """D1:3 is the hit; its conversation neighbours D1:2 and D1:4 join the candidates, scored by decay."""
+    from memvisor.store.filters import Filters
+
+    m = locomo_memory
+    filters = Filters(namespace="c26")
+    top = m.retriever.retrieve(m.store, m.embedder, "When did Caroline go to the LGBTQ support group?", filters, 1)
+    assert top[0].row["sources"] == '["D1:3"]'
+    expanded = m.packer.expand(m.store, top, filters)
+    by_source = {c.row["sources"]: c for c in expanded}
+    assert set(by_source) == {'["D1:2"]', '["D1:3"]', '["D1:4"]'}
+    for s in ('["D1:2"]', '["D1:4"]'):
+        assert by_source[s].neighbour_of == top[0].row["id"]
+        assert by_source[s].score == top[0].score * m.packer.neighbour_decay
