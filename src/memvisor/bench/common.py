@@ -100,6 +100,14 @@ def percentiles_ms(seconds: list[float]) -> dict[str, float | None]:
     return {"p50": at(50), "p95": at(95), "p99": at(99)}
 
 
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages: on a shared 2-core machine they say how noisy timings are."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
 def machine_description() -> str:
     cpu = platform.processor() or platform.machine()
     try:

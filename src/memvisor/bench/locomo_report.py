@@ -18,7 +18,9 @@ def markdown(results: dict) -> str:
     budgets = sorted({int(b) for s in systems.values() for b in s["recall"]})
     lines = [f"# LoCoMo evidence recall — {len(ds['conversations'])} conversations, {ds['questions']} questions",
              "", f"Data sha256 `{ds['sha256'][:16]}…`; machine: {results['machine']}; date {results['date']}.",
-             f"Command: `{results.get('command', '')}`", "",
+             f"Command: `{results.get('command', '')}`",
+             f"Load average (1/5/15 min) at start {results.get('load_average_start')}, "
+             f"at end {results.get('load_average_end')}.", "",
              "## Overall evidence recall (categories 1-4) by context budget (tokens)", "",
              "| system | " + " | ".join(str(b) for b in budgets) + " | MRR |",
              "|---|" + "---:|" * (len(budgets) + 1)]

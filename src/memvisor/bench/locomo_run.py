@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from memvisor.bench.common import BenchSystem, current_rss_mb, peak_rss_mb, percentiles_ms
+from memvisor.bench.common import BenchSystem, current_rss_mb, load_average, peak_rss_mb, percentiles_ms
 from memvisor.bench.locomo_data import Conversation, system_view
 from memvisor.bench.locomo_metrics import RecallTable, evidence_recall, reciprocal_rank
 
@@ -61,6 +61,7 @@ def run_system(system: BenchSystem, convs: list[Conversation], budgets: list[int
     over_budget = 0
     turns = questions = no_evidence = malformed = recovered = 0
     rss_before = current_rss_mb()
+    load_start = load_average()
     details: list[dict] = []
     if answerer is not None and answer_budget is None:
         answer_budget = max([b for b in budgets if b <= 1024] or [min(budgets)])
@@ -129,6 +130,8 @@ def run_system(system: BenchSystem, convs: list[Conversation], budgets: list[int
         "malformed_evidence_entries": malformed,
         "evidence_ids_recovered_from_malformed": recovered,
         "contexts_over_budget": over_budget,
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
     }
     if scores is not None:
         entry["answer"] = {"budget": answer_budget, "model": answerer.model, **scores.summary()}
