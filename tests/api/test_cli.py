@@ -1,0 +1,111 @@
+"""Every CLI command, in-process through `main()` (the console script's entry point)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from memvisor.api.cli import main
+
+
+def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["memvisor", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_every_command(monkeypatch, capsys, tmp_path, small_conversation):
+    home = str(tmp_path / "home")
+    h = ["--home", home]
+    code, out, _ = run(monkeypatch, capsys, "add", "Ana lives in Grenoble", "--namespace", "app", "--user", "ana",
+                       "--valid-from", "2020-01-01", *h)
+    assert code == 0
+    item_id = out.strip()
+    assert len(item_id) == 16
+
+    code, out, err = run(monkeypatch, capsys, "ingest", str(small_conversation), "--namespace", "app", *h)
+    assert code == 0 and "added 8 memories" in out
+    code, out, _ = run(monkeypatch, capsys, "ingest", str(small_conversation), "--namespace", "app", *h)
+    assert "added 0 memories, skipped 8" in out
+
+    code, out, _ = run(monkeypatch, capsys, "search", "Which islands will Ana hike?", "--namespace", "app",
+                       "-k", "3", "--json", *h)
+    hits = json.loads(out)
+    assert code == 0 and len(hits) == 3 and {"id", "text", "score"} <= set(hits[0])
+    assert "Lofoten" in hits[0]["text"]
+
+    code, out, _ = run(monkeypatch, capsys, "context", "cello orchestra", "--namespace", "app", "--budget", "40",
+                       "--json", *h)
+    ctx = json.loads(out)
+    assert code == 0 and ctx["tokens"] <= 40 and ctx["citations"] and "orchestra" in ctx["text"]
+    code, out, err = run(monkeypatch, capsys, "context", "cello", "--namespace", "app", "--budget", "40", *h)
+    assert "cello" in out and "tokens" in err
+
+    code, out, _ = run(monkeypatch, capsys, "update", item_id, "--namespace", "app", "--text", "Ana lives in Lyon",
+                       "--valid-from", "2024-04-01", *h)
+    assert code == 0 and "version 2" in out
+    code, out, _ = run(monkeypatch, capsys, "get", item_id, "--namespace", "app", *h)
+    assert json.loads(out)["text"] == "Ana lives in Lyon"
+    code, out, _ = run(monkeypatch, capsys, "history", item_id, "--namespace", "app", *h)
+    assert [v["text"] for v in json.loads(out)] == ["Ana lives in Grenoble"] * 2 + ["Ana lives in Lyon"]
+    code, out, _ = run(monkeypatch, capsys, "search", "Where does Ana live", "--namespace", "app",
+                       "--as-of", "2021-01-01", "--json", *h)
+    assert json.loads(out)[0]["text"] == "Ana lives in Grenoble"
+
+    code, out, _ = run(monkeypatch, capsys, "export", str(tmp_path / "cube"), "--namespace", "app", *h)
+    assert code == 0
+    code, out, _ = run(monkeypatch, capsys, "import", str(tmp_path / "cube"), "--home", str(tmp_path / "h2"))
+    assert code == 0 and "into namespace app" in out
+    code, out, _ = run(monkeypatch, capsys, "get", item_id, "--namespace", "app", "--home", str(tmp_path / "h2"))
+    assert json.loads(out)["text"] == "Ana lives in Lyon"
+
+    code, out, _ = run(monkeypatch, capsys, "invalidate", item_id, "--namespace", "app", "--at", "2025-01-01", *h)
+    assert code == 0 and "2025-01-01" in out
+    code, out, _ = run(monkeypatch, capsys, "delete", item_id, "--namespace", "app", *h)
+    assert code == 0 and "deleted" in out
+    code, out, err = run(monkeypatch, capsys, "get", item_id, "--namespace", "app", *h)
+    assert code == 2 and "error:" in err and item_id in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["context", "q", "--namespace", "app", "--budget", "0"], "budget_tokens must be"),
+    (["add", "", "--namespace", "app"], "text is empty"),
+    (["add", "x", "--namespace", "app", "--valid-from", "someday"], "not an ISO-8601"),
+    (["search", "q", "--namespace", "nowhere"], "has no memories"),
+    (["add", "x", "--namespace", "app", "--metadata", "[1]"], "must be a JSON object"),
+])
+def test_errors_are_one_clear_line_and_status_2(monkeypatch, capsys, tmp_path, args, message):
+    code, out, err = run(monkeypatch, capsys, *args, "--home", str(tmp_path / "home"))
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_console_script_and_environment_home(tmp_path):
+    """The installed `memvisor` script, a real process, MEMVISOR_HOME instead of --home."""
+    import os
+    import shutil
+
+    exe = shutil.which("memvisor") or str(sys.executable).replace("python", "memvisor")
+    env = {**os.environ, "MEMVISOR_HOME": str(tmp_path / "envhome")}
+    add = subprocess.run([exe, "add", "Pixel is a grey cat", "--namespace", "pets"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert add.returncode == 0, add.stderr
+    assert (tmp_path / "envhome" / "memvisor.db").exists()
+    bad = subprocess.run([exe, "get", "0000", "--namespace", "pets"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:")
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(monkeypatch, capsys, tmp_path):
+    code, out, err = run(monkeypatch, capsys, "demo", "--home", str(tmp_path / "demo"), "--budget", "120")
+    assert code == 0, err
+    assert out.count("Q: ") == 3 and out.count("answer") == 3
+    assert "Lofoten" not in out and "Lyon" in out  # the demo's own conversation, evidence printed
+    assert "tokens" in out and "sources (memory←turn)" in out
