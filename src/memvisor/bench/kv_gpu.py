@@ -38,11 +38,12 @@ class GpuBenchConfig:
     tune_length: int = 32768
     # kernel settings tried at tune_length (the fastest is used at every length)
     configs: list[dict] = field(default_factory=lambda: [
-        *(dict(variant="factored", block_n=64, num_warps=w, waves=wv, num_stages=st, k_reshape=kr, v_reshape=vr)
-          for kr in (False, True) for vr in (False, True) for w in (4,) for wv in (4.0, 8.0) for st in (2, 3)),
-        *(dict(variant="factored", block_n=64, num_warps=8, waves=4.0, num_stages=2, k_reshape=kr, v_reshape=kr)
-          for kr in (False, True)),
-        dict(variant="dequant", block_n=64, num_warps=4, waves=4.0, num_stages=2),
+        *(dict(variant="tile", block_n=bn, num_warps=w, waves=wv, num_stages=st, v_reshape=vr)
+          for bn, w, vr, st in ((64, 4, True, 2), (64, 8, True, 2), (128, 4, True, 2), (128, 8, True, 2),
+                                (128, 8, False, 2), (128, 4, True, 3), (128, 8, True, 3), (256, 8, True, 2),
+                                (256, 8, False, 2))
+          for wv in (2.0, 4.0)),
+        dict(variant="factored", block_n=64, num_warps=4, waves=4.0, num_stages=2, k_reshape=True, v_reshape=True),
     ])
     dense_configs: list[dict] = field(default_factory=lambda: [
         dict(block_n=bn, num_warps=w, waves=wv, num_stages=2) for bn in (64, 128) for w in (4, 8) for wv in (2.0, 4.0)

@@ -27,7 +27,7 @@ import triton.language as tl
 from memvisor.kv.gpu.errors import KVLayoutError
 from memvisor.kv.gpu.layout import KiviLayer
 from memvisor.kv.gpu.triton_common import _combine_kernel, _fold, _residual_and_store
-from memvisor.kv.gpu.triton_kivi_rep import _kivi_split_kernel_rep
+from memvisor.kv.gpu.triton_kivi_rep import _kivi_split_kernel_rep, _kivi_split_kernel_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -142,19 +142,34 @@ def _combine(op: torch.Tensor, lp: torch.Tensor, q: torch.Tensor, n_rows: int) -
 
 def kivi_decode_attention(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None = None, *, block_n: int = 64,
                           num_warps: int = 4, num_stages: int = 2, waves: float = 4.0,
-                          variant: str = "factored", k_reshape: bool = False,
+                          variant: str = "tile", k_reshape: bool = False,
                           v_reshape: bool = False) -> torch.Tensor:
+    """See :func:`_kivi_launch`; retries with smaller tiles when a shape (e.g. head_dim 256) runs out of
+    shared memory or registers at the given settings."""
+    kw = dict(num_warps=num_warps, waves=waves, variant=variant, k_reshape=k_reshape, v_reshape=v_reshape)
+    while True:
+        try:
+            return _kivi_launch(q, layer, sm_scale, block_n=block_n, num_stages=num_stages, **kw)
+        except triton.runtime.errors.OutOfResources:
+            if num_stages == 1 and block_n <= max(16, layer.group if variant == "tile" else 16):
+                raise
+            block_n, num_stages = (block_n, 1) if num_stages > 1 else (block_n // 2, 1)
+
+
+def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, block_n: int, num_warps: int,
+                 num_stages: int, waves: float, variant: str, k_reshape: bool, v_reshape: bool) -> torch.Tensor:
     """Fused decode attention: q ``[B, Hq, D]`` (bf16/fp16, CUDA) over ``layer`` -> ``[B, Hq, D]`` in q's dtype.
 
-    ``variant``: "factored" (codes fed to the matrix units as fp16 integers, scales folded into
+    ``variant``: "tile" (the default: ``block_n``-token tiles, keys dequantized in fp16, value
+    scales folded into the probabilities: triton_kivi_rep.py), "factored" (codes fed to the matrix units as fp16 integers, scales folded into
     the query and the probabilities, tiles of one key group: triton_kivi_rep.py) or "dequant"
     (each tile dequantized in registers; ``block_n`` tokens per tile, a power of two >= 16).
     ``k_reshape``/``v_reshape``: unpack codes by loading each byte once and reshaping, instead of
-    loading it once per code. ``block_n`` is also the residual tile. ``waves``: programs per SM
+    loading it once per code (the tile kernel always does so for keys). ``block_n`` is also the residual tile. ``waves``: programs per SM
     to aim for. Tensors must be contiguous (the cache stores them so).
     """
-    if variant not in ("factored", "dequant"):
-        raise KVLayoutError(f"variant must be 'factored' or 'dequant', got {variant!r}")
+    if variant not in ("tile", "factored", "dequant"):
+        raise KVLayoutError(f"variant must be 'tile', 'factored' or 'dequant', got {variant!r}")
     b, hkv, t_r, d = layer.k_res.shape
     groups = _check(q, hkv, d, b)
     if layer.t_total == 0:
@@ -168,8 +183,10 @@ def kivi_decode_attention(q: torch.Tensor, layer: KiviLayer, sm_scale: float | N
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     sm_count = _sm_count(q.device)
     g = layer.group
-    if variant == "factored" and (g & (g - 1) or g < 16 or d % g):
-        raise KVLayoutError(f"the factored kernel needs a power-of-two group >= 16 dividing head_dim, got {g}")
+    if variant != "dequant" and (g & (g - 1) or g < 16 or d % g):
+        raise KVLayoutError(f"the {variant} kernel needs a power-of-two group >= 16 dividing head_dim, got {g}")
+    if variant == "tile" and block_n % g:
+        raise KVLayoutError(f"the tile kernel needs block_n a multiple of the group ({g}), got {block_n}")
     tile = g if variant == "factored" else block_n
     n_split, tps = _split_plan(b * hkv, layer.t_quant, tile, sm_count, waves)
     if variant == "dequant" and tps % g and n_split > 1:
@@ -181,8 +198,14 @@ def kivi_decode_attention(q: torch.Tensor, layer: KiviLayer, sm_scale: float | N
     gp = max(16, triton.next_power_of_2(groups))
     strides = (layer.k_codes.stride(1), layer.k_scale.stride(1), layer.v_codes.stride(1), layer.v_scale.stride(1),
                layer.k_res.stride(1), layer.v_res.stride(1))
-    if variant == "factored":
-        rows = max(16, triton.next_power_of_2(groups * (d // g)))
+    rows = max(16, triton.next_power_of_2(groups * (d // g)))
+    launch = dict(num_warps=num_warps, num_stages=num_stages)
+    if variant == "tile":
+        _kivi_split_kernel_tile[(b * hkv, n_rows)](
+            q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,
+            GROUPS=groups, GP=gp, ROWS=rows, D=d, BITS=layer.bits, G=g, BLOCK_N=block_n, BLOCK_R=min(block_n, 64),
+            V_RESHAPE=v_reshape, **launch)
+    elif variant == "factored":
         _kivi_split_kernel_rep[(b * hkv, n_rows)](
             q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,
             GROUPS=groups, GP=gp, ROWS=rows, D=d, BITS=layer.bits, G=g, BLOCK_R=block_n,

@@ -108,3 +108,90 @@ def _kivi_split_kernel_rep(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_l
         a0 = tl.zeros([GP, D], tl.float32)
         _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
                             m0, l0, a0, True, GROUPS, GP, D, BLOCK_R)
+
+
+@triton.jit
+def _kivi_split_kernel_tile(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_log2,
+                            T_q, T_r, tps, skc_bh, sks_bh, svc_bh, svs_bh, skr_bh, svr_bh,
+                            GROUPS: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                            BITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                            V_RESHAPE: tl.constexpr):
+    """Large tiles (``BLOCK_N`` tokens, several key groups) so that enough bytes are in flight.
+
+    The per-group kernel above moved ~3 KB per loop step and was bound by memory latency, not
+    bandwidth. Here keys are dequantized in fp16 (``code * scale + zero``, packed half2 math,
+    scales kept as ``[BLOCK_N / G, D]`` and broadcast: full-tile scales cost 128 registers), so one dot covers ``BLOCK_N`` tokens across groups; values keep
+    the replicated-row trick (their scale varies along the token axis, so it goes into ``p``).
+    """
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_rows = tl.num_programs(1)
+    PER: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    NGV: tl.constexpr = D // G
+    NG: tl.constexpr = BLOCK_N // G
+    offs_d = tl.arange(0, D)
+    ksh = (tl.arange(0, PER) * BITS).to(tl.int16)
+    if pid_s < n_rows - 1:
+        r = tl.arange(0, ROWS)
+        h = r % GROUPS
+        j = r // GROUPS
+        r_ok = r < NGV * GROUPS
+        qrep = tl.load(Q + (pid_bh * GROUPS + h)[:, None] * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+        qrep = (qrep.to(tl.float32) * sm_scale_log2).to(tl.float16)  # [ROWS, D], log2 units
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, D], tl.float32)
+        accz = tl.zeros([ROWS], tl.float32)
+        offs_n = tl.arange(0, BLOCK_N)
+        start = pid_s * tps
+        end = tl.minimum(start + tps, T_q)
+        kc_base = KC + pid_bh * skc_bh
+        vc_base = VC + pid_bh * svc_bh
+        for n0 in range(start, end, BLOCK_N):
+            t = n0 + offs_n
+            nm = t < end
+            # keys: each code byte loaded once, unpacked to [NG, G, D]; scales stay [NG, D] and broadcast
+            rr = n0 // PER + tl.arange(0, BLOCK_N // PER)
+            kb = tl.load(kc_base + rr[:, None] * D + offs_d[None, :], mask=(rr * PER < end)[:, None], other=0)
+            kq = tl.reshape(_codes_to_f16(kb[:, None, :], ksh[None, :, None], MASK), [NG, G, D])
+            gi = n0 // G + tl.arange(0, NG)
+            kofs = pid_bh * sks_bh + gi[:, None] * D + offs_d[None, :]
+            ks = tl.load(KS + kofs, mask=(gi * G < end)[:, None], other=0.0)
+            kz = tl.load(KZ + kofs, mask=(gi * G < end)[:, None], other=0.0)
+            k = tl.reshape(kq * ks[:, None, :] + kz[:, None, :], [BLOCK_N, D])  # fp16
+            s = tl.dot(qrep, tl.trans(k))
+            s = tl.where(nm[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if V_RESHAPE:
+                vb = tl.load(vc_base + t[:, None] * (D // PER) + tl.arange(0, D // PER)[None, :], mask=nm[:, None],
+                             other=0)
+                vq = tl.reshape(_codes_to_f16(vb[:, :, None], ksh[None, None, :], MASK), [BLOCK_N, D])
+            else:
+                vb = tl.load(vc_base + t[:, None] * (D // PER) + (offs_d // PER)[None, :], mask=nm[:, None], other=0)
+                vq = _codes_to_f16(vb, ((offs_d % PER) * BITS).to(tl.int16)[None, :], MASK)
+            vofs = pid_bh * svs_bh + t[None, :] * NGV + j[:, None]  # [ROWS, BLOCK_N]
+            vmask = r_ok[:, None] & nm[None, :]
+            vs = tl.load(VS + vofs, mask=vmask, other=0.0).to(tl.float32)
+            vz = tl.load(VZ + vofs, mask=vmask, other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot((p * vs).to(tl.float16), vq)
+            accz = accz * alpha + tl.sum(p * vz, 1)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = (acc + accz[:, None]) / l_safe[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        rows = pid_bh * GROUPS + h
+        keep = r_ok[:, None] & (j[:, None] == (offs_d // G)[None, :])  # row r owns channel group j(r)
+        tl.store(OP + (rows[:, None] * n_rows + pid_s) * D + offs_d[None, :], out, mask=keep)
+        tl.store(LP + rows * n_rows + pid_s, lse, mask=r_ok & (j == 0))
+    else:
+        g = tl.arange(0, GP)
+        q = tl.load(Q + (pid_bh * GROUPS + g)[:, None] * D + offs_d[None, :], mask=(g < GROUPS)[:, None], other=0.0)
+        m0 = tl.full([GP], float("-inf"), tl.float32)
+        l0 = tl.zeros([GP], tl.float32)
+        a0 = tl.zeros([GP, D], tl.float32)
+        _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
+                            m0, l0, a0, True, GROUPS, GP, D, BLOCK_R)
