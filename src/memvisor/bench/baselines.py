@@ -27,6 +27,9 @@ class TurnSystem:
         self._count = count
         self.turns: list[Turn] = []
 
+    def reset(self) -> None:
+        self.turns = []
+
     def ingest(self, conversation: dict) -> None:
         self.turns = parse_turns(conversation)
         self.lines = [format_turn(t) for t in self.turns]
@@ -90,6 +93,10 @@ class DenseSystem(TurnSystem):
     def __init__(self, count_many, count, embedder):
         super().__init__(count_many, count)
         self._embedder = embedder
+
+    def reset(self) -> None:
+        super().reset()
+        self._embedder.encode(["load the model before the clock starts"])
 
     def _build(self) -> None:
         self._vectors = self._embedder.encode([t.index_text for t in self.turns])  # [n, 384]

@@ -26,8 +26,12 @@ class BenchSystem(Protocol):
 
     name: str
 
+    def reset(self) -> None:
+        """Open a fresh, empty store (untimed: loading models or opening files is not ingest)."""
+        ...
+
     def ingest(self, conversation: dict) -> None:
-        """Load one conversation (LoCoMo format, turns only) into a fresh store."""
+        """Load one conversation (LoCoMo format, turns only) into the store `reset` opened."""
         ...
 
     def search(self, question: str) -> list[str]:

@@ -72,6 +72,8 @@ def run_system(system: BenchSystem, convs: list[Conversation], budgets: list[int
     last_text, last_tokens = "", 0
     for conv in convs:
         view = system_view(conv)
+        if hasattr(system, "reset"):
+            system.reset()
         t0 = time.perf_counter()
         system.ingest(view)
         ingest_s += time.perf_counter() - t0

@@ -179,9 +179,14 @@ class Mem0System:
         self._store: Mem0Store | None = None
         self.config: dict = {}
 
-    def ingest(self, conversation: dict) -> None:
+    def reset(self) -> None:
         self.close()
         self._store = Mem0Store(bm25=self._bm25)
+        self._store.memory.embedding_model.embed("load the model before the clock starts", "add")
+
+    def ingest(self, conversation: dict) -> None:
+        if self._store is None:
+            self.reset()
         self.config = {"mem0ai": _mem0_version(), "vector_store": "qdrant (local)",
                        "embedder": "huggingface all-MiniLM-L6-v2", "infer": False,
                        "bm25": "fastembed Qdrant/bm25 (local files)" if self._bm25 else None,
