@@ -34,9 +34,14 @@ def test_select_averages_batch_and_ignores_padding():
     assert kept[0].tolist() == [0, 1]
 
 
-def test_select_budget_below_protected_is_a_typed_error():
+def test_select_budget_below_protected_degrades_by_score_or_raises_when_strict():
+    prot = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    s = torch.tensor([[5.0, 1.0, 3.0, 9.0, 9.0, 9.0]])
+    # budget 2 < 3 protected: protected tokens compete by score, unprotected ones never win
+    assert select(s, prot, 2)[0].tolist() == [0, 2]
+    assert select(torch.zeros(1, 6), prot, 2)[0].tolist() == [1, 2]  # ties: newer
     with pytest.raises(BudgetTooSmallError):
-        select(torch.zeros(1, 6), torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool), 2)
+        select(s, prot, 2, strict=True)
     with pytest.raises(PolicyError):
         select(torch.zeros(2, 6), torch.zeros(6, dtype=torch.bool), torch.tensor([1, 2, 3]))
 

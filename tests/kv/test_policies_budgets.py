@@ -87,7 +87,10 @@ def test_adakv_floor_and_ragged_lengths_and_errors():
     assert AdaKVHeadBudget().split(scores, none, 10, lengths=lengths).tolist() == [4, 2]
     prot = torch.tensor([[True, True, False, False], [True, True, False, False]])
     with pytest.raises(BudgetTooSmallError):
-        AdaKVHeadBudget().split(scores, prot, 3)
+        AdaKVHeadBudget(strict=True).split(scores, prot, 3)
+    assert AdaKVHeadBudget().split(scores, prot, 3).tolist() == [2, 1]  # reserves shrink, budget holds
+    with pytest.raises(BudgetTooSmallError):
+        UniformHeadBudget(strict=True).split(scores, prot, 2)
 
 
 @pytest.mark.parametrize("budget", [0, 5, 9, 12, 100])

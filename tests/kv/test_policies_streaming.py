@@ -23,7 +23,10 @@ def test_streaming_after_eviction_and_ragged_heads():
     kept = select(s, pol.protected_mask(8, lengths), 5, lengths=lengths)
     assert [x.tolist() for x in kept] == [[0, 1, 5, 6, 7], [0, 1, 3, 4, 5]]
     with pytest.raises(BudgetTooSmallError):
-        select(s, pol.protected_mask(8, lengths), 4, lengths=lengths)
+        select(s, pol.protected_mask(8, lengths), 4, lengths=lengths, strict=True)
+    # non-strict: protected tokens compete by score: sinks first, then the newest
+    kept = select(s, pol.protected_mask(8, lengths), 4, lengths=lengths)
+    assert [x.tolist() for x in kept] == [[0, 1, 6, 7], [0, 1, 4, 5]]
 
 
 def test_knorm_keeps_lowest_norm_keys():

@@ -150,6 +150,7 @@ def select(
     budget: Tensor | int | Sequence[int],
     *,
     lengths: Tensor | None = None,
+    strict: bool = False,
 ) -> list[Tensor]:
     """Per KV head, the sorted indices of the tokens to keep.
 
@@ -159,7 +160,9 @@ def select(
     Returns list of Hkv LongTensors (ragged: lengths may differ), each sorted ascending, holding every
     protected valid token and the highest-scoring others (ties: the newer token wins).
     A head whose budget is >= its valid length keeps everything.
-    Raises BudgetTooSmallError when a head's budget is below its protected count.
+    A budget below a head's protected count (e.g. a deep PyramidKV layer smaller than the recent
+    window) never exceeds the budget: the protected tokens then compete among themselves by score
+    (ties: newer). ``strict=True`` raises BudgetTooSmallError instead.
     """
     if scores.dim() == 3:
         scores = scores.float().mean(0)
@@ -175,9 +178,7 @@ def select(
         raise PolicyError(f"budget must be >= 0, got {budget.tolist()}")
     valid = valid_mask(lengths, T, n_heads)
     prot = _as_head_protect(protected, n_heads, T) & valid
-    # Tie-break toward newer tokens with a tiny position term, added after ranking so it never
-    # overrides a real score difference: sort by (score, position) lexicographically.
-    pos = torch.arange(T, dtype=torch.float64)
+    newest_first = torch.arange(T - 1, -1, -1)
     kept: list[Tensor] = []
     for h in range(n_heads):
         n_valid = int(valid[h].sum())
@@ -186,17 +187,16 @@ def select(
             kept.append(torch.nonzero(valid[h]).flatten())
             continue
         n_prot = int(prot[h].sum())
-        if b < n_prot:
+        if b < n_prot and strict:
             raise BudgetTooSmallError(
                 f"head {h}: budget {b} tokens < {n_prot} protected tokens (sinks + recent window); "
                 "raise the budget or shrink the policy's window"
             )
         s = scores[h].double().clone()
         s[~valid[h]] = float("-inf")
-        s[prot[h]] = float("inf")
-        # lexsort: primary score, secondary position (newer first among equals)
-        order = torch.argsort(pos, descending=True, stable=True)
-        order = order[torch.argsort(s[order], descending=True, stable=True)]
+        # lexicographic order: protected first, then score, then newer (stable sorts, last key first)
+        order = newest_first[torch.argsort(s[newest_first], descending=True, stable=True)]
+        order = order[torch.argsort(prot[h][order].to(torch.int8), descending=True, stable=True)]
         kept.append(torch.sort(order[:b]).values)
     return kept
 

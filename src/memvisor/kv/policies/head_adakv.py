@@ -12,7 +12,8 @@ nothing is saved.
 
 Shapes/units: ``split(scores [B, Hkv, T] | [Hkv, T], protected [T] | [Hkv, T], layer_budget, lengths=)``
 -> LongTensor[Hkv] tokens per head, summing to ``min(layer_budget, valid tokens)``.
-Raises BudgetTooSmallError if the layer budget is below the protected tokens of all heads.
+If the layer budget is below the tokens every head must keep (protected + floor), the reserves shrink
+in proportion so the budget still holds (``strict=True`` raises BudgetTooSmallError instead).
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ import math
 import torch
 from torch import Tensor
 
-from memvisor.kv.policies.base import BudgetTooSmallError, HeadBudget, PolicyError
+from memvisor.kv.policies.base import BudgetTooSmallError, HeadBudget, PolicyError, largest_remainder
 from memvisor.kv.policies._ranking import order_desc, prepare, rank_keys
 
 
 class AdaKVHeadBudget(HeadBudget):
     name = "adakv"
 
-    def __init__(self, floor: float = 0.0) -> None:
+    def __init__(self, floor: float = 0.0, strict: bool = False) -> None:
         if not 0.0 <= floor <= 1.0:
             raise PolicyError(f"floor must be in [0, 1], got {floor}")
-        self.floor = float(floor)
+        self.floor, self.strict = float(floor), bool(strict)
 
     def split(self, scores: Tensor, protected: Tensor, layer_budget: int, *, lengths: Tensor | None = None) -> Tensor:
         if layer_budget < 0:
@@ -45,10 +46,13 @@ class AdaKVHeadBudget(HeadBudget):
         n_prot = prot.sum(1)
         reserve = torch.minimum(n_valid, torch.clamp(n_prot, min=math.floor(self.floor * layer_budget / H)))
         if int(reserve.sum()) > layer_budget:
-            raise BudgetTooSmallError(
-                f"layer budget {layer_budget} < {int(reserve.sum())} tokens every head must keep "
-                f"(protected {n_prot.tolist()}, floor {self.floor})"
-            )
+            if self.strict:
+                raise BudgetTooSmallError(
+                    f"layer budget {layer_budget} < {int(reserve.sum())} tokens every head must keep "
+                    f"(protected {n_prot.tolist()}, floor {self.floor})"
+                )
+            # degrade without exceeding the budget: shrink every head's reserve in proportion
+            return torch.tensor(largest_remainder(reserve.tolist(), layer_budget), dtype=torch.long)
         keys = rank_keys(s, prot, valid)
         # Per head, its own ranking; the first reserve[h] are taken, the rest compete globally.
         pool_val, pool_head = [], []

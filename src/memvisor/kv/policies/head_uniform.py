@@ -3,7 +3,8 @@
 Shapes/units: ``split(scores [B, Hkv, T] | [Hkv, T], protected [T] | [Hkv, T], layer_budget)`` ->
 LongTensor[Hkv] of tokens per head, summing to ``min(layer_budget, valid tokens)``. ``layer_budget``
 counts one token of one head as 1. The division remainder goes to the first heads; a head with fewer
-valid tokens than its share passes the surplus to the others. No knobs.
+valid tokens than its share passes the surplus to the others. ``strict=True`` raises
+BudgetTooSmallError when a share is below the head's protected tokens (default: ``select`` degrades).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from memvisor.kv.policies._ranking import prepare
 
 class UniformHeadBudget(HeadBudget):
     name = "head-uniform"
+
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = bool(strict)
 
     def split(self, scores: Tensor, protected: Tensor, layer_budget: int, *, lengths: Tensor | None = None) -> Tensor:
         if layer_budget < 0:
@@ -34,6 +38,6 @@ class UniformHeadBudget(HeadBudget):
                 out[h] += add
                 left -= add
         need = prot.sum(1)
-        if bool((out < need).any()):
+        if self.strict and bool((out < need).any()):
             raise BudgetTooSmallError(f"uniform head budget {out.tolist()} below protected counts {need.tolist()}")
         return out

@@ -6,7 +6,8 @@ Keeps the first ``sinks`` tokens (the model dumps attention on them) and the new
 the budget; everything in between is forgotten. Needs no queries.
 
 Shapes/units: ``scores`` returns float32 [B, Hkv, T] = the token's index in storage order (0 = oldest
-kept token), so the top-k under a budget is "sinks + the newest budget - sinks tokens".
+kept token), plus T for the sinks, so the top-k under a budget is "sinks + the newest budget - sinks
+tokens" even when the budget is below the protected count.
 Knobs: ``sinks`` (tokens, default 4); ``window`` (tokens always kept at the recent end, default 0:
 the window is whatever the budget leaves after the sinks).
 Positions: StreamingLLM re-assigns RoPE positions inside the cache; that is the cache's business
@@ -34,8 +35,10 @@ class StreamingLLM(TokenPolicy):
 
     def scores(self, keys: Tensor, values: Tensor, *, lengths: Tensor | None = None) -> Tensor:
         B, H, T, _ = keys.shape
-        recency = torch.arange(T, dtype=torch.float32).expand(B, H, T)
-        return finish_scores(recency, T, lengths)
+        recency = torch.arange(T, dtype=torch.float32)
+        # sinks outrank every other token, so a budget below sinks + window drops window tokens first
+        recency[: self.sinks] += T
+        return finish_scores(recency.expand(B, H, T), T, lengths)
 
     def protected(self, T: int) -> Tensor:
         p = torch.zeros(T, dtype=torch.bool)
