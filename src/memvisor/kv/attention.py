@@ -18,65 +18,76 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from memvisor.kv.storage import HeadStore
+from memvisor.kv.storage import HeadStore, StackedHeads, iter_blocks
 
 
-def head_attention(q: Tensor, store: HeadStore, q_pos: Tensor, scaling: float, window: int | None = None,
-                   softcap: float | None = None, block: int = 1024) -> Tensor:
-    """Attention of one KV head's query group over everything ``store`` holds.
+def head_attention(q: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor, scaling: float,
+                   window: int | None = None, softcap: float | None = None, block: int = 1024) -> Tensor:
+    """Attention of query groups over what ``store`` holds.
 
-    q: [B, g, Tq, D] (g query heads share this KV head), q_pos: LongTensor[Tq] absolute positions,
-    scaling: multiplier of q.k (1/sqrt(D) usually). Returns float32 [B, g, Tq, D].
+    q: [B, H, g, Tq, D] (H KV heads, g query heads each; H == 1 for a single :class:`HeadStore`),
+    q_pos: LongTensor[Tq] absolute positions, scaling: multiplier of q.k (1/sqrt(D) usually).
+    Returns float32 [B, H, g, Tq, D].
     """
-    B, g, Tq, D = q.shape
-    qf = q.float().reshape(B, g * Tq, D)
+    B, H, g, Tq, D = q.shape
+    single = isinstance(store, HeadStore)
+    qf = q.float().reshape(B, H, g * Tq, D)
     n = len(store)
     first_new = n - Tq  # storage index of query 0's own token
-    m = torch.full((B, g * Tq), float("-inf"), device=q.device)
-    l = torch.zeros(B, g * Tq, device=q.device)
-    acc = torch.zeros(B, g * Tq, store.D, device=q.device)
+    m = torch.full((B, H, g * Tq), float("-inf"), device=q.device)
+    l = torch.zeros(B, H, g * Tq, device=q.device)
+    acc = torch.zeros(B, H, g * Tq, store.D, device=q.device)
     qi = torch.arange(Tq, device=q.device)
     start = 0
-    for k, v, pos in store.blocks(block):
-        nb = k.shape[1]
-        s = torch.bmm(qf, k.transpose(1, 2)) * scaling  # [B, g*Tq, nb]
+    for k, v, pos in store.blocks(block) if single else iter_blocks(store, block):
+        if single:
+            k, v = k.unsqueeze(1), v.unsqueeze(1)
+            pos = None if pos is None else pos.unsqueeze(0)
+        nb = k.shape[-2]
+        s = torch.matmul(qf, k.transpose(-1, -2)) * scaling  # [B, H, g*Tq, nb]
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
-        allowed = None
+        allowed = None  # broadcastable to [H, Tq, nb]
         if start + nb > first_new + 1 and Tq > 1:  # block reaches this forward's own tokens
             j = torch.arange(start, start + nb, device=q.device)
-            allowed = j.unsqueeze(0) <= (first_new + qi).unsqueeze(1)  # [Tq, nb]
+            allowed = (j.unsqueeze(0) <= (first_new + qi).unsqueeze(1)).unsqueeze(0)
         if window is not None:
             if pos is None:
                 raise ValueError("a sliding-window head must store token positions")
-            w_ok = pos.unsqueeze(0) > (q_pos.unsqueeze(1) - window)
+            w_ok = pos.unsqueeze(1) > (q_pos.view(1, Tq, 1) - window)  # [H, Tq, nb]
             allowed = w_ok if allowed is None else allowed & w_ok
         if allowed is not None:
-            s = s.masked_fill(~allowed.repeat(g, 1).unsqueeze(0), float("-inf"))
+            allowed = allowed.expand(H, Tq, nb).repeat(1, g, 1)  # rows ordered (group, query)
+            s = s.masked_fill(~allowed.unsqueeze(0), float("-inf"))
         m_new = torch.maximum(m, s.amax(-1))
         # Rows with nothing visible yet keep m = -inf: shift by 0 there to avoid inf - inf.
         shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         p = torch.exp(s - shift.unsqueeze(-1))
         corr = torch.exp(m - shift)
         l = l * corr + p.sum(-1)
-        acc = acc * corr.unsqueeze(-1) + torch.bmm(p, v)
+        acc = acc * corr.unsqueeze(-1) + torch.matmul(p, v)
         m = m_new
         start += nb
     out = acc / l.clamp_min(1e-30).unsqueeze(-1)
-    return out.reshape(B, g, Tq, store.D)
+    return out.reshape(B, H, g, Tq, store.D)
 
 
 def layer_attention(query: Tensor, stores: list[HeadStore], q_pos: Tensor, scaling: float,
                     window: int | None = None, softcap: float | None = None, block: int = 1024) -> Tensor:
     """query: [B, Hq, Tq, D]; stores: one per KV head (Hkv = len(stores), Hq % Hkv == 0).
 
-    Returns attn_output [B, Tq, Hq, D] in the query dtype (the layout transformers' attention
-    functions return)."""
+    Heads of equal length and key-group layout are processed together (one pass); ragged heads
+    one by one. Returns attn_output [B, Tq, Hq, D] in the query dtype (the layout transformers'
+    attention functions return)."""
     B, Hq, Tq, D = query.shape
     Hkv = len(stores)
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
     g = Hq // Hkv
-    outs = [head_attention(query[:, h * g:(h + 1) * g], st, q_pos, scaling, window, softcap, block)
-            for h, st in enumerate(stores)]
-    return torch.cat(outs, dim=1).transpose(1, 2).to(query.dtype).contiguous()
+    q5 = query.reshape(B, Hkv, g, Tq, D)
+    if Hkv > 1 and StackedHeads.compatible(stores):
+        out = head_attention(q5, StackedHeads(stores), q_pos, scaling, window, softcap, block)
+    else:
+        out = torch.cat([head_attention(q5[:, h:h + 1], st, q_pos, scaling, window, softcap, block)
+                         for h, st in enumerate(stores)], dim=1)
+    return out.reshape(B, Hq, Tq, D).transpose(1, 2).to(query.dtype).contiguous()

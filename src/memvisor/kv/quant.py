@@ -62,12 +62,14 @@ def unpack(packed: Tensor, bits: int, dim: int, n: int) -> Tensor:
     """Inverse of :func:`pack`: uint8 codes with ``n`` entries along ``dim``."""
     check_bits(bits)
     dim = dim % packed.dim()
-    p = packed.movedim(dim, -1)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=p.device)
-    mask = (1 << bits) - 1
-    c = (p.unsqueeze(-1) >> shifts) & mask
-    c = c.reshape(*c.shape[:-2], -1)[..., :n]
-    return c.movedim(-1, dim)
+    per = 8 // bits
+    # Broadcast the shifts on a new axis right after ``dim``, then merge the two axes: no transposes.
+    shape = [1] * (packed.dim() + 1)
+    shape[dim + 1] = per
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device).view(shape)
+    c = (packed.unsqueeze(dim + 1) >> shifts) & ((1 << bits) - 1)
+    c = c.flatten(dim, dim + 1)
+    return c if c.shape[dim] == n else c.narrow(dim, 0, n)
 
 
 def _minmax_quant(x: Tensor, bits: int, reduce_dim: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,16 +106,22 @@ def dequantize_keys(
 ) -> Tensor:
     """k_codes [..., ceil(n*bits/8), D] -> keys [..., n, D] in ``dtype``.
 
-    Token t uses scale row ``group_of_token[t]`` (LongTensor[n]); if None, row ``t // group``.
+    Token t uses scale row ``group_of_token[t]`` (LongTensor[n]); if None, row ``t // group``
+    (``scale``/``zero`` then hold exactly ``ceil(n / group)`` rows for these tokens).
     """
     c = unpack(codes, bits, dim=-2, n=n_tokens)
     if group_of_token is None:
         if group is None:
             raise QuantError("dequantize_keys needs group_of_token or group")
+        if n_tokens % group == 0:  # whole groups: broadcast scales, no gather
+            *lead, _, D = c.shape
+            g = c.reshape(*lead, n_tokens // group, group, D).float()
+            out = torch.addcmul(zero.float().unsqueeze(-2), g, scale.float().unsqueeze(-2))
+            return out.reshape(*lead, n_tokens, D).to(dtype)
         group_of_token = torch.arange(n_tokens, device=codes.device) // group
     s = scale.index_select(-2, group_of_token).float()
     z = zero.index_select(-2, group_of_token).float()
-    return (c.float() * s + z).to(dtype)
+    return torch.addcmul(z, c.float(), s).to(dtype)
 
 
 def quantize_values(v: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -133,11 +141,12 @@ def dequantize_values(
     codes: Tensor, scale: Tensor, zero: Tensor, bits: int, head_dim: int, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """v_codes [..., T, D*bits/8] -> values [..., T, D] in ``dtype``."""
-    c = unpack(codes, bits, dim=-1, n=head_dim).float()
-    group = head_dim // scale.shape[-1]
-    s = scale.float().repeat_interleave(group, dim=-1)
-    z = zero.float().repeat_interleave(group, dim=-1)
-    return (c * s + z).to(dtype)
+    c = unpack(codes, bits, dim=-1, n=head_dim)
+    *lead, T, D = c.shape
+    ng = scale.shape[-1]
+    g = c.reshape(*lead, T, ng, D // ng).float()
+    out = torch.addcmul(zero.float().unsqueeze(-1), g, scale.float().unsqueeze(-1))
+    return out.reshape(*lead, T, D).to(dtype)
 
 
 def error_bound(x: Tensor, bits: int, group: int, axis: str) -> Tensor:

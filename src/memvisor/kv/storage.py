@@ -171,22 +171,7 @@ class HeadStore:
         """Yield (k [B, n_blk, D], v [B, n_blk, D], pos LongTensor[n_blk] | None) over all stored
         tokens, oldest first. Quantized tokens are dequantized ``block`` at a time (``block`` a
         multiple of 8, so blocks start on byte boundaries): never the whole history at once."""
-        if block % 8:
-            raise ValueError(f"block must be a multiple of 8, got {block}")
-        b = self.q.bits
-        for s in range(0, self.nq, block):
-            e = min(s + block, self.nq)
-            per = 8 // b
-            kc = self.k_codes[:, s // per: (e + per - 1) // per]
-            gid = self.group_of_tokens(s, e)
-            k = quant.dequantize_keys(kc, self.k_scale, self.k_zero, b, e - s, gid, dtype=dtype)
-            v = quant.dequantize_values(self.v_codes[:, s:e], self.v_scale[:, s:e], self.v_zero[:, s:e],
-                                        b, self.D, dtype=dtype)
-            yield k, v, (self.pos[s:e].long() if self.pos is not None else None)
-        for s in range(0, self.nr, block):
-            e = min(s + block, self.nr)
-            p = self.pos[self.nq + s: self.nq + e].long() if self.pos is not None else None
-            yield self.k_res[:, s:e].to(dtype), self.v_res[:, s:e].to(dtype), p
+        return iter_blocks(self, block, dtype)
 
     def dense(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """All tokens as (k, v) [B, n, D] (dequantized): for policies and merging, not attention."""
@@ -199,3 +184,69 @@ class HeadStore:
 
     def positions(self) -> Tensor | None:
         return None if self.pos is None else self.pos.long()
+
+
+def iter_blocks(st, block: int, dtype: torch.dtype = torch.float32
+                ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
+    """Blocks of a :class:`HeadStore` or a :class:`StackedHeads` (tensors with any leading axes,
+    tokens on axis -2; positions on the last axis). See :meth:`HeadStore.blocks`."""
+    if block % 8:
+        raise ValueError(f"block must be a multiple of 8, got {block}")
+    b, G = st.q.bits, st.q.group
+    # Before any eviction every key group holds exactly G tokens: scales index by t // G.
+    full_groups = b is not None and st.group_sizes.shape[-1] * G == st.nq
+    for s in range(0, st.nq, block):
+        e = min(s + block, st.nq)
+        per = 8 // b
+        kc = st.k_codes.narrow(-2, s // per, (e + per - 1) // per - s // per)
+        if full_groups and s % G == 0 and (e - s) % G == 0:  # fast path: no gather
+            k = quant.dequantize_keys(kc, st.k_scale.narrow(-2, s // G, (e - s) // G),
+                                      st.k_zero.narrow(-2, s // G, (e - s) // G), b, e - s, group=G, dtype=dtype)
+        else:
+            gid = st.group_of_tokens(s, e)
+            k = quant.dequantize_keys(kc, st.k_scale, st.k_zero, b, e - s, gid, dtype=dtype)
+        v = quant.dequantize_values(st.v_codes.narrow(-2, s, e - s), st.v_scale.narrow(-2, s, e - s),
+                                    st.v_zero.narrow(-2, s, e - s), b, st.D, dtype=dtype)
+        yield k, v, (st.pos[..., s:e].long() if st.pos is not None else None)
+    for s in range(0, st.nr, block):
+        e = min(s + block, st.nr)
+        p = st.pos[..., st.nq + s: st.nq + e].long() if st.pos is not None else None
+        yield st.k_res.narrow(-2, s, e - s).to(dtype), st.v_res.narrow(-2, s, e - s).to(dtype), p
+
+
+class StackedHeads:
+    """Read-only view of several :class:`HeadStore` of equal length and equal key-group layout,
+    stacked on axis 1 (tensors ``[B, H, ...]``, positions ``[H, n]``), so one block-wise pass
+    serves all heads. Built per forward: it copies the compressed codes, never dequantizes."""
+
+    def __init__(self, stores: list[HeadStore]) -> None:
+        first = stores[0]
+        self.q, self.D, self.B, self.nq = first.q, first.D, first.B, first.nq
+        self.device = first.device
+        for name, t in first.tensors().items():
+            if name == "pos":
+                continue
+            setattr(self, name, torch.stack([getattr(st, name) for st in stores], dim=1))
+        if first.q.bits is not None:
+            self.group_sizes = first.group_sizes
+        self.pos = torch.stack([st.pos for st in stores]) if first.pos is not None else None
+
+    @property
+    def nr(self) -> int:
+        return self.k_res.shape[-2]
+
+    def __len__(self) -> int:
+        return self.nq + self.nr
+
+    group_of_tokens = HeadStore.group_of_tokens
+
+    @staticmethod
+    def compatible(stores: list[HeadStore]) -> bool:
+        """True when the stores can be stacked: same token counts and the same key groups."""
+        a = stores[0]
+        for st in stores[1:]:
+            if st.nq != a.nq or st.nr != a.nr:
+                return False
+            if a.q.bits is not None and not torch.equal(st.group_sizes, a.group_sizes):
+                return False
+        return True

@@ -1,0 +1,103 @@
+"""Ragged per-head storage: nbytes is the sum of stored tensors, eviction is exact, ragged saves bytes."""
+
+import math
+
+import pytest
+import torch
+
+from memvisor.kv.storage import HeadStore, QuantConfig, StackedHeads
+
+B, D = 2, 64
+
+
+def make(bits, n, residual=32, track_pos=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    st = HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(bits, 32, residual), track_pos)
+    k, v = torch.randn(B, n, D, generator=g), torch.randn(B, n, D, generator=g)
+    st.append(k, v, torch.arange(n) if track_pos else None)
+    return st, k, v
+
+
+def expected_bytes(st):
+    """Independent count from the layout: codes + fp16 scales/zeros + int32 group sizes + residual + positions."""
+    nq, nr, b = st.nq, st.nr, st.q.bits
+    total = 2 * B * nr * D * 4  # fp32 residual k and v
+    if b is not None:
+        ng = st.group_sizes.numel()
+        total += B * math.ceil(nq * b / 8) * D  # key codes
+        total += 2 * B * ng * D * 2  # key scale + zero
+        total += ng * 4  # group sizes
+        total += B * nq * D * b // 8  # value codes
+        total += 2 * B * nq * (D // 32) * 2  # value scale + zero
+    if st.pos is not None:
+        total += (nq + nr) * 4
+    return total
+
+
+@pytest.mark.parametrize("bits", [None, 2, 4])
+def test_nbytes_is_sum_of_stored_tensors(bits):
+    st, _, _ = make(bits, 203, track_pos=True)
+    assert len(st) == 203
+    assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors().values())
+    assert st.nbytes() == expected_bytes(st)
+    if bits is not None:
+        assert st.nq == 160 and st.nr == 43  # whole groups flushed, R <= residual < R + G
+    st.keep(torch.tensor([0, 1, 5, 40, 77, 150, 170, 202]))
+    assert st.nbytes() == expected_bytes(st)
+
+
+def test_residual_policy_and_bits_per_element_kivi2():
+    st, _, _ = make(2, 32 * 64 + 40)
+    assert st.nr == 40 and st.nq == 32 * 64
+    q_bytes = st.nbytes() - 2 * B * st.nr * D * 4
+    bits = q_bytes * 8 / (2 * B * st.nq * D)
+    assert bits <= 3.01  # 2-bit codes + fp16 scale/zero per 32 + group sizes
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_eviction_keeps_survivors_exactly(bits):
+    st, _, _ = make(bits, 150, track_pos=True)
+    k_all, v_all = st.dense()
+    keep = torch.tensor([0, 3, 31, 32, 33, 63, 64, 100, 127, 128, 140, 149])
+    st.keep(keep)
+    k2, v2 = st.dense()
+    assert torch.equal(k2, k_all[:, keep]) and torch.equal(v2, v_all[:, keep])
+    assert torch.equal(st.positions(), keep)
+    assert int(st.group_sizes.sum()) == st.nq
+    # appending after an eviction (partial tail byte) re-packs the surviving codes exactly
+    nq = st.nq
+    assert nq % (8 // bits)  # the tail byte is partly filled: the hard case
+    st.append(torch.randn(B, 70, D), torch.randn(B, 70, D), torch.arange(150, 220))
+    k3, _ = st.dense()
+    assert st.nq > nq and torch.equal(k3[:, :nq], k_all[:, keep[:nq]])
+
+
+def test_residual_tokens_are_full_precision():
+    st, k, v = make(2, 100)
+    k_all, v_all = st.dense()
+    assert torch.equal(k_all[:, st.nq:], k[:, st.nq:]) and torch.equal(v_all[:, st.nq:], v[:, st.nq:])
+    assert not torch.equal(k_all[:, : st.nq], k[:, : st.nq])  # the old ones are quantized
+
+
+def test_ragged_heads_really_save_bytes():
+    a, _, _ = make(2, 300, seed=1)
+    b, _, _ = make(2, 300, seed=2)
+    before = a.nbytes() + b.nbytes()
+    a.keep(torch.arange(0, 300, 3))  # head a keeps a third, head b everything
+    assert len(a) == 100 and len(b) == 300
+    assert a.nbytes() + b.nbytes() < before * 0.7
+    assert not StackedHeads.compatible([a, b])
+
+
+def test_blocks_never_exceed_block_size_and_cover_all():
+    st, _, _ = make(4, 300)
+    sizes = [k.shape[1] for k, _, _ in st.blocks(64)]
+    assert max(sizes) <= 64 and sum(sizes) == 300
+    with pytest.raises(ValueError):
+        list(st.blocks(60))
+
+
+def test_keep_out_of_range_raises():
+    st, _, _ = make(None, 10)
+    with pytest.raises(IndexError):
+        st.keep(torch.tensor([0, 10]))
