@@ -6,6 +6,7 @@ re-wrap lines); nothing else is normalised, so a paraphrase or a truncated turn 
 """
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 
@@ -16,6 +17,7 @@ CATEGORIES = ("1", "2", "3", "4", "5")
 SCORED = ("1", "2", "3", "4")  # `overall` is the mean over questions of these categories
 
 
+@functools.lru_cache(maxsize=16)  # `full` hands the same 100 KB text for every question and budget
 def squash(text: str) -> str:
     return _WS.sub(" ", text).strip()
 
