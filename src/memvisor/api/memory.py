@@ -98,8 +98,14 @@ class Memory:
             conversations = load_conversations(source)
         records = []
         for conv in conversations:
+            previous = None
             for position, turn in enumerate(conv.turns):
-                records.append(dict(
+                # The previous turn of the same session is indexed with this one: a reply ("a year ago, in
+                # Paris") is found by the words of the question it answers.
+                same_session = previous is not None and previous.session == turn.session
+                context = f"{previous.speaker}: {previous.text}" if same_session else None
+                previous = turn
+                records.append(dict(context=context,
                     text=turn.text, user=user, session=turn.session, kind="episodic",
                     metadata={"speaker": turn.speaker, "turn_id": turn.source_id, "conversation": conv.id},
                     sources=[turn.source_id], valid_from=turn.time, thread=conv.id, position=position,
@@ -133,7 +139,7 @@ class Memory:
                        user=_check_name(r.get("user"), "user"), agent=_check_name(r.get("agent"), "agent"),
                        session=_check_name(r.get("session"), "session"), metadata=metadata, sources=sources,
                        valid_from=valid_from, valid_to=valid_to, thread=r.get("thread"),
-                       position=r.get("position"), key=r.get("key"))
+                       position=r.get("position"), context=r.get("context"), key=r.get("key"))
 
     def _write(self, items: list[NewItem], batch_size: int, progress: Progress | None) -> "AddResult":
         written: list[MemoryItem] = []
@@ -165,8 +171,9 @@ class Memory:
         changes = {"text": text and merged.text, "metadata": metadata, "kind": kind, "valid_from": start}
         vector = None
         if text is not None:
-            speaker = (metadata or head.metadata).get("speaker")
-            vector = self.embedder.encode([f"{speaker}: {merged.text}" if speaker else merged.text])[0]
+            merged.metadata = metadata if metadata is not None else head.metadata
+            merged.context = self.store.head_row(namespace, memory_id)["context"]
+            vector = self.embedder.encode([_embedding_text(merged)])[0]
         return self.store.revise(namespace, memory_id, "update", changes, vector)
 
     def invalidate(self, memory_id: str, *, namespace: str = "default", at: Any = None,
@@ -251,8 +258,8 @@ class AddResult:
 
 
 def _embedding_text(item: NewItem) -> str:
-    speaker = item.metadata.get("speaker")
-    return f"{speaker}: {item.text}" if isinstance(speaker, str) and speaker else item.text
+    line = f"{item.speaker}: {item.text}" if item.speaker else item.text
+    return f"{item.context}\n{line}" if item.context else line
 
 
 def _check_query(query: str) -> None:

@@ -23,7 +23,7 @@ from memvisor.types import IngestReport
 
 FORMAT = "memvisor-namespace"
 ITEM_FIELDS = ("rid", "id", "version", "kind", "user_id", "agent_id", "session_id", "thread", "position", "text",
-               "metadata", "sources", "status", "valid_from", "valid_to", "recorded_at", "expired_at", "seq")
+               "context", "speaker", "metadata", "sources", "status", "valid_from", "valid_to", "recorded_at", "expired_at", "seq")
 
 
 def export_namespace(store: SQLiteStore, namespace: str, directory: Path) -> Path:
@@ -108,7 +108,8 @@ def import_namespace(store: SQLiteStore, directory: Path) -> IngestReport:
             cur.execute(f"INSERT INTO items (namespace, {', '.join(ITEM_FIELDS[1:])}) "
                         f"VALUES (?, {', '.join('?' * (len(ITEM_FIELDS) - 1))})", [namespace, *values])
             rid = rid_map[row["rid"]] = cur.lastrowid
-            cur.execute("INSERT INTO items_fts (rowid, text) VALUES (?, ?)", (rid, row["text"]))
+            cur.execute("INSERT INTO items_fts (rowid, text, context) VALUES (?, ?, ?)",
+                        (rid, row["text"], row["context"]))
             cur.execute("INSERT INTO vectors VALUES (?, ?)", (rid, vec_by_rid[row["rid"]].astype(np.float16).tobytes()))
         for e in events:  # the log refers to rows by rid: rewrite to the new ones
             payload = dict(e["payload"])

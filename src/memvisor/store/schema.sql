@@ -15,6 +15,7 @@ CREATE TABLE IF NOT EXISTS events (
     recorded_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_item ON events (namespace, item_id);
+CREATE INDEX IF NOT EXISTS events_by_seq ON events (namespace, seq);
 
 CREATE TABLE IF NOT EXISTS items (
     rid         INTEGER PRIMARY KEY,    -- one row per stored version; also the FTS rowid and the ANN key
@@ -28,6 +29,8 @@ CREATE TABLE IF NOT EXISTS items (
     thread      TEXT,                   -- the stream it came from (a conversation), for neighbours
     position    INTEGER,                -- its place in that stream
     text        TEXT NOT NULL,
+    context     TEXT,                   -- what gives the text its meaning (the previous turn): indexed, not shown
+    speaker     TEXT,                   -- who said it (metadata.speaker), indexed for speaker-aware ranking
     metadata    TEXT NOT NULL,          -- JSON object
     sources     TEXT NOT NULL,          -- JSON list of source ids
     status      TEXT NOT NULL,          -- active | superseded | invalidated
@@ -40,6 +43,7 @@ CREATE TABLE IF NOT EXISTS items (
 CREATE INDEX IF NOT EXISTS items_by_id ON items (namespace, id, version);
 CREATE INDEX IF NOT EXISTS items_current ON items (namespace, expired_at, valid_from);
 CREATE INDEX IF NOT EXISTS items_thread ON items (namespace, thread, position);
+CREATE INDEX IF NOT EXISTS items_speaker ON items (namespace, speaker);
 
 -- Idempotency: a client key or a content hash maps to the memory it created.
 CREATE TABLE IF NOT EXISTS item_keys (
@@ -48,7 +52,7 @@ CREATE TABLE IF NOT EXISTS item_keys (
 );
 
 CREATE VIRTUAL TABLE IF NOT EXISTS items_fts USING fts5 (
-    text, content='items', content_rowid='rid', tokenize='porter unicode61 remove_diacritics 2'
+    text, context, content='items', content_rowid='rid', tokenize='porter unicode61 remove_diacritics 2'
 );
 
 CREATE TABLE IF NOT EXISTS vectors (rid INTEGER PRIMARY KEY, vec BLOB NOT NULL);  -- float16, unit norm

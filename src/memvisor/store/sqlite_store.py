@@ -30,7 +30,7 @@ SCHEMA_VERSION = 1
 SAVE_EVERY = 50_000
 
 ITEM_COLUMNS = ("rid, id, namespace, version, kind, user_id, agent_id, session_id, thread, position, text, "
-                "metadata, sources, status, valid_from, valid_to, recorded_at, expired_at, seq")
+                "context, speaker, metadata, sources, status, valid_from, valid_to, recorded_at, expired_at, seq")
 
 
 @dataclass
@@ -49,7 +49,13 @@ class NewItem:
     valid_to: str | None
     thread: str | None = None
     position: int | None = None
+    context: str | None = None  # indexed with the text (e.g. the previous turn), never shown as the memory
     key: str | None = None  # idempotency key; a content hash when the client gives none
+
+    @property
+    def speaker(self) -> str | None:
+        value = self.metadata.get("speaker")
+        return value if isinstance(value, str) and value else None
 
     def idempotency_key(self) -> str:
         if self.key:
@@ -84,6 +90,7 @@ class SQLiteStore:
         self._check_meta(embedder_name)
         (home / "vectors").mkdir(exist_ok=True)
         self._indexes: dict[str, VectorIndex] = {}
+        self._speakers: dict[str, tuple[int, frozenset[str]]] = {}
 
     def _check_meta(self, embedder_name: str) -> None:
         meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
@@ -139,7 +146,7 @@ class SQLiteStore:
                 payload = {"text": item.text, "kind": item.kind, "user": item.user, "agent": item.agent,
                            "session": item.session, "metadata": item.metadata, "sources": item.sources,
                            "valid_from": item.valid_from, "valid_to": item.valid_to, "key": key,
-                           "thread": item.thread, "position": item.position}
+                           "thread": item.thread, "position": item.position, "context": item.context}
                 seq = self._event(cur, item.namespace, "add", item_id, payload, now)
                 rid = self._insert_row(cur, seq, item_id, 1, item, "active", item.valid_from, item.valid_to,
                                        now, vec)
@@ -162,13 +169,13 @@ class SQLiteStore:
                     vec: np.ndarray | bytes) -> int:
         cur.execute(
             "INSERT INTO items (id, namespace, version, kind, user_id, agent_id, session_id, thread, position, "
-            "text, metadata, sources, status, valid_from, valid_to, recorded_at, expired_at, seq) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+            "text, context, speaker, metadata, sources, status, valid_from, valid_to, recorded_at, expired_at, seq) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?)",
             (item_id, item.namespace, version, item.kind, item.user, item.agent, item.session, item.thread,
-             item.position, item.text, json.dumps(item.metadata, ensure_ascii=False),
+             item.position, item.text, item.context, item.speaker, json.dumps(item.metadata, ensure_ascii=False),
              json.dumps(item.sources, ensure_ascii=False), status, valid_from, valid_to, recorded_at, seq))
         rid = cur.lastrowid
-        cur.execute("INSERT INTO items_fts (rowid, text) VALUES (?, ?)", (rid, item.text))
+        cur.execute("INSERT INTO items_fts (rowid, text, context) VALUES (?, ?, ?)", (rid, item.text, item.context))
         blob = vec if isinstance(vec, bytes) else np.asarray(vec, dtype=np.float16).tobytes()
         cur.execute("INSERT INTO vectors VALUES (?, ?)", (rid, blob))
         return rid
@@ -184,7 +191,7 @@ class SQLiteStore:
         """
         now = timeutil.now()
         with self.transaction() as cur:
-            head = self._head_row(cur, namespace, item_id)
+            head = self.head_row(namespace, item_id, cur)
             old = self._as_new_item(head)
             cur.execute("UPDATE items SET expired_at=?, status='superseded' WHERE rid=?", (now, head["rid"]))
             seq = self._event(cur, namespace, op, item_id, dict(changes), now)
@@ -207,21 +214,21 @@ class SQLiteStore:
                                              start if start is not None else head["valid_from"],
                                              head["valid_to"], now, vec))
             self._set_rids(cur, seq, dict(changes), rids)
-        return self.head(namespace, item_id, include_ended=True)
+        return self.head(namespace, item_id)
 
     def delete(self, namespace: str, item_id: str) -> int:
         """Hard delete: every version leaves the items, full-text and vector tables; earlier events of the
         item keep only a tombstone (their text is redacted). Returns the number of version rows removed."""
         now = timeutil.now()
         with self.transaction() as cur:
-            rows = cur.execute("SELECT rid, text FROM items WHERE namespace=? AND id=?",
+            rows = cur.execute("SELECT rid, text, context FROM items WHERE namespace=? AND id=?",
                                (namespace, item_id)).fetchall()
             if not rows:
                 raise UnknownMemory(f"no memory {item_id!r} in namespace {namespace!r}")
             rids = [r["rid"] for r in rows]
             for r in rows:
-                cur.execute("INSERT INTO items_fts (items_fts, rowid, text) VALUES ('delete', ?, ?)",
-                            (r["rid"], r["text"]))
+                cur.execute("INSERT INTO items_fts (items_fts, rowid, text, context) VALUES ('delete', ?, ?, ?)",
+                            (r["rid"], r["text"], r["context"]))
             marks = ",".join("?" * len(rids))
             cur.execute(f"DELETE FROM vectors WHERE rid IN ({marks})", rids)
             cur.execute(f"DELETE FROM items WHERE rid IN ({marks})", rids)
@@ -236,22 +243,23 @@ class SQLiteStore:
         return NewItem(namespace=row["namespace"], text=row["text"], kind=row["kind"], user=row["user_id"],
                        agent=row["agent_id"], session=row["session_id"], metadata=json.loads(row["metadata"]),
                        sources=json.loads(row["sources"]), valid_from=row["valid_from"],
-                       valid_to=row["valid_to"], thread=row["thread"], position=row["position"])
+                       valid_to=row["valid_to"], thread=row["thread"], position=row["position"],
+                       context=row["context"])
 
     # ---- reads ----------------------------------------------------------------------------------
 
-    def _head_row(self, cur: sqlite3.Cursor | sqlite3.Connection, namespace: str, item_id: str,
-                  include_ended: bool = True) -> sqlite3.Row:
-        row = cur.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE namespace=? AND id=? AND expired_at IS NULL "
+    def head_row(self, namespace: str, item_id: str, cur: sqlite3.Cursor | None = None) -> sqlite3.Row:
+        """The row of the newest believed version."""
+        row = (cur or self.db).execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE namespace=? AND id=? AND expired_at IS NULL "
                           "ORDER BY version DESC, rid DESC LIMIT 1", (namespace, item_id)).fetchone()
         if row is None:
             self.require_namespace(namespace)
             raise UnknownMemory(f"no memory {item_id!r} in namespace {namespace!r}")
         return row
 
-    def head(self, namespace: str, item_id: str, include_ended: bool = True) -> MemoryItem:
+    def head(self, namespace: str, item_id: str) -> MemoryItem:
         """The newest believed version of a memory."""
-        return row_to_item(self._head_row(self.db, namespace, item_id, include_ended))
+        return row_to_item(self.head_row(namespace, item_id))
 
     def versions(self, namespace: str, item_id: str) -> list[MemoryItem]:
         rows = self.db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE namespace=? AND id=? ORDER BY rid",
@@ -283,13 +291,16 @@ class SQLiteStore:
             out.update({r["rid"]: r for r in self.db.execute(sql, args)})
         return out
 
-    def full_text(self, match: str, filters: Filters, limit: int) -> list[tuple[int, float]]:
+    def full_text(self, match: str, filters: Filters, limit: int,
+                  context_weight: float = 0.5) -> list[tuple[int, float]]:
         """(rid, bm25) best first; `match` is an FTS5 expression built by the caller from quoted terms.
+        A term found in `context` counts `context_weight` as much as one in the text itself.
         FTS5's bm25() is lower-is-better; it is negated here so higher is better everywhere."""
         where, args = filters.where()
+        rank = f"bm25(items_fts, 1.0, {float(context_weight)!r})"
         rows = self.db.execute(
-            f"SELECT items.rid, bm25(items_fts) FROM items_fts JOIN items ON items.rid = items_fts.rowid "
-            f"WHERE items_fts MATCH ? AND {where} ORDER BY bm25(items_fts) LIMIT ?", [match, *args, limit])
+            f"SELECT items.rid, {rank} FROM items_fts JOIN items ON items.rid = items_fts.rowid "
+            f"WHERE items_fts MATCH ? AND {where} ORDER BY {rank} LIMIT ?", [match, *args, limit])
         return [(r[0], -r[1]) for r in rows]
 
     def thread_rows(self, namespace: str, thread: str, first: int, last: int,
@@ -298,6 +309,19 @@ class SQLiteStore:
         return self.db.execute(
             f"SELECT {ITEM_COLUMNS} FROM items WHERE thread=? AND position BETWEEN ? AND ? AND {where} "
             "ORDER BY position", [thread, first, last, *args]).fetchall()
+
+    def last_seq(self, namespace: str) -> int:
+        return self.db.execute("SELECT max(seq) FROM events WHERE namespace=?", (namespace,)).fetchone()[0] or 0
+
+    def speakers(self, namespace: str) -> frozenset[str]:
+        """Distinct speakers of a namespace; cached until the namespace's log moves on."""
+        seq = self.last_seq(namespace)
+        cached = self._speakers.get(namespace)
+        if cached is None or cached[0] != seq:
+            names = frozenset(r[0] for r in self.db.execute(
+                "SELECT DISTINCT speaker FROM items WHERE namespace=? AND speaker IS NOT NULL", (namespace,)))
+            cached = self._speakers[namespace] = (seq, names)
+        return cached[1]
 
     def count(self, filters: Filters) -> int:
         where, args = filters.where()
@@ -315,7 +339,7 @@ class SQLiteStore:
         return index
 
     def _catch_up(self, namespace: str, index: VectorIndex) -> None:
-        last = self.db.execute("SELECT max(seq) FROM events WHERE namespace=?", (namespace,)).fetchone()[0] or 0
+        last = self.last_seq(namespace)
         if last == index.applied_seq:
             return
         if last < index.applied_seq:  # the index is newer than the database (restored backup?): rebuild

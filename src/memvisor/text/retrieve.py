@@ -5,7 +5,6 @@ object with `retrieve(store, embedder, query, filters, limit) -> list[Candidate]
 """
 from __future__ import annotations
 
-import json
 import math
 import sqlite3
 from dataclasses import dataclass, field
@@ -58,12 +57,15 @@ class HybridRetriever:
 
     score = w_bm25 / (rrf_k + bm25_rank) + w_vec / (rrf_k + vector_rank)      (ranks from 1)
             + recency_weight * 2^(-age / half_life)                              (age vs the newest candidate)
-            + speaker_weight * [the memory's speaker is named in the query]
-    Knobs are set once for all data (tuned on the LoCoMo development set, never per conversation).
+            + speaker_weight * [the memory's speaker is the one person the query names]
+    A named speaker's name is left out of the full-text query: in a conversation it matches the other
+    side's greetings ("Hey Caroline!"), not what Caroline said. Knobs are set once for all data (tuned on
+    the LoCoMo development set, never per conversation or question).
     """
 
     def __init__(self, pool: int = 200, rrf_k: int = 60, w_bm25: float = 1.0, w_vec: float = 1.0,
-                 recency_weight: float = 0.0, half_life_days: float = 30.0, speaker_weight: float = 0.0):
+                 recency_weight: float = 0.0, half_life_days: float = 30.0, speaker_weight: float = 0.01,
+                 context_weight: float = 0.5):
         self.pool = pool
         self.rrf_k = rrf_k
         self.w_bm25 = w_bm25
@@ -71,14 +73,17 @@ class HybridRetriever:
         self.recency_weight = recency_weight
         self.half_life_days = half_life_days
         self.speaker_weight = speaker_weight
+        self.context_weight = context_weight
 
     def retrieve(self, store: SQLiteStore, embedder: Embedder, query: str, filters: Filters,
                  limit: int) -> list[Candidate]:
         pool = max(self.pool, limit)
+        words = terms(query)
+        named = named_speaker(words, store.speakers(filters.namespace))
         by_rid: dict[int, Candidate] = {}
-        match = fts_match(query)
+        match = fts_match(" ".join(w for w in words if w != (named or "").lower()))
         if match:
-            text_hits = store.full_text(match, filters, pool)
+            text_hits = store.full_text(match, filters, pool, self.context_weight)
             rows = store.rows([rid for rid, _ in text_hits])
             for rank, (rid, _score) in enumerate(text_hits, start=1):
                 by_rid[rid] = Candidate(row=rows[rid], bm25_rank=rank)
@@ -87,12 +92,11 @@ class HybridRetriever:
             cand = by_rid.setdefault(rid, Candidate(row=row))
             cand.vector_rank, cand.vector_similarity = rank, sim
         candidates = list(by_rid.values())
-        self._score(candidates, query)
+        self._score(candidates, named)
         candidates.sort(key=lambda c: -c.score)
         return candidates[:limit]
 
-    def _score(self, candidates: list[Candidate], query: str) -> None:
-        query_words = set(terms(query))
+    def _score(self, candidates: list[Candidate], named: str | None) -> None:
         times = [timeutil.parse(c.row["valid_from"]).timestamp() for c in candidates if c.row["valid_from"]]
         newest = max(times) if times else 0.0
         for c in candidates:
@@ -101,12 +105,13 @@ class HybridRetriever:
             if self.recency_weight and c.row["valid_from"]:
                 age_days = (newest - timeutil.parse(c.row["valid_from"]).timestamp()) / 86400
                 c.time_boost = self.recency_weight * math.pow(2.0, -age_days / self.half_life_days)
-            speaker = _speaker(c.row)
-            if self.speaker_weight and speaker and speaker.lower() in query_words:
+            if named and c.row["speaker"] == named:
                 c.speaker_boost = self.speaker_weight
             c.score = c.fused + c.time_boost + c.speaker_boost
 
 
-def _speaker(row: sqlite3.Row) -> str | None:
-    value = json.loads(row["metadata"]).get("speaker")
-    return value if isinstance(value, str) else None
+def named_speaker(query_words: list[str], speakers: frozenset[str]) -> str | None:
+    """The one speaker whose (first) name the query uses; None when it names none or several."""
+    words = set(query_words)
+    named = [s for s in speakers if s.lower() in words or s.split()[0].lower() in words]
+    return named[0] if len(named) == 1 else None
