@@ -94,3 +94,31 @@ def test_h2o_ragged_heads_and_reset():
     assert [x.tolist() for x in kept] == [[1, 4], [1, 2]]
     pol.reset()
     assert pol.acc is None
+
+
+def test_h2o_ragged_eviction_then_new_tokens_land_at_each_heads_end():
+    # 2 KV heads (1 query head each), 6 tokens, one-hot keys; every query looks at token 2
+    D = 8
+    k = torch.zeros(1, 2, 6, D)
+    for t in range(6):
+        k[0, :, t, t] = 1.0
+    q = torch.zeros(1, 2, 6, D)
+    q[0, :, 2:, 2] = STRONG  # queries 0, 1 cannot see token 2: they spread uniformly
+    pol = H2O(recent=1, scaling=1.0)
+    pol.observe(q, k)
+    before = pol.scores(k, k)[0].clone()
+    kept = [torch.tensor([0, 2, 5]), torch.tensor([2, 5])]  # ragged: head 0 keeps 3, head 1 keeps 2
+    pol.on_evict(kept)
+    # storage after eviction (padded to 3) + one new token per head at each head's own end
+    lengths = torch.tensor([4, 3])
+    k2 = torch.zeros(1, 2, 4, D)
+    for h, idx in enumerate(kept):
+        k2[0, h, : len(idx)] = k[0, h, idx]
+        k2[0, h, len(idx), 6] = 1.0  # the new token's key
+    dq = torch.zeros(1, 2, 1, D)
+    dq[0, :, 0, 6] = STRONG  # the decode query looks at the new token
+    pol.observe(dq, k2, lengths=lengths)
+    s = pol.scores(k2, k2, lengths=lengths)[0]
+    assert torch.allclose(s[0, :3], before[0, [0, 2, 5]], atol=1e-6) and s[0, 3] == pytest.approx(1.0, abs=1e-6)
+    assert torch.allclose(s[1, :2], before[1, [2, 5]], atol=1e-6) and s[1, 2] == pytest.approx(1.0, abs=1e-6)
+    assert s[1, 3] == float("-inf")
