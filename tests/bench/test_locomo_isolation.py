@@ -109,3 +109,12 @@ def test_command_writes_results_in_the_issue_shape(tmp_path):
     assert res["systems"]["full"]["recall"]["16"]["overall"] == 1.0
     assert "| bm25 |" in (out / "results.md").read_text()
     assert (out / "recall.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A later run of one system, merged with the earlier folder, keeps the others.
+    out2 = tmp_path / "out2"
+    r = CliRunner().invoke(app, ["bench", "locomo", "--data", str(data), "--budgets", "16,64",
+                                 "--systems", "recency", "--out", str(out2), "--merge", str(out)])
+    assert r.exit_code == 0, r.output
+    merged = json.loads((out2 / "results.json").read_text())
+    assert set(merged["systems"]) == {"bm25", "recency", "full"}
+    assert merged["earlier_commands"]

@@ -33,14 +33,14 @@ def _ints(text: str, what: str) -> list[int]:
 def run_locomo(data: Path, out: Path, conversations: str = "", budgets: str = "256,512,1024,2048",
                systems: str = DEFAULT_SYSTEMS, mem0_python: str = "", llm_base_url: str = "",
                llm_model: str = "", llm_judge_model: str = "", answer_budget: int = 0,
-               command: str = "") -> dict:
+               command: str = "", merge: list[Path] | None = None) -> dict:
     """Run every system's worker, then write results.json, results.md and recall.png into `out`."""
     from memvisor.bench.common import load_average, machine_description
     from memvisor.bench.locomo_data import file_sha256, load_conversations
     from memvisor.bench.locomo_report import markdown, plot
     from memvisor.bench.locomo_run import SYSTEMS
 
-    names = [s.strip() for s in systems.split(",") if s.strip()]
+    names = [s.strip() for s in systems.split(",") if s.strip()]  # may be empty with --merge
     unknown = [s for s in names if s not in SYSTEMS]
     if unknown:
         raise InvalidInput(f"unknown systems {unknown}; choose from {', '.join(SYSTEMS)}")
@@ -62,19 +62,32 @@ def run_locomo(data: Path, out: Path, conversations: str = "", budgets: str = "2
         "systems": {},
         "failed": {},
     }
-    previous = out / "results.json"
-    if previous.exists():
-        # Systems run earlier on the same data stay (re-run one system without re-running all).
+    # Systems run earlier on the same data stay (re-run one system without re-running all), and
+    # `merge` folders (runs made side by side) add theirs; the newest run of a system wins.
+    earlier = set()
+    for folder in [out, *(merge or [])]:
+        previous = Path(folder) / "results.json"
+        if not previous.exists():
+            if folder != out:
+                raise InvalidInput(f"--merge {folder}: no results.json there")
+            continue
         try:
             old = json.loads(previous.read_text())
         except json.JSONDecodeError:
-            old = {}
-        if old.get("dataset", {}).get("sha256") == results["dataset"]["sha256"] and \
-                old["dataset"].get("conversations") == results["dataset"]["conversations"]:
-            kept = {k: v for k, v in old.get("systems", {}).items() if k not in names}
-            results["systems"].update(kept)
-            results["earlier_commands"] = sorted(set(old.get("earlier_commands", []) +
-                                                     [old.get("command", "")]) - {"", command})
+            raise InvalidInput(f"{previous} is not valid JSON") from None
+        same = old.get("dataset", {}).get("sha256") == results["dataset"]["sha256"] and \
+            old["dataset"].get("conversations") == results["dataset"]["conversations"]
+        if not same:
+            if folder != out:
+                raise InvalidInput(f"--merge {folder}: another data file or conversation set")
+            continue
+        for k, v in old.get("systems", {}).items():
+            if k not in names and (k not in results["systems"] or
+                                   v.get("date", "") >= results["systems"][k].get("date", "")):
+                results["systems"][k] = v
+        earlier |= set(old.get("earlier_commands", [])) | {old.get("command", "")}
+    if earlier - {"", command}:
+        results["earlier_commands"] = sorted(earlier - {"", command})
     for i, name in enumerate(names, start=1):
         python = (mem0_python or os.environ.get("MEMVISOR_MEM0_PYTHON") or sys.executable) \
             if name.startswith("mem0") else sys.executable
@@ -108,6 +121,16 @@ def run_locomo(data: Path, out: Path, conversations: str = "", budgets: str = "2
     return results
 
 
+def _command(verb: str, **options) -> str:
+    """The command line that reproduces a run (options left empty are omitted)."""
+    parts = ["memvisor", "bench", verb]
+    for key, value in options.items():
+        for v in (value if isinstance(value, list) else [value]):
+            if v not in ("", 0, None):
+                parts += [f"--{key.replace('_', '-')}", str(v)]
+    return shlex.join(parts)
+
+
 def register(bench_app: typer.Typer) -> None:
     """Add `locomo` and `scale` to the `memvisor bench` group."""
 
@@ -126,11 +149,15 @@ def register(bench_app: typer.Typer) -> None:
         llm_model: str = typer.Option("", "--llm-model", envvar="MEMVISOR_LLM_MODEL"),
         llm_judge_model: str = typer.Option("", "--llm-judge-model", help="also grade answers with this model"),
         answer_budget: int = typer.Option(0, "--answer-budget", help="budget to answer from (default 1024)"),
+        merge: list[Path] = typer.Option([], "--merge", help="also take the systems of these earlier "
+                                         "output folders (same data); repeatable"),
     ) -> None:
         """LoCoMo evidence recall within token budgets, systems side by side."""
-        cmd = "memvisor bench locomo " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])
+        cmd = _command("locomo", data=data, conversations=conversations, budgets=budgets, systems=systems,
+                       llm_base_url=llm_base_url, llm_model=llm_model, llm_judge_model=llm_judge_model,
+                       answer_budget=answer_budget, merge=merge, out=out)
         results = run_locomo(data, out, conversations, budgets, systems, mem0_python, llm_base_url,
-                             llm_model, llm_judge_model, answer_budget, command=cmd)
+                             llm_model, llm_judge_model, answer_budget, command=cmd, merge=merge)
         typer.echo((out / "results.md").read_text())
         if results.get("failed"):
             raise typer.Exit(code=1)
@@ -148,7 +175,7 @@ def register(bench_app: typer.Typer) -> None:
         """Ingest throughput, search/context latency, RSS and disk per memory at growing sizes."""
         from memvisor.bench.scale import run_scale
 
-        cmd = "memvisor bench scale " + shlex.join(sys.argv[3:] if len(sys.argv) > 3 else [])
+        cmd = _command("scale", n=n, systems=systems, mem0_max=mem0_max, queries=queries, seed=seed, out=out)
         run_scale(_ints(n, "--n"), out, [s for s in systems.split(",") if s], mem0_max=mem0_max,
                   queries=queries, mem0_python=mem0_python, seed=seed, command=cmd)
         typer.echo((out / "scale.md").read_text())
