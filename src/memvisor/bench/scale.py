@@ -67,7 +67,7 @@ def _f(x, d=1):
 
 def markdown(results: dict) -> str:
     runs = results["runs"]
-    lines = [f"# Scale — synthetic memories (`memvisor.bench.synthetic`)", "",
+    lines = ["# Scale — synthetic memories (`memvisor.bench.synthetic`)", "",
              f"Machine: {results['machine']}; date {results['date']}.", ""]
     lines += [f"Command: `{c}`" for c in results.get("commands", [])]
     lines += ["", "| system | n | ingest /s | search p50 / p95 / p99 ms | context p50 / p95 ms (1,024 tok) "
