@@ -7,12 +7,13 @@ one, a prefill block replaces them with its last ``window``). ``scores`` then le
 remembered query's softmax row over the keys (causally masked: the window's query i sees keys up to its
 own position; GQA: mean over the KV head's query group), summed over the window, restricted to the
 prefix (tokens older than the window; window tokens are protected, not scored), then pooled along the
-token axis with a 1-D ``pooling`` ("max", default, as the authors' code; or "avg" as kvpress) of odd
-``kernel`` (default 5), stride 1, zero padding, so neighbours of a voted token survive with it.
+token axis with a 1-D ``pooling`` ("avg", default, as in the authors' code and kvpress; or "max") of odd
+``kernel`` (default 5), stride 1, zero padding (counted in the average), so neighbours of a voted token
+survive with it.
 
 Shapes/units: queries [B, Hq, Tq, D], keys [B, Hkv, T, D]; ``scores`` -> float32 [B, Hkv, T] in
 attention-probability mass (sum of ``window`` rows; pooled). ``protected(T)``: the last ``window``.
-Knobs: ``window`` (tokens, default 32; the paper uses 32-64), ``kernel`` (default 5), ``pooling``,
+Knobs: ``window`` (tokens, default 32; the paper uses 32-64, its code 64), ``kernel`` (default 5), ``pooling``,
 ``scaling`` (logit scale, default 1/sqrt(D)), ``sinks`` (default 0).
 The remembered queries must be the newest ``window`` tokens of the layer; they stay valid across
 eviction because the window is protected. ``observe`` reads only the queries (``observe_uses_keys`` is
@@ -40,7 +41,7 @@ class SnapKV(TokenPolicy):
         self,
         window: int = 32,
         kernel: int = 5,
-        pooling: str = "max",
+        pooling: str = "avg",
         scaling: float | None = None,
         sinks: int = 0,
     ) -> None:
