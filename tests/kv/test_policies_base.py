@@ -137,3 +137,17 @@ def test_scissorhands_average_counts_only_keys_inside_the_window():
     pol = Scissorhands(history=4, recent=0, scaling=1.0)
     pol.observe(q, k, positions=torch.tensor([[0, 1, 2, 3]]), window=2)
     assert pol.counts(4)[0, 0].tolist() == [0, 0, 0, 1]  # 1/3 < average 1/2 of a 2-key window
+
+
+def test_knobs_are_plain_json_data():
+    import json
+
+    from memvisor.kv.policies import knobs
+
+    pol = make_policy("h2o", recent=8)
+    assert knobs(pol) == {"name": "h2o", "recent": 8, "sinks": 0, "scaling": None, "chunk": 256}
+    pol.observe(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+    k = knobs(pol)
+    assert k == {"name": "h2o", "recent": 8, "sinks": 0, "scaling": None, "chunk": 256}
+    assert knobs(make_policy("sensitivity", sensitivity=[1.0, 2.0]))["sensitivity"] == [1.0, 2.0]
+    json.dumps(k)

@@ -39,6 +39,7 @@ from memvisor.kv.policies.base import (
     MergePolicy,
     PolicyError,
     TokenPolicy,
+    knobs,
     select,
     valid_mask,
 )
@@ -104,6 +105,7 @@ __all__ = [
     "TokenPolicy",
     "UniformHeadBudget",
     "UniformLayerBudget",
+    "knobs",
     "make_policy",
     "measure_sensitivity",
     "select",

@@ -69,6 +69,7 @@ class TokenPolicy(ABC):
     name: str = "abstract"
     needs_queries: bool = True
     observe_uses_keys: bool = True
+    state_attrs: tuple[str, ...] = ()  # attributes holding statistics (not knobs)
 
     def observe(
         self,
@@ -121,6 +122,21 @@ class TokenPolicy(ABC):
         for h, n in enumerate(lengths.tolist()):
             out[h, :n] = self.protected(int(n))
         return out
+
+
+def knobs(policy: object) -> dict:
+    """The policy's name and knobs as plain JSON data (for results files): every public attribute
+    that is a bool, int, float, str, None or a list of those; statistics (the class's ``state_attrs``
+    and any tensor) are left out."""
+    plain = (bool, int, float, str, type(None))
+    out: dict = {"name": getattr(policy, "name", type(policy).__name__)}
+    state = set(getattr(policy, "state_attrs", ()))
+    for key, val in sorted(vars(policy).items()):
+        if key.startswith("_") or key in state:
+            continue
+        if isinstance(val, plain) or (isinstance(val, (list, tuple)) and all(isinstance(v, plain) for v in val)):
+            out[key] = list(val) if isinstance(val, tuple) else val
+    return out
 
 
 def valid_mask(lengths: Tensor | None, T: int, n_heads: int) -> Tensor:

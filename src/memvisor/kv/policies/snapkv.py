@@ -35,6 +35,7 @@ from memvisor.kv.policies._stats import finish_scores
 class SnapKV(TokenPolicy):
     name = "snapkv"
     needs_queries = True
+    state_attrs = ("queries",)
     observe_uses_keys = False
 
     def __init__(
