@@ -1,0 +1,71 @@
+"""memvisor's own methods for the KV benchmark, named like ``kivi2``, ``snapkv``, ``kivi4+snapkv``.
+
+A name is ``+``-joined parts: at most one quantizer (``kivi2``, ``kivi4``) and at most one token
+policy from :data:`memvisor.kv.policies.POLICIES` (``snapkv``, ``streaming``, ``h2o``, ``knorm``,
+``scissorhands``), optionally ``adakv`` (ragged head budgets) and ``pyramid`` (PyramidKV layer
+budgets). ``none`` is the uncompressed CompressedCache (block-wise prefill's own noise floor).
+Every method gets ``budget_bytes`` and is prefilled block-wise (bounded peak): the budget is the
+only knob; a quantizer alone meets a budget tighter than its own ratio by keeping the most recent
+tokens (the cache's default when no token policy is given).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from memvisor.bench.kv_peers import Method
+
+DEFAULT_METHODS = ["kivi2", "kivi4", "snapkv", "streaming", "kivi4+snapkv", "kivi2+snapkv"]
+_QUANT = {"kivi2", "kivi4"}
+_TOKEN = {"snapkv", "streaming", "h2o", "knorm", "scissorhands"}
+
+
+def parse_method(name: str) -> dict:
+    """``kivi4+snapkv`` -> {"quant": "kivi4", "token": "snapkv", "head": None, "layer": None}."""
+    parts = [p.strip() for p in name.split("+") if p.strip()]
+    spec: dict = {"quant": "none", "token": None, "head": None, "layer": None}
+    if parts == ["none"]:
+        return spec
+    for p in parts:
+        if p in _QUANT and spec["quant"] == "none":
+            spec["quant"] = p
+        elif p in _TOKEN and spec["token"] is None:
+            spec["token"] = p
+        elif p == "adakv" and spec["head"] is None:
+            spec["head"] = p
+        elif p == "pyramid" and spec["layer"] is None:
+            spec["layer"] = p
+        else:
+            raise ValueError(f"bad method {name!r}: part {p!r} unknown or repeated; use + joined parts of "
+                             f"{sorted(_QUANT)}, {sorted(_TOKEN)}, adakv, pyramid, or 'none'")
+    if not parts:
+        raise ValueError("empty method name")
+    return spec
+
+
+def memvisor_method(name: str, model_config: Any, budget_bytes: int | None, block: int = 512) -> Method:
+    """A :class:`Method` building a fresh ``CompressedCache`` per run and prefilling block-wise."""
+    from memvisor.kv import CacheSpec, CompressedCache, prefill_blockwise
+    from memvisor.kv.policies import make_policy
+
+    spec = parse_method(name)
+
+    def new_cache() -> Any:
+        kw: dict = {}
+        if spec["token"] == "streaming":
+            kw["token_policy"] = make_policy("streaming", sinks=4)
+        elif spec["token"] is not None:
+            kw["token_policy"] = make_policy(spec["token"])
+        if spec["head"] == "adakv":
+            kw["head_budget"] = make_policy("adakv")
+        if spec["layer"] == "pyramid":
+            kw["layer_budget"] = make_policy("pyramid")
+        return CompressedCache(model_config, CacheSpec(budget_bytes=budget_bytes, quant=spec["quant"], **kw))
+
+    def prefill(model: Any, ids: torch.Tensor, cache: Any, key: str) -> Any:
+        res = prefill_blockwise(model, ids, cache, block=block)
+        return res.logits
+
+    return Method(name, new_cache, prefill, {"budget_bytes": budget_bytes, "block": block, **spec}, blockwise=True)

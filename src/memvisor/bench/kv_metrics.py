@@ -1,0 +1,162 @@
+"""Measurements of the KV benchmark: real cache bytes, fidelity against the uncompressed model, peaks.
+
+- :func:`cache_bytes`: bytes of every tensor a cache holds (memvisor's ``nbytes()``; for transformers'
+  caches every tensor attribute of every layer, quantized tensor subclasses unpacked into their
+  inner tensors): what stays allocated, whatever a method claims.
+- :func:`stored_elements`: K and V elements the cache represents (tokens kept x heads x head_dim x 2).
+- :func:`fidelity`: teacher-forced top-1 agreement and mean per-token KL(P_full || P_method) over
+  the reference continuation, and free-running greedy agreement.
+- :class:`KVPeakTracker`: highest cache bytes seen right after any attention module ran (forward
+  hooks registered before a peer's own, so a layer a peer is about to compress is seen in full).
+- :class:`RSSPeak`: peak resident memory of the process during a block (sampled, psutil).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def _tensor_bytes(t: torch.Tensor, seen: set[int]) -> int:
+    if id(t) in seen:
+        return 0
+    seen.add(id(t))
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is not None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n), seen) for n in names)
+    return t.numel() * t.element_size()
+
+
+def _object_bytes(obj: Any, seen: set[int], depth: int = 0) -> int:
+    if isinstance(obj, torch.Tensor):
+        return _tensor_bytes(obj, seen)
+    if depth > 3 or id(obj) in seen:
+        return 0
+    if isinstance(obj, (list, tuple)):
+        seen.add(id(obj))
+        return sum(_object_bytes(x, seen, depth + 1) for x in obj)
+    if isinstance(obj, dict):
+        seen.add(id(obj))
+        return sum(_object_bytes(x, seen, depth + 1) for x in obj.values())
+    return 0
+
+
+def cache_bytes(cache: Any) -> int:
+    """Real bytes held by ``cache`` (memvisor CompressedCache, DynamicCache, QuantizedCache...)."""
+    if hasattr(cache, "nbytes") and callable(cache.nbytes):
+        return int(cache.nbytes())
+    seen: set[int] = set()
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for value in vars(layer).values():
+            total += _object_bytes(value, seen)
+    return total
+
+
+def stored_elements(cache: Any, head_dim: int) -> int:
+    """K + V elements represented: for each layer and KV head, tokens stored x head_dim, times 2."""
+    if hasattr(cache, "stored_tokens"):
+        tokens = sum(sum(heads) for heads in cache.stored_tokens())
+        return 2 * tokens * head_dim
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        n = 0
+        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
+            b, h, t, d = keys.shape
+            n += b * h * t * d
+        qk = getattr(layer, "_quantized_keys", None)
+        if qk is not None and hasattr(qk, "shape") and len(qk.shape) == 4:
+            b, h, t, d = qk.shape
+            n += b * h * t * d
+        total += 2 * n
+    return total
+
+
+@torch.no_grad()
+def fidelity(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict:
+    """Teacher-forced agreement of two ``[N, vocab]`` logit sequences over the same tokens.
+
+    Returns ``top1`` (fraction of positions whose argmax agrees) and ``kl`` (mean over positions of
+    KL(softmax(ref) || softmax(logits)), nats).
+    """
+    ref = ref_logits.float()
+    got = logits.float()
+    top1 = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    kl = F.kl_div(F.log_softmax(got, -1), F.log_softmax(ref, -1), log_target=True, reduction="none").sum(-1)
+    return {"top1": top1, "kl": kl.mean().item()}
+
+
+def greedy_agreement(ref_tokens: list[int], tokens: list[int]) -> float:
+    """Fraction of positions where a free-running greedy continuation equals the reference one."""
+    n = len(ref_tokens)
+    if n == 0:
+        return float("nan")
+    return sum(1 for a, b in zip(ref_tokens, tokens) if a == b) / n
+
+
+class KVPeakTracker:
+    """Highest ``cache_bytes(cache)`` seen right after each attention module of ``model`` ran.
+
+    Register BEFORE a peer installs its own hooks so that each layer is seen before a peer compresses
+    it. ``measure`` can be called any time; ``peak`` holds the maximum.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.cache: Any = None
+        self.peak = 0
+        self._handles = []
+        for name, module in model.named_modules():
+            if name.endswith("self_attn"):
+                self._handles.append(module.register_forward_hook(self._hook))
+
+    def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.measure()
+
+    def measure(self) -> None:
+        if self.cache is not None:
+            self.peak = max(self.peak, cache_bytes(self.cache))
+
+    def track(self, cache: Any) -> None:
+        self.cache = cache
+        self.peak = 0
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class RSSPeak:
+    """Context manager: ``peak_delta`` = peak resident bytes during the block minus the bytes at entry."""
+
+    def __init__(self, interval_s: float = 0.01) -> None:
+        self.interval_s = interval_s
+        self.peak_delta = 0
+
+    def __enter__(self) -> "RSSPeak":
+        import psutil
+
+        self._proc = psutil.Process()
+        self._start = self._proc.memory_info().rss
+        self._peak = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, self._proc.memory_info().rss)
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._proc.memory_info().rss)
+        self.peak_delta = self._peak - self._start
