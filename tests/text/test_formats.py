@@ -7,7 +7,7 @@ import pytest
 
 from memvisor.errors import MalformedFile
 from memvisor.text.formats import load_conversations, locomo_conversation, parse_locomo_time
-from tests.conftest import LOCOMO
+from tests.conftest import locomo_sample
 
 
 class Watched(dict):
@@ -31,15 +31,16 @@ class Watched(dict):
 
 
 def test_locomo_reader_never_reads_answers_or_summaries():
-    sample = Watched(json.loads(LOCOMO.read_text())[0])
+    sample = Watched(locomo_sample())
     conv = locomo_conversation(sample)
     assert sample.read <= {"sample_id", "conversation"}
-    assert len(conv.turns) == 419 and conv.id == "conv-26"
+    assert len(conv.turns) == 24 and conv.id == "conv-test"
     first = conv.turns[0]
     assert (first.speaker, first.source_id, first.session, first.time) == (
         "Caroline", "D1:1", "session_1", "2023-05-08T13:56:00.000000Z")
-    captions = [t for t in conv.turns if "[shares " in t.text]
-    assert captions, "image turns render their caption"
+    assert conv.turns[8].time == "2023-06-27T10:37:00.000000Z" and conv.turns[8].source_id == "D2:1"
+    bowl = next(t for t in conv.turns if t.source_id == "D2:7")
+    assert bowl.text.endswith("[shares a photo of a black and white bowl on a wooden table]")
 
 
 def test_locomo_time_parsing():
