@@ -1,13 +1,11 @@
 """SIGKILL during ingest: every acknowledged write survives and the indexes agree with the log."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 WRITER = r"""
 import sys
