@@ -156,18 +156,32 @@ class LayerCore:
     def _after_forward(self, query: Tensor) -> None:
         pol = self.cfg.policy
         if pol is not None and pol.needs_queries:
-            keys, _, lengths = self.padded()
-            ragged = bool((lengths != lengths[0]).any())
-            pol.observe(query.float(), keys, lengths=lengths if ragged else None)
+            self._observe(pol, query)
         before = self.nbytes()
         if self.cfg.window is not None:
             self._drop_out_of_window()
-        if self.cfg.budget_bytes is not None:
-            self.compress()
+        # Quantize first: the budget is judged on what the layer will keep storing, not on a
+        # prefill block still waiting in full precision.
         for st in self.stores:
             st.flush()
+        if self.cfg.budget_bytes is not None:
+            self.compress()
+            for st in self.stores:
+                st.flush()
         if self.observer is not None:
             self.observer(self.cfg.layer_idx, before, self.nbytes())
+
+    def _observe(self, pol: TokenPolicy, query: Tensor) -> None:
+        lengths = torch.tensor(self.lengths(), dtype=torch.long)
+        ragged = bool((lengths != lengths[0]).any())
+        extra = {}
+        if self.cfg.window is not None:
+            T = int(lengths.max())
+            pad = [torch.nn.functional.pad(st.positions(), (0, T - len(st)), value=-(1 << 40)) for st in self.stores]
+            extra = {"positions": torch.stack(pad), "window": self.cfg.window}
+        # Policies that read only the queries (SnapKV) get keys=None: no dequantized history.
+        keys = self.padded()[0] if getattr(pol, "observe_uses_keys", True) else None
+        pol.observe(query.float(), keys, lengths=lengths if ragged else None, **extra)
 
     def _drop_out_of_window(self) -> None:
         # Future queries sit at positions >= cum, so a token at p <= cum - window is never seen again.

@@ -1,0 +1,156 @@
+"""The byte budget on the real SmolLM2: respected after every forward with every kind of policy,
+ragged heads, bounded block-wise prefill (peak ~ budget + one block, flat in the input length)."""
+
+import pytest
+import torch
+
+from memvisor.kv import BudgetError, CacheSpec, CompressedCache, cache_kwarg, prefill_blockwise
+from memvisor.kv.policies import H2O, AdaKVHeadBudget, KVMerger, PyramidLayerBudget, SnapKV, StreamingLLM
+from memvisor.kv.policies.base import TokenPolicy
+
+pytestmark = pytest.mark.slow
+
+FP32_LAYER_TOKEN = 3 * 2 * 64 * 4  # SmolLM2: 3 KV heads x (k + v) x 64 channels x 4 bytes
+LAYERS = 30
+
+
+class RecordingRecent(TokenPolicy):
+    """Test-only policy: keep the newest tokens plus 4 sinks; record what the cache kept."""
+
+    name = "test-recent"
+    needs_queries = False
+
+    def __init__(self):
+        self.kept_log = []
+
+    def reset(self):
+        self.kept_log = []
+
+    def scores(self, keys, values, *, lengths=None):
+        B, H, T, _ = keys.shape
+        s = torch.arange(T, dtype=torch.float32).expand(B, H, T).clone()
+        if lengths is not None:
+            s[:, torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)] = float("-inf")
+        return s
+
+    def protected(self, T):
+        p = torch.zeros(T, dtype=torch.bool)
+        p[:4] = True
+        return p
+
+    def on_evict(self, kept):
+        self.kept_log.append([k.clone() for k in kept])
+
+
+def decode(model, cache, ids, steps, check):
+    key = cache_kwarg(model)
+    T = cache.get_seq_length()
+    with torch.no_grad():
+        for i in range(steps):
+            tok = ids[:, (T + i) % ids.shape[1]].view(1, 1)
+            model(input_ids=tok, position_ids=torch.tensor([[T + i]]), use_cache=True, logits_to_keep=1,
+                  **{key: cache})
+            check()
+
+
+@pytest.mark.parametrize("policy,quant", [
+    (None, "none"),
+    (StreamingLLM(sinks=4), "none"),
+    (H2O(recent=16), "none"),
+    (SnapKV(window=16), "kivi2"),
+    (H2O(recent=16), "kivi4"),
+])
+def test_budget_respected_after_every_forward(smollm2, text_ids, policy, quant):
+    model, _ = smollm2
+    # none: 120 fp32 tokens' worth (input is 300); KIVI: the fp32 residual (<= R + G - 1 = 63 tokens)
+    # plus ~160 (kivi2) / ~100 (kivi4) quantized tokens per head
+    budget = (120 * FP32_LAYER_TOKEN if quant == "none" else 3 * 40_000) * LAYERS
+    cache = CompressedCache(model.config, CacheSpec(budget_bytes=budget, quant=quant, token_policy=policy,
+                                                    slack=8))
+
+    def check():
+        assert cache.nbytes() <= budget
+        for c, cap in zip(cache.cores, cache.layer_budget_bytes):
+            assert c.nbytes() <= cap
+
+    res = prefill_blockwise(model, text_ids[:, :300], cache, block=64)
+    check()
+    assert res.blocks == 5 and cache.get_seq_length() == 300
+    lens = cache.stored_tokens()
+    assert max(max(l) for l in lens) < 300  # really evicted
+    if quant == "kivi2":  # 2-bit codes: the same bytes hold far more tokens than fp32 would
+        assert min(min(l) for l in lens) > 40_000 // (2 * 64 * 4)
+    decode(model, cache, text_ids, 6, check)
+    assert cache.get_seq_length() == 306
+
+
+def test_policy_decides_what_is_kept(smollm2, text_ids):
+    model, _ = smollm2
+    budget = 64 * FP32_LAYER_TOKEN * LAYERS
+    cache = CompressedCache(model.config, CacheSpec(budget_bytes=budget, token_policy=RecordingRecent(), slack=0))
+    prefill_blockwise(model, text_ids[:, :200], cache, block=50)
+    pol = cache.cores[0].cfg.policy
+    assert pol.kept_log, "the policy was never asked to evict"
+    last = pol.kept_log[-1]
+    n = len(last[0])
+    assert n == 64  # exactly the per-head token budget (slack 0)
+    held = 64 + 50  # what the layer held before that eviction: the budget plus one block
+    assert torch.equal(last[0], torch.cat([torch.arange(4), torch.arange(held - 60, held)]))
+    assert cache.stored_tokens()[0] == [64, 64, 64]
+
+
+def test_ragged_heads_and_merge_under_budget(smollm2, text_ids):
+    model, _ = smollm2
+    budget = 90 * FP32_LAYER_TOKEN * LAYERS
+    cache = CompressedCache(model.config, CacheSpec(budget_bytes=budget, token_policy=H2O(recent=8),
+                                                    head_budget=AdaKVHeadBudget(), merge_policy=KVMerger(0.8)))
+    prefill_blockwise(model, text_ids[:, :240], cache, block=80)
+    assert cache.nbytes() <= budget
+    lens = cache.stored_tokens()
+    assert any(len(set(l)) > 1 for l in lens), "Ada-KV should give heads unequal shares"
+    for c in cache.cores:  # ragged storage: bytes follow each head's own length
+        for st in c.stores:
+            assert st.nbytes() == 2 * len(st) * 64 * 4
+    decode(model, cache, text_ids, 3, lambda: None)
+
+
+def test_pyramid_layer_budget_gives_early_layers_more(smollm2, text_ids):
+    model, _ = smollm2
+    budget = 100 * FP32_LAYER_TOKEN * LAYERS
+    cache = CompressedCache(model.config, CacheSpec(budget_bytes=budget, layer_budget=PyramidLayerBudget()))
+    assert cache.layer_budget_bytes[0] > cache.layer_budget_bytes[-1]
+    assert sum(cache.layer_budget_bytes) <= budget
+    prefill_blockwise(model, text_ids[:, :300], cache, block=100)
+    lens = cache.stored_tokens()
+    assert lens[0][0] > lens[-1][0]
+
+
+@pytest.mark.parametrize("quant,per_head", [("none", 64 * 2 * 64 * 4), ("kivi2", 40_000)])
+def test_blockwise_prefill_peak_is_bounded_and_flat(smollm2, text_ids, quant, per_head):
+    model, _ = smollm2
+    budget = 3 * per_head * LAYERS  # none: 64 tokens per head; kivi2: ~200 tokens per head
+    block = 64
+    ids = torch.cat([text_ids] * 3, dim=1)[:, :704]
+    assert ids.shape[1] == 704
+    peaks = {}
+    for T in (448, 704):
+        cache = CompressedCache(model.config, CacheSpec(budget_bytes=budget, quant=quant, slack=0))
+        res = prefill_blockwise(model, ids[:, :T], cache, block=block)
+        assert res.bytes <= budget
+        # one layer at a time holds one extra block in full precision before compressing
+        assert res.peak_bytes <= budget + block * FP32_LAYER_TOKEN
+        peaks[T] = res.peak_bytes
+    assert peaks[704] <= 1.1 * peaks[448]
+    if quant == "none":
+        # A one-block prefill holds a whole layer of the input before that layer compresses (each
+        # layer compresses right after its attention); a plain cache would hold every layer of it.
+        full = CompressedCache(model.config, CacheSpec(budget_bytes=budget, quant=quant, slack=0))
+        big = prefill_blockwise(model, ids, full, block=ids.shape[1])
+        assert big.peak_bytes - peaks[704] > 0.8 * (704 - block) * FP32_LAYER_TOKEN
+        assert 704 * FP32_LAYER_TOKEN * LAYERS > 10 * peaks[704]
+
+
+def test_budget_too_small_raises(smollm2):
+    model, _ = smollm2
+    with pytest.raises(BudgetError):
+        CompressedCache(model.config, CacheSpec(budget_bytes=1000))
