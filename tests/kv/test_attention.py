@@ -82,3 +82,13 @@ def test_block_size_does_not_change_result():
     a = layer_attention(q, stores, torch.tensor([499]), 0.125, block=32)
     b = layer_attention(q, stores, torch.tensor([499]), 0.125, block=1024)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_think_pruned_heads_attend_like_projected_queries():
+    stores = build(2, [200, 200], track_pos=False)
+    g = torch.Generator().manual_seed(9)
+    for st in stores:
+        st.set_channels(torch.sort(torch.randperm(D, generator=g)[:40]).values)
+    q = torch.randn(B, 4, 3, D)
+    got = layer_attention(q, stores, torch.arange(197, 200), 0.125, block=64)
+    torch.testing.assert_close(got, reference(q, stores, torch.arange(197, 200), 0.125, None), atol=2e-5, rtol=1e-4)

@@ -99,3 +99,19 @@ def test_kivi4_close_to_plain_cache(which, request, text_ids, run_chunks):
     full = CompressedCache(model.config, CacheSpec())
     run_chunks(model, full, ids, chunks)
     assert cache.nbytes() < 0.45 * full.nbytes()
+
+
+def test_think_prunes_key_channels_on_the_model(smollm2, text_ids, run_chunks):
+    from memvisor.kv.policies import ThinK
+
+    model, _ = smollm2
+    ids = text_ids[:, :200]
+    chunks = chunks_for(200, 150)
+    ref = plain_reference(run_chunks, model, ids, chunks)
+    cache = CompressedCache(model.config, CacheSpec(quant="kivi4", channel_policy=ThinK(0.4)))
+    got = run_chunks(model, cache, ids, chunks)
+    for st in cache.cores[5].stores:
+        assert st.k_codes.shape[-1] == 39 and st.channels.numel() == 39
+    kl = [torch.nn.functional.kl_div(b[:, -1].log_softmax(-1), a[:, -1].log_softmax(-1), log_target=True,
+                                     reduction="sum").item() for a, b in zip(ref[1:], got[1:])]
+    assert max(kl) < 0.3

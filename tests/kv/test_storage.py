@@ -101,3 +101,30 @@ def test_keep_out_of_range_raises():
     st, _, _ = make(None, 10)
     with pytest.raises(IndexError):
         st.keep(torch.tensor([0, 10]))
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_think_channels_removed_from_storage(bits):
+    st, k, v = make(bits, 140)
+    k_before, _ = st.dense()
+    ch = torch.tensor([1, 4, 9, 20, 33, 63])
+    full_bytes = st.nbytes()
+    st.set_channels(ch)
+    st.append(torch.randn(B, 40, D), torch.randn(B, 40, D))
+    assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors().values())
+    width = st.tensors()["k_codes" if bits else "k_old"].shape[-1]
+    assert width == 6  # only the kept channels are stored for compressed tokens
+    kd, _ = st.dense()
+    n_comp = st.nq
+    pruned = torch.ones(D, dtype=torch.bool)
+    pruned[ch] = False
+    assert (kd[:, :n_comp][..., pruned] == 0).all()  # read back as zeros: q.k == q[ch].k[ch]
+    if bits:  # already-quantized keys keep their exact codes in the kept channels
+        old = min(n_comp, 96)
+        assert torch.equal(kd[:, :old][..., ch], k_before[:, :old][..., ch])
+    else:
+        assert torch.equal(kd[:, :100][..., ch], k[:, :100][..., ch])
+    assert torch.equal(kd[:, n_comp:], st.k_res)  # residual stays full width
+    assert st.nbytes() < full_bytes + 40 * 2 * B * D * 4
+    st.keep(torch.arange(0, len(st), 2))
+    assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors().values())

@@ -43,12 +43,17 @@ class TokenCost:
 
 
 def token_cost(batch: int, head_dim: int, dtype_bytes: int, bits: int | None, group: int,
-               residual: int, track_pos: bool) -> TokenCost:
+               residual: int, track_pos: bool, key_dim: int | None = None) -> TokenCost:
+    """Cost of one head-token; ``key_dim``: key channels kept by ThinK (None: all)."""
     pos = 4.0 if track_pos else 0.0
     fp = 2.0 * batch * head_dim * dtype_bytes + pos
     if bits is None:
-        return TokenCost(fp=fp, q=fp, residual_max=0)
-    q = (2.0 * batch * head_dim * bits / 8 + batch * head_dim * 4.0 / group
+        if key_dim is None:
+            return TokenCost(fp=fp, q=fp, residual_max=0)
+        old = batch * (key_dim + head_dim) * dtype_bytes + pos
+        return TokenCost(fp=fp, q=old, residual_max=residual)
+    dk = head_dim if key_dim is None else key_dim
+    q = (batch * (dk + head_dim) * bits / 8 + batch * dk * 4.0 / group
          + batch * (head_dim / group) * 4.0 + 4.0 / group + pos)
     return TokenCost(fp=fp, q=q, residual_max=residual + group - 1)
 

@@ -21,7 +21,7 @@ from typing import Any
 from memvisor.kv.adapter import HFCache, kv_shape, layer_windows
 from memvisor.kv.budget import BudgetError, split_layers, token_cost
 from memvisor.kv.layer import LayerConfig, LayerCore
-from memvisor.kv.policies.base import HeadBudget, LayerBudget, MergePolicy, TokenPolicy
+from memvisor.kv.policies.base import ChannelPolicy, HeadBudget, LayerBudget, MergePolicy, TokenPolicy
 from memvisor.kv.storage import QuantConfig
 
 QUANT_BITS = {"none": None, "kivi2": 2, "kivi4": 4}
@@ -43,6 +43,8 @@ class CacheSpec:
     head_budget: splits a layer's budget over its KV heads (ragged, Ada-KV); None: equal shares.
     layer_budget: splits the model budget over layers (PyramidKV, EpiCache); None: uniform.
     merge_policy: folds evicted tokens into kept ones instead of dropping them (KVMerger).
+    channel_policy: prunes key channels from storage (ThinK): chosen once per layer at its first
+      forward from that forward's newest 32 queries; the residual keeps full width.
     slack: head-tokens evicted below the cap each time it is hit (amortises eviction in decode).
     block: tokens per block of the attention loop (a multiple of 8).
     batch_size: rows the budget is planned for (the byte cost of a token scales with it).
@@ -56,6 +58,7 @@ class CacheSpec:
     head_budget: HeadBudget | None = None
     layer_budget: LayerBudget | None = None
     merge_policy: MergePolicy | None = None
+    channel_policy: ChannelPolicy | None = None
     slack: int = 32
     block: int = 1024
     batch_size: int = 1
@@ -94,8 +97,9 @@ class CompressedCache(HFCache):
         layer_bytes: list[int | None] = [None] * n_layers
         if spec.budget_bytes is not None:
             dtype_bytes = _dtype_bytes(model_config)
+            key_dim = spec.channel_policy.keep_count(head_dim) if spec.channel_policy is not None else None
             costs = [token_cost(spec.batch_size, head_dim, dtype_bytes, bits, spec.group, spec.residual,
-                                w is not None) for w in windows]
+                                w is not None, key_dim) for w in windows]
             layer_bytes = split_layers(spec.budget_bytes, costs, n_kv, windows, spec.layer_budget)
             smallest = min(c.fp for c in costs) * n_kv
             if min(layer_bytes) < smallest:
@@ -106,7 +110,8 @@ class CompressedCache(HFCache):
             LayerCore(LayerConfig(
                 layer_idx=i, window=windows[i], qcfg=qcfg,
                 policy=spec.token_policy.fresh() if spec.token_policy is not None else None,
-                head_budget=spec.head_budget, merge=spec.merge_policy, budget_bytes=layer_bytes[i],
+                head_budget=spec.head_budget, merge=spec.merge_policy, channel=spec.channel_policy,
+                budget_bytes=layer_bytes[i],
                 slack=spec.slack, block=spec.block))
             for i in range(n_layers)
         ]

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from memvisor.kv.attention import layer_attention
 from memvisor.kv.budget import TokenCost, token_cost
-from memvisor.kv.policies.base import HeadBudget, MergePolicy, TokenPolicy, select
+from memvisor.kv.policies.base import ChannelPolicy, HeadBudget, MergePolicy, TokenPolicy, select
 from memvisor.kv.storage import HeadStore, QuantConfig
 
 
@@ -37,6 +37,7 @@ class LayerConfig:
     policy: TokenPolicy | None = None
     head_budget: HeadBudget | None = None
     merge: MergePolicy | None = None
+    channel: ChannelPolicy | None = None
     budget_bytes: int | None = None
     slack: int = 32
     block: int = 1024
@@ -48,7 +49,7 @@ class LayerCore:
         self.stores: list[HeadStore] | None = None
         self.cum = 0  # tokens seen so far = absolute position of the next token
         self.passthrough = (cfg.qcfg.bits is None and cfg.budget_bytes is None and cfg.policy is None
-                            and cfg.merge is None)
+                            and cfg.merge is None and cfg.channel is None)
         self.cost: TokenCost | None = None
         self._pending: tuple[int, int] | None = None  # (Tq, first position) of the current forward
         self.evictions = 0
@@ -62,7 +63,8 @@ class LayerCore:
         self.stores = [HeadStore(B, D, key_states.dtype, key_states.device, self.cfg.qcfg, track)
                        for _ in range(Hkv)]
         q = self.cfg.qcfg
-        self.cost = token_cost(B, D, key_states.element_size(), q.bits, q.group, q.residual, track)
+        key_dim = self.cfg.channel.keep_count(D) if self.cfg.channel is not None else None
+        self.cost = token_cost(B, D, key_states.element_size(), q.bits, q.group, q.residual, track, key_dim)
 
     @property
     def initialized(self) -> bool:
@@ -160,6 +162,8 @@ class LayerCore:
         before = self.nbytes()
         if self.cfg.window is not None:
             self._drop_out_of_window()
+        if self.cfg.channel is not None and self.stores[0].channels is None:
+            self._choose_channels(query)
         # Quantize first: the budget is judged on what the layer will keep storing, not on a
         # prefill block still waiting in full precision.
         for st in self.stores:
@@ -182,6 +186,17 @@ class LayerCore:
         # Policies that read only the queries (SnapKV) get keys=None: no dequantized history.
         keys = self.padded()[0] if getattr(pol, "observe_uses_keys", True) else None
         pol.observe(query.float(), keys, lengths=lengths if ragged else None, **extra)
+
+    def _choose_channels(self, query: Tensor, window: int = 32) -> None:
+        """ThinK, once per layer (at its first forward): the newest ``window`` queries vote for the
+        key channels every compressed token will keep; the residual stays full width."""
+        keys, _, lengths = self.padded()
+        if bool((lengths != lengths[0]).any()):
+            keys = keys[:, :, : int(lengths.min())]  # score on the tokens every head holds
+        D = self.stores[0].D
+        ch = self.cfg.channel.keep_channels(query[:, :, -window:].float(), keys, self.cfg.channel.keep_count(D))
+        for st, c in zip(self.stores, ch):
+            st.set_channels(c)
 
     def _drop_out_of_window(self) -> None:
         # Future queries sit at positions >= cum, so a token at p <= cum - window is never seen again.

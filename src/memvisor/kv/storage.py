@@ -14,6 +14,11 @@ Layout (``n = nq + nr`` tokens: ``nq`` quantized oldest, ``nr`` newest in full p
   ``v_codes uint8 [B, nq, D*bits/8]``, ``v_scale, v_zero fp16 [B, nq, D/G]``.
 - ``pos int32 [n]``: absolute position of each token, stored only for sliding-window layers (the
   window test needs it); full-attention layers see every stored token, so positions are not kept.
+- ThinK (key channel pruning): once ``channels int32 [Dk]`` is set, every token leaving the
+  residual stores only those ``Dk`` key channels (quantized keys ``[..., Dk]``; unquantized ones
+  move to ``k_old [B, no, Dk]``, ``v_old [B, no, D]``). The residual stays full width. Readers get
+  keys re-expanded with zeros in the pruned channels, block by block: ``q . k`` then equals the
+  projected ``q[channels] . k[channels]``.
 
 ``nbytes()`` is the sum of ``numel * element_size`` over every tensor above that exists.
 """
@@ -63,6 +68,7 @@ class HeadStore:
             self.v_scale = torch.empty(batch, 0, head_dim // G, dtype=torch.float16, **e)
             self.v_zero = torch.empty(batch, 0, head_dim // G, dtype=torch.float16, **e)
         self.pos = torch.empty(0, dtype=torch.int32, **e) if track_pos else None
+        self.channels: Tensor | None = None  # ThinK: kept key channels (set_channels)
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -80,6 +86,10 @@ class HeadStore:
                 out[name] = getattr(self, name)
         if self.pos is not None:
             out["pos"] = self.pos
+        if self.channels is not None:
+            out["channels"] = self.channels
+            if self.q.bits is None:
+                out["k_old"], out["v_old"] = self.k_old, self.v_old
         return out
 
     def nbytes(self) -> int:
@@ -99,14 +109,26 @@ class HeadStore:
             self.flush()
 
     def flush(self) -> None:
-        """Quantize the oldest whole groups of the residual while it holds at least R + G tokens."""
+        """Quantize the oldest whole groups of the residual while it holds at least R + G tokens
+        (unquantized with ThinK: move every token beyond R to the pruned-key region)."""
+        R = self.q.residual
         if self.q.bits is None:
+            n = self.nr - R
+            if self.channels is None or n <= 0:
+                return
+            ch = self.channels.long()
+            self.k_old = torch.cat([self.k_old, self.k_res[:, :n][..., ch]], dim=1)
+            self.v_old = torch.cat([self.v_old, self.v_res[:, :n]], dim=1)
+            self.nq += n
+            self.k_res, self.v_res = self.k_res[:, n:].clone(), self.v_res[:, n:].clone()
             return
-        G, R = self.q.group, self.q.residual
+        G = self.q.group
         n = ((self.nr - R) // G) * G
         if n <= 0:
             return
         k, v = self.k_res[:, :n], self.v_res[:, :n]
+        if self.channels is not None:
+            k = k[..., self.channels.long()]
         kc, ks, kz = quant.quantize_keys(k, self.q.bits, G)
         vc, vs, vz = quant.quantize_values(v, self.q.bits, G)
         self._append_key_codes(kc, n)
@@ -119,6 +141,22 @@ class HeadStore:
         self.v_zero = torch.cat([self.v_zero, vz], dim=1)
         self.nq += n
         self.k_res, self.v_res = self.k_res[:, n:].clone(), self.v_res[:, n:].clone()
+
+    def set_channels(self, channels: Tensor) -> None:
+        """ThinK: keep only key channels ``channels`` (sorted LongTensor[Dk]) of every token that is
+        or will be compressed. Already quantized keys lose the other channels exactly (per-channel
+        scales), so this can run at any time, once."""
+        if self.channels is not None:
+            raise RuntimeError("key channels are already pruned for this head")
+        ch = channels.to(self.device, torch.long)
+        self.channels = ch.to(torch.int32)
+        if self.q.bits is None:
+            self.k_old = torch.empty(self.B, 0, ch.numel(), dtype=self.dtype, device=self.device)
+            self.v_old = torch.empty(self.B, 0, self.D, dtype=self.dtype, device=self.device)
+            self.flush()
+            return
+        self.k_codes = self.k_codes[..., ch].contiguous()
+        self.k_scale, self.k_zero = self.k_scale[..., ch].contiguous(), self.k_zero[..., ch].contiguous()
 
     def _append_key_codes(self, packed: Tensor, n: int) -> None:
         per = 8 // self.q.bits
@@ -140,7 +178,12 @@ class HeadStore:
         self.k_res, self.v_res = self.k_res[:, ri], self.v_res[:, ri]
         if self.pos is not None:
             self.pos = self.pos[idx]
-        if self.q.bits is None or self.nq == 0:
+        if self.q.bits is None:
+            if self.channels is not None:
+                self.k_old, self.v_old = self.k_old[:, qi], self.v_old[:, qi]
+                self.nq = int(qi.numel())
+            return
+        if self.nq == 0:
             return
         b = self.q.bits
         codes = quant.unpack(self.k_codes, b, dim=1, n=self.nq)[:, qi]
@@ -156,6 +199,8 @@ class HeadStore:
     def replace(self, k: Tensor, v: Tensor, pos: Tensor | None = None) -> None:
         """Store exactly these tokens (k, v [B, n, D]), re-quantizing them (used after merging)."""
         fresh = HeadStore(self.B, self.D, self.dtype, self.device, self.q, self.pos is not None)
+        if self.channels is not None:
+            fresh.set_channels(self.channels)
         fresh.append(k, v, pos)
         self.__dict__.update(fresh.__dict__)
 
@@ -186,6 +231,19 @@ class HeadStore:
         return None if self.pos is None else self.pos.long()
 
 
+def _widen(k: Tensor, channels: Tensor | None, D: int) -> Tensor:
+    """Pruned keys [..., n, Dk] -> [..., n, D] with zeros in the pruned channels (per-head sets)."""
+    if channels is None:
+        return k
+    ch = channels.long()
+    shape = [1] * k.dim()
+    if ch.dim() == 2:  # stacked heads: [H, Dk] on axis -3
+        shape[-3] = ch.shape[0]
+    shape[-1] = ch.shape[-1]
+    idx = ch.view(shape).expand(*k.shape)
+    return torch.zeros(*k.shape[:-1], D, dtype=k.dtype, device=k.device).scatter_(-1, idx, k)
+
+
 def iter_blocks(st, block: int, dtype: torch.dtype = torch.float32
                 ) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
     """Blocks of a :class:`HeadStore` or a :class:`StackedHeads` (tensors with any leading axes,
@@ -193,9 +251,14 @@ def iter_blocks(st, block: int, dtype: torch.dtype = torch.float32
     if block % 8:
         raise ValueError(f"block must be a multiple of 8, got {block}")
     b, G = st.q.bits, st.q.group
+    if b is None and st.channels is not None:  # unquantized ThinK region
+        for s in range(0, st.nq, block):
+            e = min(s + block, st.nq)
+            k = _widen(st.k_old.narrow(-2, s, e - s).to(dtype), st.channels, st.D)
+            yield k, st.v_old.narrow(-2, s, e - s).to(dtype), (st.pos[..., s:e].long() if st.pos is not None else None)
     # Before any eviction every key group holds exactly G tokens: scales index by t // G.
     full_groups = b is not None and st.group_sizes.shape[-1] * G == st.nq
-    for s in range(0, st.nq, block):
+    for s in range(0, st.nq if b is not None else 0, block):
         e = min(s + block, st.nq)
         per = 8 // b
         kc = st.k_codes.narrow(-2, s // per, (e + per - 1) // per - s // per)
@@ -207,7 +270,7 @@ def iter_blocks(st, block: int, dtype: torch.dtype = torch.float32
             k = quant.dequantize_keys(kc, st.k_scale, st.k_zero, b, e - s, gid, dtype=dtype)
         v = quant.dequantize_values(st.v_codes.narrow(-2, s, e - s), st.v_scale.narrow(-2, s, e - s),
                                     st.v_zero.narrow(-2, s, e - s), b, st.D, dtype=dtype)
-        yield k, v, (st.pos[..., s:e].long() if st.pos is not None else None)
+        yield _widen(k, st.channels, st.D), v, (st.pos[..., s:e].long() if st.pos is not None else None)
     for s in range(0, st.nr, block):
         e = min(s + block, st.nr)
         p = st.pos[..., st.nq + s: st.nq + e].long() if st.pos is not None else None
@@ -224,12 +287,13 @@ class StackedHeads:
         self.q, self.D, self.B, self.nq = first.q, first.D, first.B, first.nq
         self.device = first.device
         for name, t in first.tensors().items():
-            if name == "pos":
+            if name in ("pos", "channels"):
                 continue
             setattr(self, name, torch.stack([getattr(st, name) for st in stores], dim=1))
         if first.q.bits is not None:
             self.group_sizes = first.group_sizes
         self.pos = torch.stack([st.pos for st in stores]) if first.pos is not None else None
+        self.channels = torch.stack([st.channels for st in stores]) if first.channels is not None else None
 
     @property
     def nr(self) -> int:
@@ -245,7 +309,9 @@ class StackedHeads:
         """True when the stores can be stacked: same token counts and the same key groups."""
         a = stores[0]
         for st in stores[1:]:
-            if st.nq != a.nq or st.nr != a.nr:
+            if st.nq != a.nq or st.nr != a.nr or (st.channels is None) != (a.channels is None):
+                return False
+            if a.channels is not None and st.channels.numel() != a.channels.numel():
                 return False
             if a.q.bits is not None and not torch.equal(st.group_sizes, a.group_sizes):
                 return False
