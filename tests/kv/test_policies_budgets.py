@@ -107,3 +107,16 @@ def test_head_budgets_sum_to_layer_budget(budget):
     u = UniformHeadBudget().split(scores, prot, 12, lengths=lengths)
     assert u.tolist() == [3, 3, 3, 3]
     assert UniformHeadBudget().split(scores, prot, 20, lengths=lengths).tolist() == [6, 6, 3, 5]
+
+
+def test_attention_mass_lost_counts_attention_outside_the_kept_tokens():
+    from memvisor.kv.policies import attention_mass_lost
+
+    T = D = 6
+    k = torch.eye(T).view(1, 1, T, D)
+    # one window query (the newest token, sees all 6 keys) with probabilities 0.5, 0.2, 0.1, 0.1, 0.05, 0.05
+    p = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
+    q = p.log().view(1, 1, 1, D)
+    assert attention_mass_lost(q, k, 2, scaling=1.0) == pytest.approx(0.3, abs=1e-6)
+    assert attention_mass_lost(q, k, 6, scaling=1.0) == 0.0
+    assert attention_mass_lost(q, k, 0, scaling=1.0) == pytest.approx(1.0, abs=1e-6)

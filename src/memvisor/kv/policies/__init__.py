@@ -48,7 +48,7 @@ from memvisor.kv.policies.head_adakv import AdaKVHeadBudget
 from memvisor.kv.policies.head_uniform import UniformHeadBudget
 from memvisor.kv.policies.knorm import KeyNorm
 from memvisor.kv.policies.layer_pyramid import PyramidLayerBudget
-from memvisor.kv.policies.layer_sensitivity import SensitivityLayerBudget, measure_sensitivity
+from memvisor.kv.policies.layer_sensitivity import SensitivityLayerBudget, attention_mass_lost, measure_sensitivity
 from memvisor.kv.policies.layer_uniform import UniformLayerBudget
 from memvisor.kv.policies.merge import KVMerger
 from memvisor.kv.policies.scissorhands import Scissorhands
@@ -106,6 +106,7 @@ __all__ = [
     "UniformHeadBudget",
     "UniformLayerBudget",
     "knobs",
+    "attention_mass_lost",
     "make_policy",
     "measure_sensitivity",
     "select",

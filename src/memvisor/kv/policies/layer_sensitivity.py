@@ -13,6 +13,8 @@ same tokens, each [..., D]); ``SensitivityLayerBudget(s)`` then gives layer l
 
 Knobs: ``sensitivity`` (one non-negative float per layer, unitless), ``alpha`` (sharpness, default 1),
 ``floor`` (fraction of the budget shared uniformly first so no layer starves, default 0.1).
+``attention_mass_lost(queries_window, keys, keep)`` is a second, direct sensitivity: the share of a
+layer's window attention outside its top ``keep`` tokens per head (computable from one full prefill).
 """
 
 from __future__ import annotations
@@ -37,6 +39,29 @@ def measure_sensitivity(reference: Sequence[Tensor], compressed: Sequence[Tensor
         cos = F.cosine_similarity(a.float().reshape(-1, a.shape[-1]), b.float().reshape(-1, b.shape[-1]), dim=-1)
         out.append(float(1.0 - cos.mean()))
     return out
+
+
+def attention_mass_lost(queries_window: Tensor, keys: Tensor, keep: int, *, scaling: float | None = None) -> float:
+    """A direct per-layer sensitivity: the share of the window's attention that falls outside the
+    ``keep`` tokens per KV head that receive the most of it (what an attention-based policy would
+    keep), averaged over window queries, heads and batch; in [0, 1], unitless.
+
+    queries_window: [B, Hq, w, D] post-RoPE queries of the newest w tokens; keys: [B, Hkv, T, D] all
+    keys (causal mask inside the window, GQA mean as in ``_attention``). Layers whose attention is
+    diffuse lose more under a uniform budget and score higher. Calibrate on sample inputs, then pass
+    one value per layer to :class:`SensitivityLayerBudget`.
+    """
+    from memvisor.kv.policies._attention import group_attention
+
+    if keep < 0:
+        raise PolicyError(f"keep must be >= 0, got {keep}")
+    T = keys.shape[2]
+    if keep >= T:
+        return 0.0
+    probs = torch.cat([p for _, p, _ in group_attention(queries_window, keys, scaling=scaling)], dim=2)
+    top = torch.topk(probs.sum(2), keep, dim=-1).indices  # [B, Hkv, keep]
+    kept_mass = torch.gather(probs, 3, top.unsqueeze(2).expand(-1, -1, probs.shape[2], -1)).sum(-1)
+    return float(1.0 - kept_mass.mean())
 
 
 class SensitivityLayerBudget(LayerBudget):
