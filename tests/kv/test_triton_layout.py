@@ -132,3 +132,28 @@ def test_dispatch_on_cpu_uses_reference_and_refuses_forced_kernel():
     assert torch.allclose(out.float(), decode_attention_reference(q, layer), atol=1e-2)
     with pytest.raises(TritonUnavailableError):
         decode_attention(q, layer, use_triton=True)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_reference_reads_the_cache_quantizer_layout(bits):
+    """The kernel's reference decodes tensors made by memvisor.kv.quant (the cache's own quantizer)."""
+    from memvisor.kv import quant
+    from memvisor.kv.gpu import KiviLayer
+
+    g = torch.Generator().manual_seed(11 + bits)
+    k = torch.randn(1, 3, 96, 64, generator=g)
+    v = torch.randn(1, 3, 96, 64, generator=g)
+    q = torch.randn(1, 9, 64, generator=g)
+    kc, ks, kz = quant.quantize_keys(k, bits, 32)
+    vc, vs, vz = quant.quantize_values(v, bits, 32)
+    res = torch.randn(1, 3, 5, 64, generator=g)
+    layer = KiviLayer(bits, 32, kc, ks, kz, vc, vs, vz, res, res.clone())
+    kd = torch.cat([quant.dequantize_keys(kc, ks, kz, bits, 96, group=32), res], 2)
+    vd = torch.cat([quant.dequantize_values(vc, vs, vz, bits, 64), res], 2)
+    got = decode_attention_reference(q, layer, block=64)
+    assert torch.allclose(got.double(), dense_decode_attention(q, kd, vd), atol=2e-5, rtol=1e-4)
+    # and the packing itself is the same byte for byte
+    mine_kc, _, _ = quantize_keys(k, bits, 32)
+    assert torch.equal(unpack_codes(kc, bits, 2), unpack_codes(pack_codes(unpack_codes(kc, bits, 2), bits, 2), bits, 2))
+    assert mine_kc.shape == kc.shape and mine_kc.dtype == kc.dtype
+    assert (unpack_codes(mine_kc, bits, 2).int() - unpack_codes(kc, bits, 2).int()).abs().max() <= 1

