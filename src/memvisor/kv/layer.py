@@ -47,6 +47,7 @@ class LayerCore:
     def __init__(self, cfg: LayerConfig) -> None:
         self.cfg = cfg
         self.stores: list[HeadStore] | None = None
+        self._dense: tuple[Tensor, Tensor] | None = None  # passthrough: the layer's [B, Hkv, T, D] k, v
         self.cum = 0  # tokens seen so far = absolute position of the next token
         self.passthrough = (cfg.qcfg.bits is None and cfg.budget_bytes is None and cfg.policy is None
                             and cfg.merge is None and cfg.channel is None)
@@ -71,7 +72,7 @@ class LayerCore:
         return self.stores is not None
 
     def reset(self) -> None:
-        self.stores, self.cum, self._pending = None, 0, None
+        self.stores, self.cum, self._pending, self._dense = None, 0, None, None
         if self.cfg.policy is not None:
             self.cfg.policy.reset()
 
@@ -114,18 +115,22 @@ class LayerCore:
         return None
 
     def _update_passthrough(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        for h, st in enumerate(self.stores):
-            st.append(k[:, h], v[:, h])
+        # Same arithmetic as DynamicLayer / DynamicSlidingWindowLayer (so attention inputs are
+        # bit-identical); each head's store holds a view of the layer's dense tensors.
         before = self.nbytes()
-        full_k = torch.stack([st.k_res for st in self.stores], dim=1)
-        full_v = torch.stack([st.v_res for st in self.stores], dim=1)
+        old = self.stores[0]
+        if len(old) == 0:
+            full_k, full_v = k, v
+        else:
+            full_k = torch.cat([self._dense[0], k], dim=-2)
+            full_v = torch.cat([self._dense[1], v], dim=-2)
         w = self.cfg.window
-        if w is not None:  # same rule as DynamicSlidingWindowLayer: keep the last w - 1 tokens
-            for st in self.stores:
-                if st.nr > w - 1:
-                    st.keep(torch.arange(st.nr - (w - 1), st.nr))
+        kept_k, kept_v = (full_k, full_v) if w is None else (full_k[:, :, -w + 1:], full_v[:, :, -w + 1:])
+        self._dense = (kept_k, kept_v)
+        for h, st in enumerate(self.stores):
+            st.set_residual(kept_k[:, h], kept_v[:, h])
         if self.observer is not None:
-            self.observer(self.cfg.layer_idx, before, self.nbytes())
+            self.observer(self.cfg.layer_idx, before + k.numel() * k.element_size() * 2, self.nbytes())
         return full_k, full_v
 
     def attend(self, query: Tensor, scaling: float, softcap: float | None = None) -> Tensor:

@@ -62,13 +62,10 @@ def unpack(packed: Tensor, bits: int, dim: int, n: int) -> Tensor:
     """Inverse of :func:`pack`: uint8 codes with ``n`` entries along ``dim``."""
     check_bits(bits)
     dim = dim % packed.dim()
-    per = 8 // bits
-    # Broadcast the shifts on a new axis right after ``dim``, then merge the two axes: no transposes.
-    shape = [1] * (packed.dim() + 1)
-    shape[dim + 1] = per
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device).view(shape)
-    c = (packed.unsqueeze(dim + 1) >> shifts) & ((1 << bits) - 1)
-    c = c.flatten(dim, dim + 1)
+    mask = (1 << bits) - 1
+    # Scalar shifts (vectorised on uint8) stacked on a new axis after ``dim``, then merged into it.
+    parts = [packed & mask] + [(packed >> (i * bits)) & mask for i in range(1, 8 // bits)]
+    c = torch.stack(parts, dim=dim + 1).flatten(dim, dim + 1)
     return c if c.shape[dim] == n else c.narrow(dim, 0, n)
 
 

@@ -142,6 +142,13 @@ class HeadStore:
         self.nq += n
         self.k_res, self.v_res = self.k_res[:, n:].clone(), self.v_res[:, n:].clone()
 
+    def set_residual(self, k: Tensor, v: Tensor) -> None:
+        """Replace the full-precision tokens (k, v [B, n, D]; may be views of a layer's dense
+        tensors): the passthrough layer's storage. Only valid with nothing quantized or pruned."""
+        if self.nq:
+            raise RuntimeError("set_residual on a head holding compressed tokens")
+        self.k_res, self.v_res = k, v
+
     def set_channels(self, channels: Tensor) -> None:
         """ThinK: keep only key channels ``channels`` (sorted LongTensor[Dk]) of every token that is
         or will be compressed. Already quantized keys lose the other channels exactly (per-channel
