@@ -154,3 +154,25 @@ def test_budget_too_small_raises(smollm2):
     model, _ = smollm2
     with pytest.raises(BudgetError):
         CompressedCache(model.config, CacheSpec(budget_bytes=1000))
+
+
+def test_gemma_budget_with_sliding_layers(gemma3):
+    """Gemma 3: sliding layers never hold more than window-1 tokens, full layers are evicted to the
+    budget by H2O, and positions follow the kept tokens (window masking stays correct)."""
+    model, _ = gemma3
+    cfg = model.config.get_text_config()
+    per_token_layer = 2 * cfg.head_dim * 4 + 4  # 1 KV head, fp32, + int32 position on sliding layers
+    budget = 300 * per_token_layer * cfg.num_hidden_layers
+    ids = torch.randint(10, 20000, (1, 640), generator=torch.Generator().manual_seed(3))
+    cache = CompressedCache(model.config, CacheSpec(budget_bytes=budget, token_policy=H2O(recent=16), slack=0))
+    prefill_blockwise(model, ids, cache, block=160)
+    assert cache.nbytes() <= budget
+    for c, lens in zip(cache.cores, cache.stored_tokens()):
+        if c.cfg.window is not None:
+            assert lens[0] <= c.cfg.window - 1
+            pos = c.stores[0].positions()
+            assert bool((pos > 640 - c.cfg.window).all()) and bool((pos[1:] > pos[:-1]).all())
+        else:
+            assert lens[0] < 640  # full layers got the sliding layers' unused share, but not everything
+    decode(model, cache, ids, 3, lambda: None)
+    assert cache.nbytes() <= budget
