@@ -226,7 +226,10 @@ class LayerCore:
         total = sum(self.lengths())
         if total <= cap * Hkv and self.nbytes() <= self.cfg.budget_bytes:
             return
-        target = max(cap - (0 if force else self.cfg.slack), 0) * Hkv
+        # Hysteresis: evict a little below the cap so decode does not evict every step; never
+        # more than a quarter of the cap (small budgets would otherwise lose most of their tokens).
+        slack = 0 if force else min(self.cfg.slack, cap // 4)
+        target = max(cap - slack, 0) * Hkv
         for _ in range(8):  # partial key groups after eviction can cost more than estimated: re-check
             self._evict_to(target)
             excess = self.nbytes() - self.cfg.budget_bytes
