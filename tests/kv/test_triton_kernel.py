@@ -42,7 +42,6 @@ def test_kernel_matches_reference(bits, shape):
     variants = [dict(variant="dequant", block_n=bn) for bn in (16, 64)] + [
         dict(variant="tile", block_n=bn, v_reshape=vr, num_warps=w, waves=wv)
         for bn, vr, w, wv in ((32, False, 4, 1.0), (64, True, 4, 4.0), (128, True, 8, 2.0), (256, False, 8, 4.0))] + [
-        dict(variant="tile", block_n=bn, k_reshape=True, num_warps=w) for bn, w in ((64, 4), (128, 8))] + [
         dict(variant="factored", block_n=bn, k_reshape=kr, v_reshape=vr, waves=wv)
         for bn, kr, vr, wv in ((16, False, False, 4.0), (64, True, True, 8.0), (32, False, True, 1.0))]
     for kw in variants:

@@ -38,8 +38,7 @@ class GpuBenchConfig:
     tune_length: int = 32768
     # kernel settings tried at tune_length (the fastest is used at every length)
     configs: list[dict] = field(default_factory=lambda: [
-        *(dict(variant="tile", block_n=bn, num_warps=w, waves=wv, num_stages=st, v_reshape=True, k_reshape=asm)
-          for asm in (False, True)
+        *(dict(variant="tile", block_n=bn, num_warps=w, waves=wv, num_stages=st, v_reshape=True)
           for bn, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 8, 2))
           for wv in (2.0, 4.0)),
         dict(variant="factored", block_n=64, num_warps=4, waves=4.0, num_stages=2, k_reshape=True, v_reshape=True),

@@ -165,8 +165,7 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
     the query and the probabilities, tiles of one key group: triton_kivi_rep.py) or "dequant"
     (each tile dequantized in registers; ``block_n`` tokens per tile, a power of two >= 16).
     ``k_reshape``/``v_reshape``: unpack codes by loading each byte once and reshaping, instead of
-    loading it once per code. For the tile kernel (which always reshapes keys) ``k_reshape=True``
-    selects the inline-PTX unpacking (CUDA only: shift, mask and byte permutes straight to fp16). ``block_n`` is also the residual tile. ``waves``: programs per SM
+    loading it once per code (the tile kernel always does so for keys). ``block_n`` is also the residual tile. ``waves``: programs per SM
     to aim for. Tensors must be contiguous (the cache stores them so).
     """
     if variant not in ("tile", "factored", "dequant"):
@@ -205,7 +204,7 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
         _kivi_split_kernel_tile[(b * hkv, n_rows)](
             q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,
             GROUPS=groups, GP=gp, ROWS=rows, D=d, BITS=layer.bits, G=g, BLOCK_N=block_n, BLOCK_R=min(block_n, 64),
-            V_RESHAPE=v_reshape, ASM=k_reshape, **launch)
+            V_RESHAPE=v_reshape, **launch)
     elif variant == "factored":
         _kivi_split_kernel_rep[(b * hkv, n_rows)](
             q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,

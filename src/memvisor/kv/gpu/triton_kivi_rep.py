@@ -31,39 +31,6 @@ def _codes_to_f16(b, shift, MASK: tl.constexpr):
     return bits.to(tl.float16, bitcast=True) - 1024.0
 
 
-def _asm_unpack_text(bits: int) -> str:
-    """PTX: one 32-bit register of 4 code bytes -> for each of the 8/bits codes per byte, 4 fp16
-    ``1024 + code`` in two registers (shift, mask, and two byte permutes that put 0x64 above each code)."""
-    per = 8 // bits
-    mask = {2: "0x03030303", 4: "0x0f0f0f0f"}[bits]
-    src = f"${2 * per}"
-    lines = ["{", ".reg .b32 t;"]
-    for i in range(per):
-        lines.append(f"and.b32 t, {src}, {mask};" if i == 0 else f"shr.b32 t, {src}, {i * bits};\nand.b32 t, t, {mask};")
-        lines.append(f"prmt.b32 ${2 * i}, t, 0x64646464, 0x4140;")
-        lines.append(f"prmt.b32 ${2 * i + 1}, t, 0x64646464, 0x4342;")
-    lines.append("}")
-    return "\n".join(lines)
-
-
-_ASM2 = tl.constexpr(_asm_unpack_text(2))
-_ASM4 = tl.constexpr(_asm_unpack_text(4))
-_CONS2 = tl.constexpr(",".join(["=r"] * 8 + ["r"]))
-_CONS4 = tl.constexpr(",".join(["=r"] * 4 + ["r"]))
-
-
-@triton.jit
-def _unpack_join(b, BITS: tl.constexpr):
-    """uint8 bytes [..., n] -> fp16 ``1024 + code`` [..., n, 8/BITS], code i of each byte last (CUDA only)."""
-    if BITS == 2:
-        o = tl.inline_asm_elementwise(_ASM2, _CONS2, [b], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                      is_pure=True, pack=4)
-        return tl.join(tl.join(o[0], o[1]), tl.join(o[2], o[3])).reshape(*b.shape, 4)
-    else:
-        o = tl.inline_asm_elementwise(_ASM4, _CONS4, [b], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-        return tl.join(o[0], o[1])
-
-
 @triton.jit
 def _kivi_split_kernel_rep(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_log2,
                            T_q, T_r, tps, skc_bh, sks_bh, svc_bh, svs_bh, skr_bh, svr_bh,
@@ -148,7 +115,7 @@ def _kivi_split_kernel_tile(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_
                             T_q, T_r, tps, skc_bh, sks_bh, svc_bh, svs_bh, skr_bh, svr_bh,
                             GROUPS: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
                             BITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                            V_RESHAPE: tl.constexpr, ASM: tl.constexpr = False):
+                            V_RESHAPE: tl.constexpr):
     """Large tiles (``BLOCK_N`` tokens, several key groups) so that enough bytes are in flight.
 
     The per-group kernel above moved ~3 KB per loop step and was bound by memory latency, not
@@ -187,10 +154,7 @@ def _kivi_split_kernel_tile(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_
             # keys: each code byte loaded once, unpacked to [NG, G, D]; scales stay [NG, D] and broadcast
             rr = n0 // PER + tl.arange(0, BLOCK_N // PER)
             kb = tl.load(kc_base + rr[:, None] * D + offs_d[None, :], mask=(rr * PER < end)[:, None], other=0)
-            if ASM:  # codes + 1024 from inline PTX, token i of each byte row next to it, then in token order
-                kq = tl.reshape(tl.permute(_unpack_join(kb, BITS), (0, 2, 1)), [NG, G, D]) - 1024.0
-            else:
-                kq = tl.reshape(_codes_to_f16(kb[:, None, :], ksh[None, :, None], MASK), [NG, G, D])
+            kq = tl.reshape(_codes_to_f16(kb[:, None, :], ksh[None, :, None], MASK), [NG, G, D])
             gi = n0 // G + tl.arange(0, NG)
             kofs = pid_bh * sks_bh + gi[:, None] * D + offs_d[None, :]
             ks = tl.load(KS + kofs, mask=(gi * G < end)[:, None], other=0.0)
@@ -202,11 +166,7 @@ def _kivi_split_kernel_tile(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if ASM:
-                vb = tl.load(vc_base + t[:, None] * (D // PER) + tl.arange(0, D // PER)[None, :], mask=nm[:, None],
-                             other=0)
-                vq = tl.reshape(_unpack_join(vb, BITS), [BLOCK_N, D]) - 1024.0
-            elif V_RESHAPE:
+            if V_RESHAPE:
                 vb = tl.load(vc_base + t[:, None] * (D // PER) + tl.arange(0, D // PER)[None, :], mask=nm[:, None],
                              other=0)
                 vq = tl.reshape(_codes_to_f16(vb[:, :, None], ksh[None, None, :], MASK), [BLOCK_N, D])
