@@ -15,14 +15,16 @@ reproduces transformers' ``DynamicCache`` bit for bit under any attention implem
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from torch import Tensor
 
 from memvisor.kv.adapter import HFCache, kv_shape, layer_windows
 from memvisor.kv.budget import BudgetError, split_layers, token_cost
 from memvisor.kv.layer import LayerConfig, LayerCore
 from memvisor.kv.policies.base import ChannelPolicy, HeadBudget, LayerBudget, MergePolicy, TokenPolicy
-from memvisor.kv.storage import QuantConfig
+from memvisor.kv.storage import QuantConfig, StackedHeads
 
 QUANT_BITS = {"none": None, "kivi2": 2, "kivi4": 4}
 
@@ -62,7 +64,6 @@ class CacheSpec:
     slack: int = 32
     block: int = 1024
     batch_size: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         if self.quant not in QUANT_BITS:
@@ -144,6 +145,26 @@ class CompressedCache(HFCache):
 
     def reset_peak(self) -> None:
         self.peak_bytes = self.nbytes()
+
+    def dense_layer(self, layer_idx: int) -> dict[str, Tensor]:
+        """One layer's storage stacked over KV heads in the agreed dense KIVI layout (what the GPU
+        kernel reads): ``k_codes [B, Hkv, T*b/8, D]``, ``k_scale/k_zero [B, Hkv, T/G, D]``,
+        ``v_codes [B, Hkv, T, D*b/8]``, ``v_scale/v_zero [B, Hkv, T, D/G]``, ``k_res/v_res
+        [B, Hkv, R, D]`` (residual). Needs equal head lengths and whole key groups (no eviction
+        inside quantized groups, no ThinK); raises CacheSpecError otherwise."""
+        core = self.cores[layer_idx]
+        if not core.initialized:
+            raise CacheSpecError(f"layer {layer_idx} holds nothing yet")
+        stores = core.stores
+        if not StackedHeads.compatible(stores) or stores[0].channels is not None:
+            raise CacheSpecError(f"layer {layer_idx}: heads are ragged or pruned; no dense layout")
+        st = stores[0]
+        if st.q.bits is not None and st.group_sizes.numel() * st.q.group != st.nq:
+            raise CacheSpecError(f"layer {layer_idx}: partial key groups after eviction; no dense layout")
+        stacked = StackedHeads(stores)
+        names = ["k_res", "v_res"] + (["k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"]
+                                      if st.q.bits is not None else [])
+        return {n: getattr(stacked, n) for n in names}
 
     def compress(self) -> None:
         """Evict every layer down to its budget now (ignoring the slack hysteresis)."""

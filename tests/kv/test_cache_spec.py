@@ -1,0 +1,57 @@
+"""CacheSpec validation, budget arithmetic and the dense export, without running a model."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from memvisor.kv import BudgetError, CacheSpec, CacheSpecError, CompressedCache, token_cost
+from memvisor.kv.budget import split_layers
+from memvisor.kv.policies import PyramidLayerBudget
+
+CFG = LlamaConfig(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=256, vocab_size=100)
+
+
+@pytest.mark.parametrize("kw", [dict(quant="kivi3"), dict(budget_bytes=-1), dict(group=0), dict(block=100),
+                                dict(quant="kivi2", group=12), dict(budget_bytes=1.5)])
+def test_bad_spec_raises_typed_error(kw):
+    with pytest.raises(CacheSpecError):
+        CompressedCache(CFG, CacheSpec(**kw))
+
+
+def test_token_cost_matches_layout():
+    c = token_cost(1, 64, 2, 2, 32, 32, track_pos=False)
+    # 2-bit codes for k and v (2 * 16 B) + key scale/zero per 32 tokens (64 * 4 / 32 B)
+    # + value scale/zero (2 groups * 4 B) + group size (4 / 32 B)
+    assert c.q == 32 + 8 + 8 + 0.125
+    assert c.fp == 256 and c.residual_max == 63
+    assert c.capacity(63 * 256 + 10 * c.q) == 73
+    assert token_cost(1, 64, 2, None, 32, 32, False).capacity(2560) == 10
+
+
+def test_split_layers_respects_total_and_windows():
+    costs = [token_cost(1, 64, 2, None, 32, 32, w is not None) for w in (8, None, 8, None)]
+    per = split_layers(100_000, costs, 2, [8, None, 8, None], None)
+    assert sum(per) <= 100_000
+    assert per[0] == per[2] == 7 * 2 * costs[0].fp  # sliding layers need at most window-1 tokens
+    assert per[1] == per[3] > per[0]  # the rest went to the full layers
+    pyr = split_layers(100_000, [costs[1]] * 4, 2, [None] * 4, PyramidLayerBudget())
+    assert pyr[0] > pyr[-1] and sum(pyr) <= 100_000
+    with pytest.raises(BudgetError):
+        CompressedCache(CFG, CacheSpec(budget_bytes=10))
+
+
+def test_dense_layer_export_has_agreed_layout():
+    cache = CompressedCache(CFG, CacheSpec(quant="kivi2"))
+    core = cache.cores[0]
+    k, v = torch.randn(1, 2, 100, 32), torch.randn(1, 2, 100, 32)
+    assert core.update(k, v) is None
+    core.attend(torch.randn(1, 4, 100, 32), 32 ** -0.5)
+    d = cache.dense_layer(0)
+    assert d["k_codes"].shape == (1, 2, 64 * 2 // 8, 32) and d["k_codes"].dtype == torch.uint8
+    assert d["k_scale"].shape == (1, 2, 2, 32) and d["v_codes"].shape == (1, 2, 64, 8)
+    assert d["v_scale"].shape == (1, 2, 64, 1) and d["k_res"].shape == (1, 2, 36, 32)
+    group_sizes = 2 * 2 * 4  # per head: 2 int32 group sizes
+    assert sum(t.numel() * t.element_size() for t in d.values()) + group_sizes == cache.nbytes()
+    with pytest.raises(CacheSpecError):
+        cache.dense_layer(1)
