@@ -28,7 +28,8 @@ def register(bench_app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="folder for results.json, table.md and plots"),
         budgets: str | None = typer.Option(None, "--budgets",
                                            help="comma-separated compression ratios vs bf16 bytes, e.g. 2,4,8"),
-        methods: str | None = typer.Option(None, "--methods", help="comma-separated memvisor methods (default all)"),
+        methods: str | None = typer.Option(None, "--methods",
+                                           help="comma-separated memvisor methods (default all), 'skip' for none"),
         peers: str | None = typer.Option(None, "--peers",
                                          help="comma-separated peers, 'none' to skip (default all that import)"),
         tokens: int = typer.Option(4096, "--tokens", help="input length of the needle tasks, in tokens"),
@@ -36,6 +37,7 @@ def register(bench_app: typer.Typer) -> None:
         gen_tokens: int = typer.Option(128, "--gen-tokens", help="greedy tokens compared with the uncompressed model"),
         lengths: str | None = typer.Option(None, "--lengths",
                                            help="input lengths for the peak-memory sweep (default 2k..context)"),
+        sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="peak memory against input length"),
         seed: int = typer.Option(0, "--seed"),
         threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
     ) -> None:
@@ -46,7 +48,7 @@ def register(bench_app: typer.Typer) -> None:
             model=model, out=out, budgets=[float(x) for x in _split_csv(budgets) or []] or None,
             methods=_split_csv(methods), peers=_split_csv(peers), tokens=tokens, samples=samples,
             gen_tokens=gen_tokens, lengths=[int(x) for x in _split_csv(lengths) or []] or None, seed=seed,
-            threads=threads,
+            threads=threads, sweep=sweep,
         )
         try:
             run_kv_bench(cfg, log=typer.echo)

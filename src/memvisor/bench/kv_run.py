@@ -51,6 +51,7 @@ class KvBenchConfig:
     seed: int = 0
     threads: int = 2
     sweep_budget_ratio: float = 8.0
+    sweep: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -202,7 +203,7 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
     budgets = cfg.budgets or DEFAULT_BUDGETS
     if any(b < 1 for b in budgets):
         raise ValueError(f"budgets are compression ratios >= 1 (e.g. 2,4,8), got {budgets}")
-    methods = cfg.methods or DEFAULT_METHODS
+    methods = [] if cfg.methods == ["skip"] else (cfg.methods or DEFAULT_METHODS)
     if cfg.peers == ["none"]:
         peers: list[str] = []
     elif cfg.peers:
@@ -253,7 +254,8 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
                 continue
             for bkey, method in _peer_methods(peer, budget, model):
                 record("peers", peer, bkey, method)
-    results["sweep"] = memory_sweep(model, tok, cfg, base_bytes / cfg.tokens, tracker, log)
+    if cfg.sweep:
+        results["sweep"] = memory_sweep(model, tok, cfg, base_bytes / cfg.tokens, tracker, log)
     _save(results, cfg.out)
     write_report(results, cfg.out)
     return results
