@@ -132,3 +132,24 @@ def write_report(results: dict, out: Path) -> None:
         plots(results, out)
     except ImportError as exc:  # matplotlib is in the `bench` extra
         (out / "plots_missing.txt").write_text(f"plots need matplotlib (pip install 'memvisor[bench]'): {exc}\n")
+
+
+def merge_results(paths: list[Path]) -> dict:
+    """Merge results.json files of runs split over processes (same model, tasks and environment):
+    methods, peers and the sweep are united; the first file's uncompressed reference and meta are kept,
+    the others' references are listed under ``meta.references`` so they can be compared."""
+    import json
+
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    if len({r["model"] for r in runs}) != 1:
+        raise ValueError(f"cannot merge results of different models: {[r['model'] for r in runs]}")
+    out = json.loads(json.dumps(runs[0]))
+    out["meta"]["merged_from"] = [str(p) for p in paths]
+    out["meta"]["references"] = [r["uncompressed"]["full"] for r in runs]
+    for r in runs[1:]:
+        for group in ("methods", "peers"):
+            for name, per in r[group].items():
+                out[group].setdefault(name, {}).update(per)
+        if r.get("sweep") and not out.get("sweep"):
+            out["sweep"] = r["sweep"]
+    return out
