@@ -128,3 +128,25 @@ def test_think_channels_removed_from_storage(bits):
     assert st.nbytes() < full_bytes + 40 * 2 * B * D * 4
     st.keep(torch.arange(0, len(st), 2))
     assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors().values())
+
+
+def test_compaction_merges_sparse_groups_within_error_bound():
+    st, k, _ = make(2, 32 * 8 + 32)  # 8 full key groups
+    k_before, _ = st.dense()
+    keep = torch.cat([torch.arange(g * 32, g * 32 + 5) for g in range(8)] + [torch.arange(256, 288)])
+    st.keep(keep)  # 5 tokens left in each group: 8 near-empty groups
+    assert st.group_sizes.tolist() == [5] * 8
+    bytes_sparse = st.nbytes()
+    assert st.compact()
+    assert st.group_sizes.tolist() == [30, 10] and int(st.group_sizes.sum()) == st.nq == 40
+    assert st.nbytes() < bytes_sparse
+    assert st.nbytes() == expected_bytes(st)
+    k_after, _ = st.dense()
+    kept_before = k_before[:, keep[:40]]
+    # one more rounding: within half a step of the merged group's range (+ fp16 rounding)
+    for g0, g1 in ((0, 30), (30, 40)):
+        part = kept_before[:, g0:g1]
+        step = (part.amax(1) - part.amin(1)) / 3
+        err = (k_after[:, g0:g1] - part).abs().amax(1)
+        assert (err <= step / 2 + 1e-2).all()
+    assert not st.compact()  # nothing left to merge

@@ -270,5 +270,6 @@ class LayerCore:
         else:
             for st, idx in zip(self.stores, kept):
                 st.keep(idx)
+                st.compact()
         if self.cfg.policy is not None:
             self.cfg.policy.on_evict(kept)

@@ -69,7 +69,7 @@ def unpack(packed: Tensor, bits: int, dim: int, n: int) -> Tensor:
     return c if c.shape[dim] == n else c.narrow(dim, 0, n)
 
 
-def _minmax_quant(x: Tensor, bits: int, reduce_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+def minmax_quant(x: Tensor, bits: int, reduce_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """Codes (uint8, unpacked), fp16 scale and zero of ``x`` grouped along ``reduce_dim`` (kept, size 1)."""
     xf = x.float()
     lo = xf.amin(reduce_dim, keepdim=True)
@@ -92,7 +92,7 @@ def quantize_keys(k: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor, Ten
     if group < 1 or T % group:
         raise QuantError(f"key token count {T} must be a positive multiple of group {group}")
     g = k.reshape(*lead, T // group, group, D)
-    codes, scale, zero = _minmax_quant(g, bits, reduce_dim=-2)
+    codes, scale, zero = minmax_quant(g, bits, reduce_dim=-2)
     codes = codes.reshape(*lead, T, D)
     return pack(codes, bits, dim=-2), scale.squeeze(-2), zero.squeeze(-2)
 
@@ -129,7 +129,7 @@ def quantize_values(v: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor, T
     if group < 1 or D % group:
         raise QuantError(f"head dim {D} must be a positive multiple of group {group}")
     g = v.reshape(*lead, T, D // group, group)
-    codes, scale, zero = _minmax_quant(g, bits, reduce_dim=-1)
+    codes, scale, zero = minmax_quant(g, bits, reduce_dim=-1)
     codes = codes.reshape(*lead, T, D)
     return pack(codes, bits, dim=-1), scale.squeeze(-1), zero.squeeze(-1)
 

@@ -203,6 +203,53 @@ class HeadStore:
         self.v_codes, self.v_scale, self.v_zero = self.v_codes[:, qi], self.v_scale[:, qi], self.v_zero[:, qi]
         self.nq = int(qi.numel())
 
+    def compact(self, slack: float = 1.5) -> bool:
+        """Merge runs of adjacent partly-evicted key groups into groups of at most G tokens when
+        there are more than ``slack`` times the groups the tokens need: each group costs a full
+        row of fp16 scale and zero, so near-empty groups would eat the savings of quantization.
+        Merged tokens are re-quantized from their dequantized keys (min-max over the new group:
+        one more rounding, at most half a step of the merged group's range). Values are per token
+        and untouched. Returns whether anything was merged."""
+        if self.q.bits is None or self.nq == 0:
+            return False
+        G, b = self.q.group, self.q.bits
+        sizes = self.group_sizes.tolist()
+        if len(sizes) <= slack * -(-self.nq // G):
+            return False
+        runs, cur, total = [], [], 0  # greedy: consecutive groups whose sizes sum to <= G
+        for i, n in enumerate(sizes):
+            if cur and total + n > G:
+                runs.append(cur)
+                cur, total = [], 0
+            cur.append(i)
+            total += n
+        runs.append(cur)
+        codes = quant.unpack(self.k_codes, b, dim=1, n=self.nq)
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        new_codes, new_scale, new_zero, new_sizes = [], [], [], []
+        for run in runs:
+            s0, s1 = starts[run[0]], starts[run[-1] + 1]
+            if len(run) == 1:
+                g = run[0]
+                new_codes.append(codes[:, s0:s1])
+                new_scale.append(self.k_scale[:, g:g + 1])
+                new_zero.append(self.k_zero[:, g:g + 1])
+            else:
+                gid = self.group_of_tokens(s0, s1)
+                k = torch.addcmul(self.k_zero[:, gid].float(), codes[:, s0:s1].float(), self.k_scale[:, gid].float())
+                c, sc, z = quant.minmax_quant(k, b, reduce_dim=1)
+                new_codes.append(c)
+                new_scale.append(sc)
+                new_zero.append(z)
+            new_sizes.append(s1 - s0)
+        self.k_codes = quant.pack(torch.cat(new_codes, dim=1), b, dim=1)
+        self.k_scale = torch.cat(new_scale, dim=1)
+        self.k_zero = torch.cat(new_zero, dim=1)
+        self.group_sizes = torch.tensor(new_sizes, dtype=torch.int32, device=self.device)
+        return True
+
     def replace(self, k: Tensor, v: Tensor, pos: Tensor | None = None) -> None:
         """Store exactly these tokens (k, v [B, n, D]), re-quantizing them (used after merging)."""
         fresh = HeadStore(self.B, self.D, self.dtype, self.device, self.q, self.pos is not None)
