@@ -76,7 +76,7 @@ def converted_dir(name: str) -> Path:
     src = gguf_path(name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # concurrent first loads do not collide
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)  # save_pretrained refuses GGUF-loaded models; write plain
@@ -85,6 +85,9 @@ def converted_dir(name: str) -> Path:
         model.generation_config.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"))
     tok.save_pretrained(tmp)
+    if (out / "model.safetensors").exists():  # another process finished first
+        shutil.rmtree(tmp)
+        return out
     if out.exists():  # an earlier conversion was interrupted
         shutil.rmtree(out)
     tmp.rename(out)
