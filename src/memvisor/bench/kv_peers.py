@@ -6,7 +6,8 @@ with the install line. A peer is a :class:`Method` like memvisor's own (``kv_met
 
 - kvpress (0.5.5, pins transformers<5.3): a press compresses the context during one full prefill
   (forward hooks on each attention module), then the question and the answer run on the pruned
-  ``DynamicCache`` uncompressed, as kvpress's own pipeline does. ``compression_ratio`` is the
+  ``DynamicCache`` uncompressed, as kvpress's own pipeline does (a config-less ``DynamicCache``, as
+  its pipeline makes: on sliding-window models every layer then keeps every token). ``compression_ratio`` is the
   claimed fraction removed; the runner reports the bytes that really stay allocated.
 - transformers ``QuantizedCache`` (backend quanto, needs optimum-quanto): 2 or 4 bits, its
   defaults (group 64, residual 128, axis 0). Its bytes are fixed by the bit width, not a budget.
@@ -62,11 +63,12 @@ def _full_prefill(model: Any, ids: torch.Tensor, cache: Any, key: str) -> Any:
     return model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **{key: cache}).logits
 
 
-def plain_method() -> Method:
-    """The uncompressed reference: transformers' DynamicCache, one full prefill."""
+def plain_method(model_config: Any = None) -> Method:
+    """The uncompressed reference: transformers' DynamicCache built from the model's config (so
+    sliding-window layers keep only their window, as ``generate`` does), one full prefill."""
     from transformers import DynamicCache
 
-    return Method("uncompressed", DynamicCache, _full_prefill)
+    return Method("uncompressed", lambda: DynamicCache(config=model_config), _full_prefill)
 
 
 def kvpress_method(name: str, compression_ratio: float, model_config: Any = None) -> Method:

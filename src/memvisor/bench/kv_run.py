@@ -219,7 +219,7 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
     tracker = KVPeakTracker(model)  # registered before any peer's hooks
     prompts = build_prompts(tok, cfg)
     log(f"{cfg.model}: {len(prompts)} tasks of {[p.ctx.shape[1] for p in prompts]} context tokens")
-    refs = [run_one(model, tok, plain_method(), p, None, cfg.gen_tokens, tracker) for p in prompts]
+    refs = [run_one(model, tok, plain_method(model.config), p, None, cfg.gen_tokens, tracker) for p in prompts]
     base_bytes = sum(r["bytes"] for r in refs) / len(refs)
     results: dict = {
         "model": cfg.model, "methods": {}, "peers": {},
@@ -270,7 +270,7 @@ def memory_sweep(model: Any, tok: Any, cfg: KvBenchConfig, bf16_per_token: float
     lengths = cfg.lengths or DEFAULT_LENGTHS[cfg.model]
     key = cache_kwarg(model)
     budget_bytes = int(bf16_per_token * 2048 / cfg.sweep_budget_ratio)
-    contenders = [plain_method(), memvisor_method("kivi2+snapkv", model.config, budget_bytes)]
+    contenders = [plain_method(model.config), memvisor_method("kivi2+snapkv", model.config, budget_bytes)]
     if "kvpress-snapkv" in peers_available():
         contenders.append(kvpress_method("kvpress-snapkv", 1.0 - 1.0 / cfg.sweep_budget_ratio))
     out: dict = {"budget_bytes": budget_bytes, "lengths": lengths, "methods": {}}
