@@ -54,7 +54,9 @@ def run_scale(sizes: list[int], out: Path, systems: list[str], *, mem0_max: int 
             run = json.loads(part.read_text())
             run["date"] = results["date"]
             results["runs"] = [r for r in results["runs"] if (r["system"], r["n"]) != (name, n)] + [run]
-            path.write_text(json.dumps(results, indent=1))  # after each run: partial results survive
+            # After each run: a long run stopped later still leaves its finished sizes, rendered.
+            path.write_text(json.dumps(results, indent=1))
+            (out / "scale.md").write_text(markdown(results))
     results["runs"].sort(key=lambda r: (r["n"], r["system"]))
     path.write_text(json.dumps(results, indent=1))
     (out / "scale.md").write_text(markdown(results))
