@@ -19,15 +19,16 @@ from memvisor.api.memory import Memory
 
 QUESTIONS = (
     "Where did Ana move for her new job?",
-    "Which race did Ben run in Annecy, and how did it go?",
-    "What is the name of Ana's cat?",
+    "Why did Ben switch from the half marathon to the 10k?",
+    "How long did Ben take to finish the 10k in Annecy?",
 )
-PROMPT_VERSION = "answer.v1"
+# v2: "copy names and numbers exactly" (v1 let SmolLM2 invent names absent from the context).
+PROMPT_VERSION = "answer.v2"
 
 
 def answer_prompt(context_text: str, question: str) -> list[dict[str, str]]:
     system = resources.files("memvisor").joinpath(f"prompts/{PROMPT_VERSION}.txt").read_text().strip()
-    user = f"Memories:\n<<<\n{context_text}\n>>>\n\nQuestion: {question}"
+    user = f"Notes:\n<<<\n{context_text}\n>>>\n\nQuestion: {question}"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
