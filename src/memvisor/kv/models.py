@@ -6,7 +6,9 @@
 
 transformers de-quantizes a GGUF at load time (12-30 s). The first load converts it once to a
 plain safetensors folder under ``$MEMVISOR_HOME/models/<name>`` (default
-``~/.cache/memvisor/models/<name>``); later loads read that folder (about 2 s).
+``~/.cache/memvisor/models/<name>``); later loads read that folder (about 2 s). The tokenizer is
+saved per transformers release (``tokenizer-<version>/``): tokenizer folders do not load the same
+across releases.
 """
 
 from __future__ import annotations
@@ -84,13 +86,39 @@ def converted_dir(name: str) -> Path:
     if model.generation_config is not None:
         model.generation_config.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"))
-    tok.save_pretrained(tmp)
+    tok.save_pretrained(tmp / _tokenizer_subdir())
     if (out / "model.safetensors").exists():  # another process finished first
         shutil.rmtree(tmp)
         return out
     if out.exists():  # an earlier conversion was interrupted
         shutil.rmtree(out)
     tmp.rename(out)
+    return out
+
+
+def _tokenizer_subdir() -> str:
+    import transformers
+
+    return f"tokenizer-{transformers.__version__}"
+
+
+def tokenizer_dir(name: str) -> Path:
+    """The tokenizer converted from the GGUF by THIS transformers release (releases convert GGUF
+    tokenizers differently, and a folder written by one may not load the same in another)."""
+    out = converted_dir(name) / _tokenizer_subdir()
+    if (out / "tokenizer_config.json").exists():
+        return out
+    from transformers import AutoTokenizer
+
+    src = gguf_path(name)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    tok.save_pretrained(tmp)
+    if (out / "tokenizer_config.json").exists():
+        shutil.rmtree(tmp)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
     return out
 
 
@@ -102,11 +130,14 @@ def load_local_model(name: str, dtype: torch.dtype = torch.float32, kv_attention
     kv_attention: switch the model to the memvisor attention function (required by compressed
     caches; identical to SDPA for a plain cache).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     folder = converted_dir(name)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
-    tok = AutoTokenizer.from_pretrained(folder)
+    # The fast tokenizer class reads tokenizer.json as written: AutoTokenizer would pick the class
+    # named in tokenizer_config.json (e.g. CodeLlamaTokenizer, GemmaTokenizer), which re-derives the
+    # vocabulary differently and tokenizes wrongly.
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir(name))
     model.eval()
     if kv_attention:
         use_kv_attention(model)
