@@ -114,5 +114,4 @@ def test_think_prunes_key_channels_on_the_model(smollm2, text_ids, run_chunks):
         assert st.k_codes.shape[-1] == 39 and st.channels.numel() == 39
     kl = [torch.nn.functional.kl_div(b[:, -1].log_softmax(-1), a[:, -1].log_softmax(-1), log_target=True,
                                      reduction="sum").item() for a, b in zip(ref[1:], got[1:])]
-    print("think kl", kl)
-    assert sum(kl) / len(kl) < 0.3
+    assert max(kl) < 0.3
