@@ -31,7 +31,7 @@ def head_attention(q: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor, sc
     """
     B, H, g, Tq, D = q.shape
     single = isinstance(store, HeadStore)
-    qf = q.float().reshape(B, H, g * Tq, D)
+    qf = q.float().reshape(B, H, g * Tq, D) * scaling  # scale once, not every block of scores
     n = len(store)
     first_new = n - Tq  # storage index of query 0's own token
     m = torch.full((B, H, g * Tq), float("-inf"), device=q.device)
@@ -44,7 +44,7 @@ def head_attention(q: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor, sc
             k, v = k.unsqueeze(1), v.unsqueeze(1)
             pos = None if pos is None else pos.unsqueeze(0)
         nb = k.shape[-2]
-        s = torch.matmul(qf, k.transpose(-1, -2)) * scaling  # [B, H, g*Tq, nb]
+        s = torch.matmul(qf, k.transpose(-1, -2))  # [B, H, g*Tq, nb], already scaled
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
         allowed = None  # broadcastable to [H, Tq, nb]
@@ -58,11 +58,11 @@ def head_attention(q: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor, sc
             allowed = w_ok if allowed is None else allowed & w_ok
         if allowed is not None:
             allowed = allowed.expand(H, Tq, nb).repeat(1, g, 1)  # rows ordered (group, query)
-            s = s.masked_fill(~allowed.unsqueeze(0), float("-inf"))
+            s.masked_fill_(~allowed.unsqueeze(0), float("-inf"))
         m_new = torch.maximum(m, s.amax(-1))
         # Rows with nothing visible yet keep m = -inf: shift by 0 there to avoid inf - inf.
         shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = torch.exp(s - shift.unsqueeze(-1))
+        p = s.sub_(shift.unsqueeze(-1)).exp_()
         corr = torch.exp(m - shift)
         l = l * corr + p.sum(-1)
         acc = acc * corr.unsqueeze(-1) + torch.matmul(p, v)
