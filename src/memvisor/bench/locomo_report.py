@@ -44,13 +44,15 @@ def markdown(results: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(_f(r[k]) for k in ("overall", "1", "2", "3", "4", "5"))
                          + f" | {_f(s['context_tokens'][str(b)], 0)} |")
     lines += ["", "## Cost", "",
-              "| system | ingest s | turns/s | search p50 / p95 / p99 ms | context p50 / p95 ms | peak RSS MiB |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| system | ingest s | turns/s | search p50 / p95 / p99 ms | context p50 / p95 ms | peak RSS MiB "
+              "| load avg (1 min) start, end |",
+              "|---|---:|---:|---:|---:|---:|---|"]
     for name, s in systems.items():
         sm, cm = s["search_ms"], s.get("context_ms", {})
         lines.append(f"| {name} | {_f(s['ingest_seconds'], 1)} | {_f(s.get('ingest_turns_per_s'), 0)} | "
                      f"{_f(sm['p50'], 1)} / {_f(sm['p95'], 1)} / {_f(sm['p99'], 1)} | "
-                     f"{_f(cm.get('p50'), 1)} / {_f(cm.get('p95'), 1)} | {_f(s['peak_rss_mb'], 0)} |")
+                     f"{_f(cm.get('p50'), 1)} / {_f(cm.get('p95'), 1)} | {_f(s['peak_rss_mb'], 0)} | "
+                     f"{(s.get('load_average_start') or ['–'])[0]}, {(s.get('load_average_end') or ['–'])[0]} |")
     answered = {n: s["answer"] for n, s in systems.items() if "answer" in s}
     if answered:
         lines += ["", "## Answers (LoCoMo token F1; category 5: refusal rate)", "",
