@@ -84,7 +84,7 @@ def plot(results: dict, path: Path) -> None:
         if name == "full":
             # One point: recall at its real size, not at the nominal budgets.
             tok = max(v for v in s["context_tokens"].values() if v is not None)
-            ax.scatter([tok], [s["recall"][str(budgets[-1])]["overall"]], marker="*", s=120,
+            ax.scatter([tok], [s["recall"][str(budgets[-1])]["overall"]], marker="*", s=120, color="black",
                        label=f"full ({tok:,.0f} tokens)")
             continue
         ys = [s["recall"][str(b)]["overall"] for b in budgets]
