@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -25,6 +26,7 @@ def test_synthetic_corpus_is_deterministic_and_varied():
         assert first in q.text or " in " in q.text  # written from its source memory
 
 
+@pytest.mark.slow
 def test_scale_command_writes_json_and_table(tmp_path):
     from memvisor.bench.locomo import register
 
