@@ -1,5 +1,5 @@
 """Real local models, loaded once per test session (converted once to safetensors under
-$MEMVISOR_HOME/models, default ~/.cache/memvisor/models; the first conversion takes minutes)."""
+$MEMVISOR_CACHE/models, default ~/.cache/memvisor/models; the first conversion takes minutes)."""
 
 import pytest
 import torch

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memvisor.errors import InvalidInput
 from memvisor.kv.policies.base import LayerBudget, largest_remainder
 
 
-class BudgetError(ValueError):
+class BudgetError(InvalidInput):
     """A byte budget that cannot be met (too small for the fixed parts of the cache)."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import Tensor
 
+from memvisor.errors import InvalidInput
 from memvisor.kv.adapter import HFCache, kv_shape, layer_windows
 from memvisor.kv.budget import BudgetError, split_layers, token_cost
 from memvisor.kv.layer import LayerConfig, LayerCore
@@ -29,7 +30,7 @@ from memvisor.kv.storage import QuantConfig, StackedHeads
 QUANT_BITS = {"none": None, "kivi2": 2, "kivi4": 4}
 
 
-class CacheSpecError(ValueError):
+class CacheSpecError(InvalidInput):
     """An invalid cache specification."""
 
 

