@@ -13,12 +13,13 @@ def _words(text: str) -> int:  # a stand-in tokenizer: whitespace words
 def test_task_has_exact_length_and_its_needles(kind, n_needles):
     task = make_task(kind, 600, _words, seed=3)
     assert 560 <= _words(task.context) <= 600  # the largest haystack within the budget
-    assert task.context.count("special magic numbers for") == n_needles
+    assert task.context.count("special magic number for") == n_needles
     for value in task.answers:
         assert f": {value}." in task.context
     asked = task.question.split("for ")[1].split(" mentioned")[0]
-    assert f"magic numbers for {asked} is" in task.context
-    assert task.answer_prefix.endswith("is") and asked in task.answer_prefix
+    # the answer prefix is the needle's own words up to its value (the model copies what follows)
+    assert task.answer_prefix == f"The special magic number for {asked} is:"
+    assert all(f"{task.answer_prefix} {v}." in task.context for v in task.answers)
     assert all(0.1 <= d <= 0.9 for d in task.depths)
 
 
@@ -33,8 +34,16 @@ def test_deterministic_and_seed_dependent():
 def test_multikey_distractors_have_other_keys_and_values():
     task = make_task("multikey", 500, _words, seed=5)
     assert len(set(task.keys)) == 4
-    others = [line for line in task.context.split(". ") if "magic numbers for" in line and task.answers[0] not in line]
+    words = [w for k in task.keys for w in k.split("-")]
+    assert len(set(words)) == 8  # keys share no word
+    others = [line for line in task.context.split(". ") if "magic number for" in line and task.answers[0] not in line]
     assert len(others) == 3
+
+
+def test_values_have_seven_digits_and_no_adjacent_repeat():
+    for seed in range(20):
+        for v in make_task("multivalue", 300, _words, seed=seed).answers:
+            assert len(v) == 7 and v.isdigit() and all(a != b for a, b in zip(v, v[1:]))
 
 
 def test_answer_check_and_kinds():

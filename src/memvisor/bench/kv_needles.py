@@ -2,11 +2,18 @@
 
 A haystack of generated filler sentences (word lists combined by a seeded generator: plain
 statements about colours, places and weather, so no sentence is a plausible answer) with one or
-more needles "One of the special magic numbers for {key} is: {value}." at chosen depths.
+more needles "The special magic number for {key} is: {value}." at chosen depths. The answer prefix
+repeats the needle's words up to the value ("The special magic number for {key} is:"), so the
+model has to copy the seven digits that followed them (induction). Values never repeat a digit
+next to itself, and keys share no word.
 
 Kinds:
-- ``single``: one needle; the question asks for it.
+- ``single``: one needle; the question asks for it. The uncompressed SmolLM2-135M-Instruct finds it
+  at 4k tokens (4 of 4 seeds when this format was chosen; the old "One of the special magic
+  numbers ... mentioned in the provided text is" prefix lost digits).
 - ``multikey``: four needles with different keys; the question asks for one (the others distract).
+  SmolLM2-135M mostly answers the LAST needle whatever the key (1 of 4 seeds at 4k, also with two
+  needles): it is kept as RULER defines it, and retention counts only tasks the reference passes.
 - ``multivalue``: three needles with the SAME key and different values; the answer is any of them
   (RULER's MV task asks for all; a 135M model rarely lists them, so any one counts).
 
@@ -56,15 +63,26 @@ def _sentence(rng: random.Random) -> str:
     return f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_ADJS)} {rng.choice(_TAILS)}."
 
 
+def _value(rng: random.Random) -> str:
+    """A 7-digit number with no digit repeated next to itself (a 135M model copying "66" tends to
+    write one 6: that would test its copying of repeats, not the cache's retention)."""
+    digits = [rng.randint(1, 9)]
+    while len(digits) < 7:
+        d = rng.randint(0, 9)
+        if d != digits[-1]:
+            digits.append(d)
+    return "".join(map(str, digits))
+
+
 def _needle(key: str, value: str) -> str:
-    return f"One of the special magic numbers for {key} is: {value}."
+    return f"The special magic number for {key} is: {value}."
 
 
 def _plan(kind: str, rng: random.Random) -> tuple[list[str], list[str], int]:
     """(needle keys, needle values, index of the asked needle)."""
-    pairs = rng.sample([(a, b) for a in _KEY_A for b in _KEY_B], 4)
-    keys = [f"{a}-{b}" for a, b in pairs]
-    values = [str(rng.randint(1_000_000, 9_999_999)) for _ in range(4)]
+    # Keys share no word, so the asked key's tokens alone pick its needle.
+    keys = [f"{a}-{b}" for a, b in zip(rng.sample(_KEY_A, 4), rng.sample(_KEY_B, 4))]
+    values = [_value(rng) for _ in range(4)]
     if kind == "single":
         return keys[:1], values[:1], 0
     if kind == "multikey":
@@ -119,7 +137,9 @@ def make_task(kind: str, tokens: int, count_tokens, seed: int) -> NeedleTask:
     key = keys[asked]
     answers = values if kind == "multivalue" else [values[asked]]
     question = f"What is the special magic number for {key} mentioned in the provided text?"
-    prefix = f"The special magic number for {key} mentioned in the provided text is"
+    # The answer prefix repeats the needle's own words up to the value, so the model only has to
+    # copy what followed them in the context (induction): a 135M model does that reliably at 4k.
+    prefix = f"The special magic number for {key} is:"
     return NeedleTask(kind, context, question, prefix, answers, keys, depths)
 
 

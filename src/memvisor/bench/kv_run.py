@@ -140,6 +140,7 @@ def run_one(model: Any, tok: Any, method: Method, prompt: Prompt, ref: dict | No
     out["decode_tokens_per_s"] = (gen - 1) / (time.perf_counter() - t0)
     out["tokens"] = toks
     out["needle_hit"] = answer_found(tok.decode(toks[:24], skip_special_tokens=True), prompt.answers)
+    out["kind"] = prompt.kind
     if ref is None:
         out["logits"] = torch.stack(logits)
     else:
@@ -172,7 +173,16 @@ def aggregate(runs: list[dict], refs: list[dict]) -> dict:
         "prefill_s": mean("prefill_s"),
         "decode_tokens_per_s": mean("decode_tokens_per_s"),
         "samples": len(runs),
+        "needle_accuracy_by_kind": _by_kind(runs),
     }
+
+
+def _by_kind(runs: list[dict]) -> dict:
+    """Needle accuracy per task kind: {kind: hits / tasks}."""
+    out: dict = {}
+    for r in runs:
+        out.setdefault(r.get("kind", "?"), []).append(bool(r["needle_hit"]))
+    return {k: sum(v) / len(v) for k, v in out.items()}
 
 
 def _brief(fig: dict) -> str:
