@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from memvisor.kv.gpu import KiviLayer, decode_attention_reference, quantize_layer, random_layer
+from memvisor.kv.gpu import KiviLayer, decode_attention_reference, quantize_layer, random_layer, to_planes
 
 
 @dataclass
@@ -38,13 +38,16 @@ class GpuBenchConfig:
     tune_length: int = 32768
     # kernel settings tried at tune_length (the fastest is used at every length)
     configs: list[dict] = field(default_factory=lambda: [
-        *(dict(variant="tile", block_n=bn, num_warps=w, waves=wv, num_stages=st, v_reshape=True)
-          for bn, w, st in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 8, 2))
-          for wv in (2.0, 4.0)),
-        dict(variant="factored", block_n=64, num_warps=4, waves=4.0, num_stages=2, k_reshape=True, v_reshape=True),
+        *(dict(variant="tile", block_n=bn, num_warps=w, waves=wv, num_stages=2, v_reshape=True)
+          for bn, w, wv in ((64, 4, 4.0), (128, 4, 4.0), (128, 8, 2.0))),
+    ])
+    # the planes kernel (2-bit only): the cache repacked as planes.py says, read by triton_kivi_planes.py
+    planes_configs: list[dict] = field(default_factory=lambda: [
+        dict(variant="planes", num_warps=w, num_stages=2, waves=wv, **({"maxnreg": r} if r else {}))
+        for w, wv, r in ((2, 4.0, None), (2, 3.0, None), (2, 5.0, None), (4, 4.0, 128))
     ])
     dense_configs: list[dict] = field(default_factory=lambda: [
-        dict(block_n=bn, num_warps=w, waves=wv, num_stages=2) for bn in (64, 128) for w in (4, 8) for wv in (2.0, 4.0)
+        dict(block_n=bn, num_warps=w, waves=wv, num_stages=2) for bn, w in ((64, 4), (128, 8)) for wv in (2.0, 4.0)
     ])
 
 
@@ -80,7 +83,7 @@ def copy_bandwidth(n_bytes: int = 2 << 30) -> float:
 def check_kernel(cfg: GpuBenchConfig, kivi_kw: dict, dense_kw: dict, tokens: int = 4096 + 45) -> dict:
     """Relative errors of the kernels (tuned settings) against the torch reference, on fresh random data."""
     from memvisor.kv.gpu.reference import dense_decode_attention
-    from memvisor.kv.gpu.triton_decode import dense_decode_attention_triton, kivi_decode_attention
+    from memvisor.kv.gpu.triton_decode import dense_decode_attention_triton
 
     out = {}
     b, hq, hkv, d = cfg.batch, cfg.q_heads, cfg.kv_heads, cfg.head_dim
@@ -91,7 +94,8 @@ def check_kernel(cfg: GpuBenchConfig, kivi_kw: dict, dense_kw: dict, tokens: int
         layer = quantize_layer(k.float(), v.float(), bits, cfg.group, cfg.residual)
         layer.k_res, layer.v_res = layer.k_res.bfloat16().contiguous(), layer.v_res.bfloat16().contiguous()
         ref = decode_attention_reference(q, layer).double()
-        got = kivi_decode_attention(q, layer, **kivi_kw[bits]).double()
+        got = _kivi_attend(q, to_planes(layer) if kivi_kw[bits].get("variant") == "planes" else layer,
+                           kivi_kw[bits]).double()
         out[f"kivi{bits}_vs_reference"] = float((got - ref).norm() / ref.norm())
     ref = dense_decode_attention(q, k, v)
     got = dense_decode_attention_triton(q, k, v, **dense_kw).double()
@@ -102,10 +106,24 @@ def check_kernel(cfg: GpuBenchConfig, kivi_kw: dict, dense_kw: dict, tokens: int
     return out
 
 
-def _kivi_layers(cfg: GpuBenchConfig, tokens: int, bits: int) -> list[KiviLayer]:
+def _kivi_layers(cfg: GpuBenchConfig, tokens: int, bits: int, planes: bool = False) -> list:
+    """One random cache per layer: ``KiviLayer`` (cache layout) or, with ``planes``, its planes repack."""
     gen = torch.Generator(device="cuda").manual_seed(bits)
-    return [random_layer(cfg.batch, cfg.kv_heads, tokens - cfg.residual, cfg.head_dim, bits, cfg.group,
-                         cfg.residual, torch.bfloat16, "cuda", gen) for _ in range(cfg.layers)]
+    out = []
+    for _ in range(cfg.layers):
+        layer = random_layer(cfg.batch, cfg.kv_heads, tokens - cfg.residual, cfg.head_dim, bits, cfg.group,
+                             cfg.residual, torch.bfloat16, "cuda", gen)
+        out.append(to_planes(layer) if planes else layer)
+    return out
+
+
+def _kivi_attend(q: torch.Tensor, layer, kw: dict) -> torch.Tensor:
+    """The KIVI kernel that ``kw["variant"]`` names, with the rest of ``kw`` as its settings."""
+    from memvisor.kv.gpu.triton_decode import kivi_decode_attention, planes_decode_attention
+
+    if kw.get("variant") == "planes":
+        return planes_decode_attention(q, layer, **{k: v for k, v in kw.items() if k != "variant"})
+    return kivi_decode_attention(q, layer, **kw)
 
 
 def _step(queries: list[torch.Tensor], caches: list, attend: Callable) -> Callable[[], None]:
@@ -131,11 +149,26 @@ def _tune(fn_for: Callable[[dict], Callable[[], None]], configs: list[dict]) -> 
     return {k: v for k, v in best.items() if k != "ms"}, best["ms"], trials
 
 
+def _tune_kivi(cfg: GpuBenchConfig, q_layers: list, tokens: int, bits: int) -> tuple[dict, float, list[dict]]:
+    """Best KIVI kernel settings at ``tokens``: the cache-layout kernels, and for 2 bits the planes kernel."""
+    families = [(False, cfg.configs)] + ([(True, cfg.planes_configs)] if bits == 2 and cfg.planes_configs else [])
+    best, trials = None, []
+    for planes, configs in families:
+        layers = _kivi_layers(cfg, tokens, bits, planes)
+        kw, ms, tr = _tune(lambda kw: _step(q_layers, layers, lambda q, c: _kivi_attend(q, c, kw)), configs)
+        trials += tr
+        if best is None or ms < best[1]:
+            best = (kw, ms)
+        del layers
+        torch.cuda.empty_cache()
+    return best[0], best[1], trials
+
+
 def run_gpu_bench(cfg: GpuBenchConfig, log: Callable[[str], None] = print) -> dict:
     """Measure and return the results dict (written by the CLI as results.json)."""
     import triton
 
-    from memvisor.kv.gpu.triton_decode import dense_decode_attention_triton, kivi_decode_attention
+    from memvisor.kv.gpu.triton_decode import dense_decode_attention_triton
 
     if not torch.cuda.is_available():
         raise RuntimeError("memvisor bench kv-gpu needs a CUDA device")
@@ -156,13 +189,10 @@ def run_gpu_bench(cfg: GpuBenchConfig, log: Callable[[str], None] = print) -> di
     t = cfg.tune_length
     tuned: dict = {}
     for bits in cfg.bits:
-        layers = _kivi_layers(cfg, t, bits)
-        kw, ms, trials = _tune(lambda kw: _step(q_layers, layers, lambda q, c: kivi_decode_attention(q, c, **kw)),
-                               cfg.configs)
+        kw, ms, trials = _tune_kivi(cfg, q_layers, t, bits)
         tuned[bits] = kw
         res[f"tuning_kivi{bits}"] = trials
         log(f"kivi{bits} best at {t}: {kw} {ms * 1e3:.0f} us/step")
-        del layers
     kv = [(torch.randn(b, hkv, t, d, device="cuda").bfloat16(), torch.randn(b, hkv, t, d, device="cuda").bfloat16())
           for _ in range(cfg.layers)]
     dense_kw, ms, trials = _tune(
@@ -194,9 +224,9 @@ def run_gpu_bench(cfg: GpuBenchConfig, log: Callable[[str], None] = print) -> di
         torch.cuda.empty_cache()
         fp16_best = min(entry["bf16_sdpa"]["us_per_step"], entry["bf16_triton"]["us_per_step"])
         for bits in cfg.bits:
-            layers = _kivi_layers(cfg, tokens, bits)
+            layers = _kivi_layers(cfg, tokens, bits, tuned[bits].get("variant") == "planes")
             nbytes = sum(layer.nbytes() for layer in layers) + io_bytes
-            ms = _bench(_step(q_layers, layers, lambda q, c: kivi_decode_attention(q, c, **tuned[bits])))
+            ms = _bench(_step(q_layers, layers, lambda q, c: _kivi_attend(q, c, tuned[bits])))
             entry[f"kivi{bits}"] = {
                 "us_per_step": ms * 1e3, "us_per_layer": ms * 1e3 / cfg.layers, "bytes_per_step": nbytes,
                 "GBps": nbytes / (ms * 1e-3) / 1e9, "speedup_vs_best_bf16": fp16_best / (ms * 1e3),

@@ -23,12 +23,13 @@ from memvisor.kv.gpu.layout import (
     random_layer,
     unpack_codes,
 )
+from memvisor.kv.gpu.planes import PlanesLayer, to_planes
 from memvisor.kv.gpu.reference import decode_attention_reference, dense_decode_attention
 
 __all__ = [
-    "KVLayoutError", "KiviLayer", "TritonUnavailableError", "decode_attention", "decode_attention_reference",
+    "KVLayoutError", "KiviLayer", "PlanesLayer", "TritonUnavailableError", "decode_attention", "decode_attention_reference",
     "dense_decode_attention", "dequantize_keys", "dequantize_values", "pack_codes", "quantize_keys",
-    "quantize_layer", "quantize_values", "random_layer", "triton_available", "unpack_codes",
+    "quantize_layer", "quantize_values", "random_layer", "to_planes", "triton_available", "unpack_codes",
 ]
 
 
@@ -37,9 +38,13 @@ def triton_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
 
-def decode_attention(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None = None,
+def decode_attention(q: torch.Tensor, layer: KiviLayer | PlanesLayer, sm_scale: float | None = None,
                      use_triton: bool | None = None) -> torch.Tensor:
     """One decode step's attention over a quantized layer: ``[B, Hq, D]`` in q's dtype.
+
+    A :class:`PlanesLayer` (2-bit codes repacked for the fast kernel, see planes.py) runs the
+    planes kernel and needs CUDA + Triton; a :class:`KiviLayer` runs the cache-layout kernel on
+    CUDA or the block-by-block torch reference elsewhere.
 
     ``use_triton``: None = automatic (CUDA + Triton), True = require the kernel (raises
     ``TritonUnavailableError`` if it cannot run), False = torch reference.
@@ -48,7 +53,11 @@ def decode_attention(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None =
     if want:
         if not (q.is_cuda and triton_available()):
             raise TritonUnavailableError("the fused kernel needs Triton and a CUDA tensor")
-        from memvisor.kv.gpu.triton_decode import kivi_decode_attention
+        from memvisor.kv.gpu.triton_decode import kivi_decode_attention, planes_decode_attention
 
+        if isinstance(layer, PlanesLayer):
+            return planes_decode_attention(q, layer, sm_scale)
         return kivi_decode_attention(q, layer, sm_scale)
+    if isinstance(layer, PlanesLayer):
+        raise TritonUnavailableError("a cache in the planes layout is read by the CUDA kernel only")
     return decode_attention_reference(q, layer, sm_scale).to(q.dtype)

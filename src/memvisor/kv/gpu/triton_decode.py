@@ -27,6 +27,8 @@ import triton.language as tl
 from memvisor.kv.gpu.errors import KVLayoutError
 from memvisor.kv.gpu.layout import KiviLayer
 from memvisor.kv.gpu.triton_common import _combine_kernel, _fold, _residual_and_store
+from memvisor.kv.gpu.planes import SLOTS, PlanesLayer
+from memvisor.kv.gpu.triton_kivi_planes import _planes_split_kernel
 from memvisor.kv.gpu.triton_kivi_rep import _kivi_split_kernel_rep, _kivi_split_kernel_tile
 
 _LOG2E = 1.4426950408889634
@@ -215,6 +217,41 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
             q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,
             GROUPS=groups, GP=gp, D=d, BITS=layer.bits, G=g, BLOCK_N=block_n,
             num_warps=num_warps, num_stages=num_stages)
+    return _combine(op, lp, q, n_rows)
+
+
+def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float | None = None, *,
+                            num_warps: int = 2, num_stages: int = 2, waves: float = 4.0,
+                            block_r: int = 64, maxnreg: int | None = None) -> torch.Tensor:
+    """Fused decode attention over a 2-bit cache in the planes layout (planes.py, triton_kivi_planes.py).
+
+    q ``[B, Hq, D]`` (bf16/fp16, CUDA) -> ``[B, Hq, D]`` in q's dtype. Splits start on whole tiles
+    of ``8 * G`` tokens; the last program of each kv head takes the full-precision residual.
+    """
+    b, hkv, t_r, d = layer.k_res.shape
+    groups = _check(q, hkv, d, b)
+    g = layer.group
+    if g & (g - 1) or g < 16 or d % g:
+        raise KVLayoutError(f"the planes kernel needs a power-of-two group >= 16 dividing head_dim, got {g}")
+    if layer.t_total == 0:
+        raise KVLayoutError("cannot attend over an empty cache")
+    tensors = (layer.kw, layer.ks, layer.kz, layer.vw, layer.vsz, layer.k_res, layer.v_res)
+    if not all(t.is_contiguous() for t in tensors) or not q.is_contiguous():
+        raise KVLayoutError("the Triton kernel needs contiguous query and cache tensors")
+    if layer.k_res.dtype != q.dtype:
+        raise KVLayoutError(f"residual dtype {layer.k_res.dtype} != query dtype {q.dtype}")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    n_split, tps = _split_plan(b * hkv, layer.t_quant, SLOTS * g, _sm_count(q.device), waves)
+    n_rows = n_split + 1
+    op = torch.empty((b * q.shape[1], n_rows, d), device=q.device, dtype=torch.float32)
+    lp = torch.empty((b * q.shape[1], n_rows), device=q.device, dtype=torch.float32)
+    rows = max(16, triton.next_power_of_2(groups * (d // g)))
+    _planes_split_kernel[(b * hkv, n_rows)](
+        q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps,
+        layer.kw.stride(1), layer.ks.stride(1), layer.vsz.stride(1), layer.vsz.shape[-1],
+        layer.k_res.stride(1), layer.v_res.stride(1),
+        GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), ROWS=rows, D=d, G=g, BLOCK_R=block_r,
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
     return _combine(op, lp, q, n_rows)
 
 
