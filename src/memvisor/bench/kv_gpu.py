@@ -43,8 +43,9 @@ class GpuBenchConfig:
     ])
     # the planes kernel (2-bit only): the cache repacked as planes.py says, read by triton_kivi_planes.py
     planes_configs: list[dict] = field(default_factory=lambda: [
-        dict(variant="planes", num_warps=w, num_stages=2, waves=wv, **({"maxnreg": r} if r else {}))
-        for w, wv, r in ((2, 4.0, None), (2, 3.0, None), (2, 5.0, None), (4, 4.0, 128))
+        dict(variant="planes", num_warps=w, num_stages=2, waves=wv, fuse=f, **({"maxnreg": r} if r else {}))
+        for w, wv, r, f in ((2, 4.0, None, False), (2, 3.0, None, False), (2, 6.0, None, False), (2, 4.0, None, True),
+                            (4, 4.0, 128, False))
     ])
     dense_configs: list[dict] = field(default_factory=lambda: [
         dict(block_n=bn, num_warps=w, waves=wv, num_stages=2) for bn, w in ((64, 4), (128, 8)) for wv in (2.0, 4.0)

@@ -62,3 +62,38 @@ def _combine_kernel(OP, LP, O, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr):
         l = l * alpha + tl.sum(w, 0)
         m = m_new
     tl.store(O + row * D + offs_d, (acc / l).to(O.dtype.element_ty))
+
+
+@triton.jit
+def _combine_last(OP, LP, O, CNT, pid_bh, n_rows, GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Fused split combine: the last program of kv head ``pid_bh`` to finish merges its GROUPS rows.
+
+    Every program has stored its partials; a barrier, then one acq_rel atomic per program on the
+    head's counter (gpu scope) orders those stores before the count that the last program reads.
+    The last one reads the partials from L2 (``.cg``: other multiprocessors wrote them), writes the
+    output and re-arms the counter to 0 for the next call (one stream at a time per counter).
+    """
+    tl.debug_barrier()
+    done = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel", scope="gpu")
+    if done == n_rows - 1:
+        offs_d = tl.arange(0, D)
+        for g in tl.static_range(GROUPS):
+            row = pid_bh * GROUPS + g
+            m = float("-inf")
+            l = 0.0
+            acc = tl.zeros([D], tl.float32)
+            for s0 in range(0, n_rows, BLOCK_S):
+                offs_s = s0 + tl.arange(0, BLOCK_S)
+                s_mask = offs_s < n_rows
+                lse = tl.load(LP + row * n_rows + offs_s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
+                m_new = tl.maximum(m, tl.max(lse, 0))
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m - m_ref)
+                w = tl.exp2(lse - m_ref)
+                o = tl.load(OP + (row * n_rows + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None],
+                            other=0.0, cache_modifier=".cg")
+                acc = acc * alpha + tl.sum(o * w[:, None], 0)
+                l = l * alpha + tl.sum(w, 0)
+                m = m_new
+            tl.store(O + row * D + offs_d, (acc / l).to(O.dtype.element_ty))
+        tl.atomic_xchg(CNT + pid_bh, 0, sem="relaxed", scope="gpu")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from memvisor.kv.gpu.triton_common import _residual_and_store
+from memvisor.kv.gpu.triton_common import _combine_last, _residual_and_store
 
 
 def _key_asm(j: int) -> str:
@@ -105,10 +105,10 @@ def _half_tile(qrep, kwt, vw, zba, ks_base, vs_base, vz_base, g0, t0, offs_n, k1
 
 
 @triton.jit
-def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
+def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, O, CNT, sm_scale_log2,
                          T_q, T_r, tps, skw_bh, sks_bh, svsz_bh, t_pad, skr_bh, svr_bh,
                          GROUPS: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-                         G: tl.constexpr, BLOCK_R: tl.constexpr):
+                         G: tl.constexpr, BLOCK_R: tl.constexpr, FUSE: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_rows = tl.num_programs(1)
@@ -172,3 +172,5 @@ def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
         a0 = tl.zeros([GP, D], tl.float32)
         _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
                             m0, l0, a0, True, GROUPS, GP, D, BLOCK_R)
+    if FUSE:
+        _combine_last(OP, LP, O, CNT, pid_bh, n_rows, GROUPS, D, 16)
