@@ -98,8 +98,11 @@ def test_aggregate_and_report(tmp_path):
 
 
 def test_method_names_parse_and_reject_typos():
-    assert parse_method("kivi4+snapkv") == {"quant": "kivi4", "token": "snapkv", "head": None, "layer": None}
+    assert parse_method("kivi4+snapkv") == {"quant": "kivi4", "token": "snapkv", "head": None, "layer": None,
+                                            "group": 32, "residual": 32}
+    assert parse_method("kivi-k4v2+g64+r128+streaming") == {"quant": "kivi-k4v2", "token": "streaming", "head": None,
+                                                            "layer": None, "group": 64, "residual": 128}
     assert parse_method("none")["quant"] == "none"
-    for bad in ("kivi3", "kivi2+kivi4", "snapkv+h2o", ""):
+    for bad in ("kivi3", "kivi2+kivi4", "snapkv+h2o", "", "kivi4+g32+g64"):
         with pytest.raises(ValueError):
             parse_method(bad)

@@ -22,8 +22,10 @@ def test_bad_spec_raises_typed_error(kw):
 def test_token_cost_matches_layout():
     c = token_cost(1, 64, 2, 2, 32, 32, track_pos=False)
     # 2-bit codes for k and v (2 * 16 B) + key scale/zero per 32 tokens (64 * 4 / 32 B)
-    # + value scale/zero (2 groups * 4 B) + group size (4 / 32 B)
-    assert c.q == 32 + 8 + 8 + 0.125
+    # + value scale/zero (2 groups * 4 B) + int16 group size (2 / 32 B)
+    assert c.q == 32 + 8 + 8 + 0.0625
+    # mixed precision: 4-bit key codes (32 B) + 2-bit value codes (16 B), same scales
+    assert token_cost(1, 64, 2, 4, 32, 32, False, value_bits=2).q == 32 + 16 + 8 + 8 + 0.0625
     assert c.fp == 256 and c.residual_max == 63
     assert c.capacity(63 * 256 + 10 * c.q) == 73
     assert token_cost(1, 64, 2, None, 32, 32, False).capacity(2560) == 10
@@ -31,8 +33,9 @@ def test_token_cost_matches_layout():
 
 def test_split_layers_respects_total_and_windows():
     costs = [token_cost(1, 64, 2, None, 32, 32, w is not None) for w in (8, None, 8, None)]
-    per = split_layers(100_000, costs, 2, [8, None, 8, None], None)
-    assert sum(per) <= 100_000
+    budget = 400 * int(costs[0].fp)  # a whole number of tokens per layer: equal shares to start
+    per = split_layers(budget, costs, 2, [8, None, 8, None], None)
+    assert sum(per) <= budget
     assert per[0] == per[2] == 7 * 2 * costs[0].fp  # sliding layers need at most window-1 tokens
     assert per[1] == per[3] > per[0]  # the rest went to the full layers
     pyr = split_layers(100_000, [costs[1]] * 4, 2, [None] * 4, PyramidLayerBudget())
@@ -51,7 +54,19 @@ def test_dense_layer_export_has_agreed_layout():
     assert d["k_codes"].shape == (1, 2, 64 * 2 // 8, 32) and d["k_codes"].dtype == torch.uint8
     assert d["k_scale"].shape == (1, 2, 2, 32) and d["v_codes"].shape == (1, 2, 64, 8)
     assert d["v_scale"].shape == (1, 2, 64, 1) and d["k_res"].shape == (1, 2, 36, 32)
-    group_sizes = 2 * 2 * 4  # per head: 2 int32 group sizes
+    group_sizes = 2 * 2 * 2  # per head: 2 int16 group sizes
     assert sum(t.numel() * t.element_size() for t in d.values()) + group_sizes == cache.nbytes()
     with pytest.raises(CacheSpecError):
         cache.dense_layer(1)
+
+
+def test_mixed_precision_cache_stores_each_width_and_refuses_the_dense_layout():
+    cache = CompressedCache(CFG, CacheSpec(quant="kivi-k4v2"))
+    core = cache.cores[0]
+    core.update(torch.randn(1, 2, 100, 32), torch.randn(1, 2, 100, 32))
+    core.attend(torch.randn(1, 4, 100, 32), 32 ** -0.5)
+    st = core.stores[0]
+    assert st.k_codes.shape == (1, 64 * 4 // 8, 32) and st.v_codes.shape == (1, 64, 32 * 2 // 8)
+    assert cache.nbytes() == sum(t.numel() * t.element_size() for s in core.stores for t in s.tensors().values())
+    with pytest.raises(CacheSpecError):
+        cache.dense_layer(0)

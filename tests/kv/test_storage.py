@@ -10,27 +10,28 @@ from memvisor.kv.storage import HeadStore, QuantConfig, StackedHeads
 B, D = 2, 64
 
 
-def make(bits, n, residual=32, track_pos=False, seed=0):
+def make(bits, n, residual=32, track_pos=False, seed=0, value_bits=None):
     g = torch.Generator().manual_seed(seed)
-    st = HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(bits, 32, residual), track_pos)
+    st = HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(bits, 32, residual, value_bits), track_pos)
     k, v = torch.randn(B, n, D, generator=g), torch.randn(B, n, D, generator=g)
     st.append(k, v, torch.arange(n) if track_pos else None)
     return st, k, v
 
 
 def expected_bytes(st):
-    """Independent count from the layout: codes + fp16 scales/zeros + int32 group sizes + residual + positions."""
-    nq, nr, b = st.nq, st.nr, st.q.bits
+    """Independent count from the layout: codes + fp16 scales/zeros + int16 group sizes + residual + int16
+    positions (all positions in these tests are < 32768)."""
+    nq, nr, b, vb = st.nq, st.nr, st.q.bits, st.q.vbits
     total = 2 * B * nr * D * 4  # fp32 residual k and v
     if b is not None:
         ng = st.group_sizes.numel()
         total += B * math.ceil(nq * b / 8) * D  # key codes
         total += 2 * B * ng * D * 2  # key scale + zero
-        total += ng * 4  # group sizes
-        total += B * nq * D * b // 8  # value codes
+        total += ng * 2  # group sizes
+        total += B * nq * D * vb // 8  # value codes
         total += 2 * B * nq * (D // 32) * 2  # value scale + zero
     if st.pos is not None:
-        total += (nq + nr) * 4
+        total += (nq + nr) * 2
     return total
 
 
@@ -150,3 +151,31 @@ def test_compaction_merges_sparse_groups_within_error_bound():
         err = (k_after[:, g0:g1] - part).abs().amax(1)
         assert (err <= step / 2 + 1e-2).all()
     assert not st.compact()  # nothing left to merge
+
+
+@pytest.mark.parametrize("kb,vb", [(4, 2), (2, 4)])
+def test_mixed_precision_keys_and_values_each_within_their_bound(kb, vb):
+    from memvisor.kv import quant
+
+    st, k, v = make(kb, 160, residual=32, value_bits=vb, seed=3)
+    assert st.nq == 128 and st.v_codes.shape == (B, 128, D * vb // 8) and st.k_codes.shape == (B, 128 * kb // 8, D)
+    kd, vd = st.dense(torch.float32)
+    kq, vq = k[:, :128], v[:, :128]
+    k_err, v_err = (kd[:, :128] - kq).abs(), (vd[:, :128] - vq).abs()
+    assert (k_err <= quant.error_bound(kq, kb, 32, "keys") + 1e-6).all()
+    assert (v_err <= quant.error_bound(vq, vb, 32, "values") + 1e-6).all()
+    # the widths are really different: the 4-bit side is much more precise than the 2-bit side
+    fine, coarse = (k_err, v_err) if kb == 4 else (v_err, k_err)
+    assert fine.mean() < 0.3 * coarse.mean()
+    assert torch.equal(kd[:, 128:], k[:, 128:]) and torch.equal(vd[:, 128:], v[:, 128:])  # residual exact
+    assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors().values()) == expected_bytes(st)
+    st.keep(torch.tensor([0, 7, 31, 33, 90, 127, 128, 159]))
+    assert st.nbytes() == expected_bytes(st)
+
+
+def test_positions_int16_until_they_need_int32():
+    st, _, _ = make(2, 40, track_pos=True)
+    assert st.pos.dtype == torch.int16
+    st.append(torch.randn(B, 2, D), torch.randn(B, 2, D), torch.tensor([32767, 32768]))
+    assert st.pos.dtype == torch.int32 and st.positions()[-2:].tolist() == [32767, 32768]
+    assert st.positions()[:40].tolist() == list(range(40))  # older positions widened exactly

@@ -1,6 +1,8 @@
 """memvisor's own methods for the KV benchmark, named like ``kivi2``, ``snapkv``, ``kivi4+snapkv``.
 
-A name is ``+``-joined parts: at most one quantizer (``kivi2``, ``kivi4``) and at most one token
+A name is ``+``-joined parts: at most one quantizer (``kivi2``, ``kivi4``, mixed ``kivi-k4v2`` keys
+4-bit / values 2-bit, ``kivi-k2v4``), optionally ``g<G>`` (group size, default 32) and ``r<R>``
+(residual window, default 32), and at most one token
 policy from :data:`memvisor.kv.policies.POLICIES` (``snapkv``, ``streaming``, ``h2o``, ``knorm``,
 ``scissorhands``), optionally ``adakv`` (ragged head budgets) and ``pyramid`` (PyramidKV layer
 budgets). ``none`` is the uncompressed CompressedCache (block-wise prefill's own noise floor).
@@ -11,6 +13,7 @@ tokens (the cache's default when no token policy is given).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -18,18 +21,23 @@ import torch
 from memvisor.bench.kv_peers import Method
 
 DEFAULT_METHODS = ["kivi2", "kivi4", "snapkv", "streaming", "kivi4+snapkv", "kivi2+snapkv"]
-_QUANT = {"kivi2", "kivi4"}
+_QUANT = {"kivi2", "kivi4", "kivi-k4v2", "kivi-k2v4"}
 _TOKEN = {"snapkv", "streaming", "h2o", "knorm", "scissorhands"}
 
 
 def parse_method(name: str) -> dict:
     """``kivi4+snapkv`` -> {"quant": "kivi4", "token": "snapkv", "head": None, "layer": None}."""
     parts = [p.strip() for p in name.split("+") if p.strip()]
-    spec: dict = {"quant": "none", "token": None, "head": None, "layer": None}
+    spec: dict = {"quant": "none", "token": None, "head": None, "layer": None, "group": 32, "residual": 32}
     if parts == ["none"]:
         return spec
+    seen: set[str] = set()
     for p in parts:
-        if p in _QUANT and spec["quant"] == "none":
+        knob = re.fullmatch(r"([gr])(\d+)", p)
+        if knob and knob.group(1) not in seen:  # g64: KIVI group size; r64: residual window
+            seen.add(knob.group(1))
+            spec["group" if knob.group(1) == "g" else "residual"] = int(knob.group(2))
+        elif p in _QUANT and spec["quant"] == "none":
             spec["quant"] = p
         elif p in _TOKEN and spec["token"] is None:
             spec["token"] = p
@@ -39,7 +47,8 @@ def parse_method(name: str) -> dict:
             spec["layer"] = p
         else:
             raise ValueError(f"bad method {name!r}: part {p!r} unknown or repeated; use + joined parts of "
-                             f"{sorted(_QUANT)}, {sorted(_TOKEN)}, adakv, pyramid, or 'none'")
+                             f"{sorted(_QUANT)}, {sorted(_TOKEN)}, adakv, pyramid, g<group>, r<residual>, "
+                             f"or 'none'")
     if not parts:
         raise ValueError("empty method name")
     return spec
@@ -62,7 +71,8 @@ def memvisor_method(name: str, model_config: Any, budget_bytes: int | None, bloc
             kw["head_budget"] = make_policy("adakv")
         if spec["layer"] == "pyramid":
             kw["layer_budget"] = make_policy("pyramid")
-        return CompressedCache(model_config, CacheSpec(budget_bytes=budget_bytes, quant=spec["quant"], **kw))
+        return CompressedCache(model_config, CacheSpec(budget_bytes=budget_bytes, quant=spec["quant"],
+                                                       group=spec["group"], residual=spec["residual"], **kw))
 
     def prefill(model: Any, ids: torch.Tensor, cache: Any, key: str) -> Any:
         res = prefill_blockwise(model, ids, cache, block=block)

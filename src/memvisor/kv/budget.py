@@ -21,9 +21,9 @@ class BudgetError(InvalidInput):
 class TokenCost:
     """Bytes of one head-token, for ``batch`` rows of ``head_dim`` channels.
 
-    fp: a full-precision token (model dtype) = 2 * B * D * dtype_bytes (+ 4 with positions);
-    q: a KIVI-quantized token in a full group = 2 * B * D * bits/8 codes + B * D * 4 / G (key
-    scale+zero per group) + B * (D/G) * 4 (value scale+zero) + 4/G (group size) (+ 4 positions);
+    fp: a full-precision token (model dtype) = 2 * B * D * dtype_bytes (+ 2 with int16 positions);
+    q: a KIVI-quantized token in a full group = B * D * (bits + vbits)/8 codes + B * D * 4 / G (key
+    scale+zero per group) + B * (D/G) * 4 (value scale+zero) + 2/G (int16 group size) (+ 2 positions);
     residual_max: most tokens the full-precision residual can hold (R + G - 1; 0 unquantized).
     """
 
@@ -44,9 +44,12 @@ class TokenCost:
 
 
 def token_cost(batch: int, head_dim: int, dtype_bytes: int, bits: int | None, group: int,
-               residual: int, track_pos: bool, key_dim: int | None = None) -> TokenCost:
-    """Cost of one head-token; ``key_dim``: key channels kept by ThinK (None: all)."""
-    pos = 4.0 if track_pos else 0.0
+               residual: int, track_pos: bool, key_dim: int | None = None,
+               value_bits: int | None = None) -> TokenCost:
+    """Cost of one head-token; ``key_dim``: key channels kept by ThinK (None: all); ``bits`` the
+    keys' width, ``value_bits`` the values' (None: ``bits``)."""
+    vbits = bits if value_bits is None else value_bits
+    pos = 2.0 if track_pos else 0.0  # int16 positions (int32 past 32767: the cache re-checks real bytes)
     fp = 2.0 * batch * head_dim * dtype_bytes + pos
     if bits is None:
         if key_dim is None:
@@ -54,8 +57,8 @@ def token_cost(batch: int, head_dim: int, dtype_bytes: int, bits: int | None, gr
         old = batch * (key_dim + head_dim) * dtype_bytes + pos
         return TokenCost(fp=fp, q=old, residual_max=residual)
     dk = head_dim if key_dim is None else key_dim
-    q = (batch * (dk + head_dim) * bits / 8 + batch * dk * 4.0 / group
-         + batch * (head_dim / group) * 4.0 + 4.0 / group + pos)
+    q = (batch * (dk * bits + head_dim * vbits) / 8 + batch * dk * 4.0 / group
+         + batch * (head_dim / group) * 4.0 + 2.0 / group + pos)
     return TokenCost(fp=fp, q=q, residual_max=residual + group - 1)
 
 

@@ -27,7 +27,9 @@ from memvisor.kv.layer import LayerConfig, LayerCore
 from memvisor.kv.policies.base import ChannelPolicy, HeadBudget, LayerBudget, MergePolicy, TokenPolicy
 from memvisor.kv.storage import QuantConfig, StackedHeads
 
-QUANT_BITS = {"none": None, "kivi2": 2, "kivi4": 4}
+QUANT_BITS = {"none": None, "kivi2": 2, "kivi4": 4, "kivi-k4v2": 4, "kivi-k2v4": 2}  # key bits
+# Mixed precision (KIVI finds keys the more sensitive): the values' width where it differs.
+VALUE_BITS = {"kivi-k4v2": 2, "kivi-k2v4": 4}
 
 
 class CacheSpecError(InvalidInput):
@@ -40,7 +42,8 @@ class CacheSpec:
 
     budget_bytes: cap on the bytes of every stored tensor of the cache between forwards (None: no
       cap). During one forward the cache may hold one forward's tokens more (a prefill block).
-    quant: "none" | "kivi2" | "kivi4"; group: G; residual: R (tokens kept in the model dtype).
+    quant: "none" | "kivi2" | "kivi4" | "kivi-k4v2" (keys 4-bit, values 2-bit) | "kivi-k2v4";
+      group: G; residual: R (tokens kept in the model dtype).
     token_policy: which tokens to evict when over budget (one fresh copy per layer); None keeps
       the most recent tokens.
     head_budget: splits a layer's budget over its KV heads (ragged, Ada-KV); None: equal shares.
@@ -95,13 +98,15 @@ class CompressedCache(HFCache):
         n_layers, n_kv, head_dim = kv_shape(model_config)
         windows = layer_windows(model_config)[:n_layers]
         bits = QUANT_BITS[spec.quant]
-        qcfg = QuantConfig(bits=bits, group=spec.group, residual=spec.residual)
+        vbits = VALUE_BITS.get(spec.quant, bits)
+        qcfg = QuantConfig(bits=bits, group=spec.group, residual=spec.residual,
+                           value_bits=None if vbits == bits else vbits)
         layer_bytes: list[int | None] = [None] * n_layers
         if spec.budget_bytes is not None:
             dtype_bytes = _dtype_bytes(model_config)
             key_dim = spec.channel_policy.keep_count(head_dim) if spec.channel_policy is not None else None
             costs = [token_cost(spec.batch_size, head_dim, dtype_bytes, bits, spec.group, spec.residual,
-                                w is not None, key_dim) for w in windows]
+                                w is not None, key_dim, vbits) for w in windows]
             layer_bytes = split_layers(spec.budget_bytes, costs, n_kv, windows, spec.layer_budget)
             smallest = min(c.fp for c in costs) * n_kv
             if min(layer_bytes) < smallest:
@@ -160,6 +165,8 @@ class CompressedCache(HFCache):
         if not StackedHeads.compatible(stores) or stores[0].channels is not None:
             raise CacheSpecError(f"layer {layer_idx}: heads are ragged or pruned; no dense layout")
         st = stores[0]
+        if st.q.vbits != st.q.bits:
+            raise CacheSpecError(f"layer {layer_idx}: mixed key/value bit widths; no dense layout")
         if st.q.bits is not None and st.group_sizes.numel() * st.q.group != st.nq:
             raise CacheSpecError(f"layer {layer_idx}: partial key groups after eviction; no dense layout")
         stacked = StackedHeads(stores)

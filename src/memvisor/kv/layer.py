@@ -65,7 +65,8 @@ class LayerCore:
                        for _ in range(Hkv)]
         q = self.cfg.qcfg
         key_dim = self.cfg.channel.keep_count(D) if self.cfg.channel is not None else None
-        self.cost = token_cost(B, D, key_states.element_size(), q.bits, q.group, q.residual, track, key_dim)
+        self.cost = token_cost(B, D, key_states.element_size(), q.bits, q.group, q.residual, track, key_dim,
+                               q.value_bits)
 
     @property
     def initialized(self) -> bool:

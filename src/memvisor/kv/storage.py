@@ -8,12 +8,14 @@ batch axis ``B`` first.
 Layout (``n = nq + nr`` tokens: ``nq`` quantized oldest, ``nr`` newest in full precision):
 
 - residual: ``k_res, v_res [B, nr, D]`` in the model dtype.
-- quantized (KIVI, see :mod:`memvisor.kv.quant`): ``k_codes uint8 [B, ceil(nq*bits/8), D]``,
-  ``k_scale, k_zero fp16 [B, ng, D]``, ``group_sizes int32 [ng]`` (tokens per key group: G when
+- quantized (KIVI, see :mod:`memvisor.kv.quant`; keys ``bits``, values ``vbits``, equal unless
+  mixed precision): ``k_codes uint8 [B, ceil(nq*bits/8), D]``,
+  ``k_scale, k_zero fp16 [B, ng, D]``, ``group_sizes int16 [ng]`` (tokens per key group: G when
   fresh, fewer after eviction, because evicting never re-quantizes survivors),
-  ``v_codes uint8 [B, nq, D*bits/8]``, ``v_scale, v_zero fp16 [B, nq, D/G]``.
-- ``pos int32 [n]``: absolute position of each token, stored only for sliding-window layers (the
-  window test needs it); full-attention layers see every stored token, so positions are not kept.
+  ``v_codes uint8 [B, nq, D*vbits/8]``, ``v_scale, v_zero fp16 [B, nq, D/G]``.
+- ``pos int16 [n]`` (int32 once a position reaches 32768): absolute position of each token, stored
+  only for sliding-window layers (the window test needs it); full-attention layers see every stored
+  token, so positions are not kept.
 - ThinK (key channel pruning): once ``channels int32 [Dk]`` is set, every token leaving the
   residual stores only those ``Dk`` key channels (quantized keys ``[..., Dk]``; unquantized ones
   move to ``k_old [B, no, Dk]``, ``v_old [B, no, D]``). The residual stays full width. Readers get
@@ -36,12 +38,19 @@ from memvisor.kv import quant
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """bits: None (full precision), 2 or 4; group: G tokens (keys) / G channels (values);
-    residual: R newest tokens kept in the model dtype."""
+    """bits: None (full precision), 2 or 4 (keys, and values unless ``value_bits``); group: G tokens
+    (keys) / G channels (values); residual: R newest tokens kept in the model dtype; value_bits:
+    the values' width when it differs from the keys' (mixed precision, e.g. keys 4 / values 2)."""
 
     bits: int | None = None
     group: int = 32
     residual: int = 32
+    value_bits: int | None = None
+
+    @property
+    def vbits(self) -> int | None:
+        """Bit width of the values."""
+        return self.bits if self.value_bits is None else self.value_bits
 
 
 class HeadStore:
@@ -52,6 +61,7 @@ class HeadStore:
         self.B, self.D, self.dtype, self.device, self.q = batch, head_dim, dtype, device, qcfg
         if qcfg.bits is not None:
             quant.check_bits(qcfg.bits)
+            quant.check_bits(qcfg.vbits)
             if head_dim % qcfg.group:
                 raise quant.QuantError(f"head dim {head_dim} is not a multiple of group {qcfg.group}")
         e = dict(device=device)
@@ -63,11 +73,11 @@ class HeadStore:
             self.k_codes = torch.empty(batch, 0, head_dim, dtype=torch.uint8, **e)
             self.k_scale = torch.empty(batch, 0, head_dim, dtype=torch.float16, **e)
             self.k_zero = torch.empty(batch, 0, head_dim, dtype=torch.float16, **e)
-            self.group_sizes = torch.empty(0, dtype=torch.int32, **e)
-            self.v_codes = torch.empty(batch, 0, head_dim * b // 8, dtype=torch.uint8, **e)
+            self.group_sizes = torch.empty(0, dtype=torch.int16, **e)  # sizes <= G <= 32767
+            self.v_codes = torch.empty(batch, 0, head_dim * qcfg.vbits // 8, dtype=torch.uint8, **e)
             self.v_scale = torch.empty(batch, 0, head_dim // G, dtype=torch.float16, **e)
             self.v_zero = torch.empty(batch, 0, head_dim // G, dtype=torch.float16, **e)
-        self.pos = torch.empty(0, dtype=torch.int32, **e) if track_pos else None
+        self.pos = torch.empty(0, dtype=torch.int16, **e) if track_pos else None
         self.channels: Tensor | None = None  # ThinK: kept key channels (set_channels)
 
     # ------------------------------------------------------------------ accounting
@@ -104,7 +114,10 @@ class HeadStore:
         self.k_res = torch.cat([self.k_res, k.to(self.dtype)], dim=1)
         self.v_res = torch.cat([self.v_res, v.to(self.dtype)], dim=1)
         if self.pos is not None:
-            self.pos = torch.cat([self.pos, pos.to(torch.int32)])
+            # int16 while every position fits (half the bytes of int32); widened for good past 32767
+            wide = self.pos.dtype == torch.int32 or (pos.numel() and int(pos.max()) > 32767)
+            dt = torch.int32 if wide else torch.int16
+            self.pos = torch.cat([self.pos.to(dt), pos.to(dt)])
         if flush:
             self.flush()
 
@@ -130,12 +143,12 @@ class HeadStore:
         if self.channels is not None:
             k = k[..., self.channels.long()]
         kc, ks, kz = quant.quantize_keys(k, self.q.bits, G)
-        vc, vs, vz = quant.quantize_values(v, self.q.bits, G)
+        vc, vs, vz = quant.quantize_values(v, self.q.vbits, G)
         self._append_key_codes(kc, n)
         self.k_scale = torch.cat([self.k_scale, ks], dim=1)
         self.k_zero = torch.cat([self.k_zero, kz], dim=1)
         self.group_sizes = torch.cat(
-            [self.group_sizes, torch.full((n // G,), G, dtype=torch.int32, device=self.device)])
+            [self.group_sizes, torch.full((n // G,), G, dtype=torch.int16, device=self.device)])
         self.v_codes = torch.cat([self.v_codes, vc], dim=1)
         self.v_scale = torch.cat([self.v_scale, vs], dim=1)
         self.v_zero = torch.cat([self.v_zero, vz], dim=1)
@@ -199,7 +212,7 @@ class HeadStore:
         live = torch.nonzero(counts).flatten()
         self.k_codes = quant.pack(codes, b, dim=1)
         self.k_scale, self.k_zero = self.k_scale[:, live], self.k_zero[:, live]
-        self.group_sizes = counts[live].to(torch.int32)
+        self.group_sizes = counts[live].to(torch.int16)
         self.v_codes, self.v_scale, self.v_zero = self.v_codes[:, qi], self.v_scale[:, qi], self.v_zero[:, qi]
         self.nq = int(qi.numel())
 
@@ -247,7 +260,7 @@ class HeadStore:
         self.k_codes = quant.pack(torch.cat(new_codes, dim=1), b, dim=1)
         self.k_scale = torch.cat(new_scale, dim=1)
         self.k_zero = torch.cat(new_zero, dim=1)
-        self.group_sizes = torch.tensor(new_sizes, dtype=torch.int32, device=self.device)
+        self.group_sizes = torch.tensor(new_sizes, dtype=torch.int16, device=self.device)
         return True
 
     def replace(self, k: Tensor, v: Tensor, pos: Tensor | None = None) -> None:
@@ -323,7 +336,7 @@ def iter_blocks(st, block: int, dtype: torch.dtype = torch.float32
             gid = st.group_of_tokens(s, e)
             k = quant.dequantize_keys(kc, st.k_scale, st.k_zero, b, e - s, gid, dtype=dtype)
         v = quant.dequantize_values(st.v_codes.narrow(-2, s, e - s), st.v_scale.narrow(-2, s, e - s),
-                                    st.v_zero.narrow(-2, s, e - s), b, st.D, dtype=dtype)
+                                    st.v_zero.narrow(-2, s, e - s), st.q.vbits, st.D, dtype=dtype)
         yield _widen(k, st.channels, st.D), v, (st.pos[..., s:e].long() if st.pos is not None else None)
     for s in range(0, st.nr, block):
         e = min(s + block, st.nr)
