@@ -70,3 +70,31 @@ def test_mixed_precision_cache_stores_each_width_and_refuses_the_dense_layout():
     assert cache.nbytes() == sum(t.numel() * t.element_size() for s in core.stores for t in s.tensors().values())
     with pytest.raises(CacheSpecError):
         cache.dense_layer(0)
+
+
+def test_recipe_builds_its_spec_and_keeps_sinks_plus_newest_under_the_budget():
+    from memvisor.kv.cache import RECIPES
+    from memvisor.kv.policies import StreamingLLM
+
+    a, b = CacheSpec.from_recipe("kivi4-stream", 400_000), CacheSpec.from_recipe("kivi4-stream", 400_000)
+    assert (a.quant, a.group, a.residual, a.budget_bytes) == ("kivi4", 32, 128, 400_000)
+    assert isinstance(a.token_policy, StreamingLLM) and a.token_policy.sinks == 4
+    assert a.token_policy is not b.token_policy  # fresh policy objects per spec
+    assert CacheSpec.from_recipe("kivi4-stream", None, residual=64).residual == 64
+    with pytest.raises(CacheSpecError):
+        CacheSpec.from_recipe("nope", 1000)
+    assert set(RECIPES) >= {"kivi4-stream"}
+    cache = CompressedCache(CFG, a)
+    g = torch.Generator().manual_seed(0)
+    T = 600
+    k, v = torch.randn(1, 2, T, 32, generator=g), torch.randn(1, 2, T, 32, generator=g)
+    core = cache.cores[0]
+    core.update(k, v)
+    core.attend(torch.randn(1, 4, T, 32, generator=g), 32 ** -0.5)
+    assert core.nbytes() <= cache.layer_budget_bytes[0]
+    for h, st in enumerate(core.stores):
+        kd, _ = st.dense(torch.float32)
+        n = kd.shape[1]
+        assert 200 < n < T  # evicted, but not wholesale
+        nearest = torch.cdist(kd[0], k[0, h]).argmin(-1).tolist()  # which input token each kept key is
+        assert nearest == [0, 1, 2, 3] + list(range(T - (n - 4), T))

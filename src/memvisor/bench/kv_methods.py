@@ -5,7 +5,8 @@ A name is ``+``-joined parts: at most one quantizer (``kivi2``, ``kivi4``, mixed
 (residual window, default 32), and at most one token
 policy from :data:`memvisor.kv.policies.POLICIES` (``snapkv``, ``streaming``, ``h2o``, ``knorm``,
 ``scissorhands``), optionally ``adakv`` (ragged head budgets) and ``pyramid`` (PyramidKV layer
-budgets). ``none`` is the uncompressed CompressedCache (block-wise prefill's own noise floor).
+budgets). A name of :data:`memvisor.kv.cache.RECIPES` (``kivi4-stream``) runs that recipe, as
+``CacheSpec.from_recipe`` builds it. ``none`` is the uncompressed CompressedCache (block-wise prefill's own noise floor).
 Every method gets ``budget_bytes`` and is prefilled block-wise (bounded peak): the budget is the
 only knob; a quantizer alone meets a budget tighter than its own ratio by keeping the most recent
 tokens (the cache's default when no token policy is given).
@@ -57,8 +58,16 @@ def parse_method(name: str) -> dict:
 def memvisor_method(name: str, model_config: Any, budget_bytes: int | None, block: int = 512) -> Method:
     """A :class:`Method` building a fresh ``CompressedCache`` per run and prefilling block-wise."""
     from memvisor.kv import CacheSpec, CompressedCache, prefill_blockwise
+    from memvisor.kv.cache import RECIPES
     from memvisor.kv.policies import make_policy
 
+    def prefill(model: Any, ids: torch.Tensor, cache: Any, key: str) -> Any:
+        res = prefill_blockwise(model, ids, cache, block=block)
+        return res.logits
+
+    if name in RECIPES:  # a named recipe: exactly what CacheSpec.from_recipe builds for API users
+        return Method(name, lambda: CompressedCache(model_config, CacheSpec.from_recipe(name, budget_bytes)), prefill,
+                      {"budget_bytes": budget_bytes, "block": block, "recipe": name}, blockwise=True)
     spec = parse_method(name)
 
     def new_cache() -> Any:
@@ -73,9 +82,5 @@ def memvisor_method(name: str, model_config: Any, budget_bytes: int | None, bloc
             kw["layer_budget"] = make_policy("pyramid")
         return CompressedCache(model_config, CacheSpec(budget_bytes=budget_bytes, quant=spec["quant"],
                                                        group=spec["group"], residual=spec["residual"], **kw))
-
-    def prefill(model: Any, ids: torch.Tensor, cache: Any, key: str) -> Any:
-        res = prefill_blockwise(model, ids, cache, block=block)
-        return res.logits
 
     return Method(name, new_cache, prefill, {"budget_bytes": budget_bytes, "block": block, **spec}, blockwise=True)

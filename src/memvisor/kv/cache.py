@@ -69,6 +69,21 @@ class CacheSpec:
     block: int = 1024
     batch_size: int = 1
 
+    @classmethod
+    def from_recipe(cls, name: str, budget_bytes: int | None, **overrides: Any) -> "CacheSpec":
+        """A named, measured combination (see :data:`RECIPES`) under ``budget_bytes``; ``overrides``
+        replace any field. Each call builds fresh policy objects."""
+        from memvisor.kv.policies import make_policy
+
+        if name not in RECIPES:
+            raise CacheSpecError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+        kw = dict(RECIPES[name])
+        policy = kw.pop("token_policy", None)
+        if policy is not None:
+            kw["token_policy"] = make_policy(policy[0], **policy[1])
+        kw.update(overrides)
+        return cls(budget_bytes=budget_bytes, **kw)
+
     def validate(self) -> None:
         if self.quant not in QUANT_BITS:
             raise CacheSpecError(f"quant must be one of {sorted(QUANT_BITS)}, got {self.quant!r}")
@@ -82,6 +97,15 @@ class CacheSpec:
             raise CacheSpecError(f"block must be a multiple of 8, got {self.block}")
         if self.quant != "none" and self.group % 8:
             raise CacheSpecError(f"group must be a multiple of 8 for KIVI, got {self.group}")
+
+
+# Named recipes: the best combinations measured on SmolLM2-135M at 4k tokens (BENCHMARKS.md, kv).
+# KIVI-4 keeps the best teacher-forced fidelity at 4x (2-bit values cost the most; see the numbers
+# there); the 128-token residual keeps the question and the answer being written in full precision;
+# StreamingLLM's sinks and recency meet the byte budget by evicting the oldest middle tokens.
+RECIPES: dict[str, dict] = {
+    "kivi4-stream": {"quant": "kivi4", "group": 32, "residual": 128, "token_policy": ("streaming", {"sinks": 4})},
+}
 
 
 class CompressedCache(HFCache):
