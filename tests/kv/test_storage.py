@@ -179,3 +179,18 @@ def test_positions_int16_until_they_need_int32():
     st.append(torch.randn(B, 2, D), torch.randn(B, 2, D), torch.tensor([32767, 32768]))
     assert st.pos.dtype == torch.int32 and st.positions()[-2:].tolist() == [32767, 32768]
     assert st.positions()[:40].tolist() == list(range(40))  # older positions widened exactly
+
+
+@pytest.mark.parametrize("bits,goal", [(2, 3.2), (4, 5.2)])
+@pytest.mark.parametrize("head_dim,track_pos", [(64, False), (256, False)])
+def test_bits_per_element_with_all_metadata_meet_the_goals_at_4k(bits, goal, head_dim, track_pos):
+    # SmolLM2's (64) and Gemma 3's full-attention (256) head shapes, bf16, 4093 tokens appended in
+    # 512-token blocks as the block-wise prefill does: codes, scales, zeros, group sizes, positions
+    # and the bf16 residual all count.
+    st = HeadStore(1, head_dim, torch.bfloat16, torch.device("cpu"), QuantConfig(bits, 32, 32), track_pos)
+    T = 4093
+    for s in range(0, T, 512):
+        n = min(512, T - s)
+        st.append(torch.randn(1, n, head_dim), torch.randn(1, n, head_dim), torch.arange(s, s + n))
+    bits_per_elem = 8 * st.nbytes() / (2 * T * head_dim)
+    assert bits + 32 / 32 < bits_per_elem <= goal
