@@ -187,3 +187,12 @@ def test_planes_layout_holds_the_codes_and_scales():
     assert p.nbytes() == sum(t.numel() * t.element_size() for t in (p.kw, p.ks, p.kz, p.vw, p.vsz, p.k_res, p.v_res))
     with pytest.raises(KVLayoutError):
         to_planes(quantize_layer(k, v, 4, 32, 32))
+
+
+def test_planes_layer_on_cpu_refuses_instead_of_guessing():
+    """The planes layout has no CPU path: dispatch says so rather than reading it as the cache layout."""
+    from memvisor.kv.gpu.planes import to_planes
+
+    layer = quantize_layer(torch.randn(1, 1, 300, 32), torch.randn(1, 1, 300, 32), 2, 32, 12)
+    with pytest.raises(TritonUnavailableError):
+        decode_attention(torch.randn(1, 2, 32), to_planes(layer))
