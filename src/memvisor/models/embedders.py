@@ -6,11 +6,14 @@ satisfies `Embedder` and can be passed to `Memory(home, embedder=...)`.
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 import threading
 from typing import Protocol
 
 import numpy as np
 
+from memvisor.errors import InvalidInput
 from memvisor.models.packages import minilm_folder
 
 
@@ -28,6 +31,10 @@ class MiniLMEmbedder:
 
     Runs with transformers on the CPU. Single queries use one thread: with torch's default thread
     pool on 2 busy cores a single sentence slowed 25x (see ENVIRONMENT.md); batches use all cores.
+    `dtype`: "float32", "bfloat16", or "auto" (the default: bfloat16 where the CPU multiplies bf16 in
+    hardware, float32 elsewhere; `MEMVISOR_EMBED_DTYPE` overrides). On the project's CPU (AMX) a bf16
+    matmul ran 2.5x faster than fp32, and LoCoMo dev recall@1024 was the same to three decimals
+    (0.832 both); vectors differ from fp32 by cosine >= 0.996.
     """
 
     name = "all-MiniLM-L6-v2"
@@ -35,7 +42,7 @@ class MiniLMEmbedder:
     max_tokens = 256  # the model's trained sequence length
     batch_size = 64
 
-    def __init__(self) -> None:
+    def __init__(self, dtype: str = "auto") -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -46,6 +53,9 @@ class MiniLMEmbedder:
         hf_logging.set_verbosity_error()
         self._tokenizer = AutoTokenizer.from_pretrained(folder)
         self._model = AutoModel.from_pretrained(folder).eval()
+        self.dtype = resolve_dtype(dtype)
+        if self.dtype == "bfloat16":
+            self._model = self._model.to(torch.bfloat16)
         self._lock = threading.Lock()  # torch's thread setting is process-wide
         self._threads = torch.get_num_threads()
 
@@ -62,7 +72,7 @@ class MiniLMEmbedder:
                 batch = [texts[i] for i in order[start:start + self.batch_size]]
                 enc = self._tokenizer(batch, padding=True, truncation=True,
                                       max_length=self.max_tokens, return_tensors="pt")
-                hidden = self._model(**enc).last_hidden_state
+                hidden = self._model(**enc).last_hidden_state.float()  # pool in fp32 whatever the compute type
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
@@ -72,6 +82,31 @@ class MiniLMEmbedder:
         result = np.empty_like(vectors)
         result[order] = vectors
         return result
+
+
+DTYPES = ("float32", "bfloat16")
+
+
+def resolve_dtype(dtype: str) -> str:
+    """The embedder's compute type: an explicit choice, `MEMVISOR_EMBED_DTYPE`, or the CPU's best."""
+    if dtype == "auto":
+        dtype = os.environ.get("MEMVISOR_EMBED_DTYPE", "auto")
+    if dtype == "auto":
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+    if dtype not in DTYPES:
+        raise InvalidInput(f"embedder dtype must be one of {DTYPES} or 'auto', got {dtype!r}")
+    return dtype
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX-512 BF16 in /proc/cpuinfo's flags (Linux). Elsewhere bf16 is emulated, hence slower."""
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 @functools.lru_cache(maxsize=1)

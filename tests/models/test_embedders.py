@@ -1,0 +1,47 @@
+"""The packaged MiniLM embedder: unit vectors, order kept across length-sorted batches, bf16 close to fp32."""
+import numpy as np
+import pytest
+
+from memvisor.errors import InvalidInput
+from memvisor.models.embedders import MiniLMEmbedder, default_embedder, resolve_dtype
+
+TEXTS = ["Ana moved to Lyon in March.", "ok", "Ben hurt his knee running the Paris half marathon last spring.",
+         "Where did you get that dog?", "I adopted her from the shelter near my office a year ago."]
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return MiniLMEmbedder(dtype="float32")
+
+
+def test_vectors_are_unit_and_independent_of_batching(fp32):
+    together = fp32.encode(TEXTS)
+    assert together.shape == (len(TEXTS), 384) and together.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+    # Sorting by length inside encode() must not permute rows: each row equals the text encoded alone.
+    alone = np.stack([fp32.encode([t])[0] for t in TEXTS])
+    np.testing.assert_allclose(together, alone, atol=2e-4)
+    assert fp32.encode([]).shape == (0, 384)
+
+
+def test_similar_sentences_are_closer(fp32):
+    a, b, c = fp32.encode(["Where does Ana live now?", "Ana moved to Lyon in March.", "The stock market fell."])
+    assert a @ b > a @ c + 0.2
+
+
+def test_bf16_matches_fp32(fp32):
+    bf16 = MiniLMEmbedder(dtype="bfloat16")
+    assert bf16.dtype == "bfloat16"
+    cos = (fp32.encode(TEXTS) * bf16.encode(TEXTS)).sum(1)
+    assert cos.min() > 0.99
+
+
+def test_dtype_choice(monkeypatch):
+    assert resolve_dtype("float32") == "float32"
+    monkeypatch.setenv("MEMVISOR_EMBED_DTYPE", "float32")
+    assert resolve_dtype("auto") == "float32"
+    monkeypatch.setenv("MEMVISOR_EMBED_DTYPE", "float16")
+    with pytest.raises(InvalidInput, match="dtype"):
+        resolve_dtype("auto")
+    monkeypatch.delenv("MEMVISOR_EMBED_DTYPE")
+    assert default_embedder().dtype in ("float32", "bfloat16")
