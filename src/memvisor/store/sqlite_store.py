@@ -282,7 +282,9 @@ class SQLiteStore:
         out: dict[int, sqlite3.Row] = {}
         for start in range(0, len(rids), 900):  # SQLite's bound-parameter limit
             chunk = rids[start:start + 900]
-            sql = f"SELECT {ITEM_COLUMNS} FROM items WHERE rid IN ({','.join('?' * len(chunk))})"
+            # NOT INDEXED: look rows up by primary key; otherwise SQLite walks the namespace's
+            # `items_current` index (every current row: 4 ms at 10k, linear in the store's size).
+            sql = f"SELECT {ITEM_COLUMNS} FROM items NOT INDEXED WHERE rid IN ({','.join('?' * len(chunk))})"
             args: list[Any] = list(chunk)
             if filters is not None:
                 where, extra = filters.where()

@@ -42,7 +42,7 @@ def vector_search(store: SQLiteStore, query_vec: np.ndarray, filters: Filters,
     widens (x8 each round) until enough admitted rows are found or the whole index was read."""
     index = store.vector_index(filters.namespace)
     n = len(index)
-    count = min(n, max(limit * 4, 100))
+    count = min(n, limit + limit // 4 + 10)  # most rows pass the filters; widen only when they do not
     while True:
         keys, sims = index.search(query_vec, count)
         rows = store.rows(keys.tolist(), filters)
@@ -101,8 +101,10 @@ class HybridRetriever:
         return candidates[:limit]
 
     def _score(self, candidates: list[Candidate], named: str | None) -> None:
-        times = [timeutil.parse(c.row["valid_from"]).timestamp() for c in candidates if c.row["valid_from"]]
-        newest = max(times) if times else 0.0
+        newest = 0.0
+        if self.recency_weight:  # parsing every candidate's time cost 20 ms a query: only when used
+            times = [timeutil.parse(c.row["valid_from"]).timestamp() for c in candidates if c.row["valid_from"]]
+            newest = max(times) if times else 0.0
         for c in candidates:
             c.fused = ((self.w_bm25 / (self.rrf_k + c.bm25_rank) if c.bm25_rank else 0.0)
                        + (self.w_vec / (self.rrf_k + c.vector_rank) if c.vector_rank else 0.0))
