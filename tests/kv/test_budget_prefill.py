@@ -161,7 +161,7 @@ def test_gemma_budget_with_sliding_layers(gemma3):
     budget by H2O, and positions follow the kept tokens (window masking stays correct)."""
     model, _ = gemma3
     cfg = model.config.get_text_config()
-    per_token_layer = 2 * cfg.head_dim * 4 + 4  # 1 KV head, fp32, + int32 position on sliding layers
+    per_token_layer = 2 * cfg.head_dim * 4 + 2  # 1 KV head, fp32, + int16 position on sliding layers
     budget = 300 * per_token_layer * cfg.num_hidden_layers
     ids = torch.randint(10, 20000, (1, 640), generator=torch.Generator().manual_seed(3))
     cache = CompressedCache(model.config, CacheSpec(budget_bytes=budget, token_policy=H2O(recent=16), slack=0))
