@@ -62,3 +62,18 @@ def test_neighbouring_turns_become_candidates(locomo_memory):
     for s in ('["D1:2"]', '["D1:4"]'):
         assert by_source[s].neighbour_of == top[0].row["id"]
         assert by_source[s].score == top[0].score * m.packer.neighbour_decay
+
+
+def test_headers_write_the_year_only_when_it_changes(tmp_path):
+    from memvisor import Memory
+
+    turns = [("s1", "2023-05-08T13:56:00Z", "Ana moved to Lyon for a new job."),
+             ("s2", "2023-06-25T10:00:00Z", "Ana started climbing in Lyon."),
+             ("s3", "2024-01-03T09:00:00Z", "Ana left Lyon for Paris.")]
+    with Memory(tmp_path) as m:
+        m.add_many([dict(text=t, session=s, valid_from=v, metadata={"speaker": "Ana"}, thread="c", position=k)
+                    for k, (s, v, t) in enumerate(turns)], namespace="n")
+        ctx = m.context("Ana Lyon Paris climbing job", namespace="n", budget_tokens=200)
+    headers = [ln for ln in ctx.text.splitlines() if ln.startswith("[")]
+    assert headers == ["[8 May 2023]", "[25 June]", "[3 January 2024]"]
+    assert ctx.tokens == default_tokenizer().count(ctx.text) <= 200
