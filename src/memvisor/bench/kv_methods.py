@@ -21,7 +21,7 @@ import torch
 
 from memvisor.bench.kv_peers import Method
 
-DEFAULT_METHODS = ["kivi2", "kivi4", "snapkv", "streaming", "kivi4+snapkv", "kivi2+snapkv"]
+DEFAULT_METHODS = ["kivi4-stream", "kivi2+streaming", "kivi2", "kivi4", "snapkv", "streaming", "kivi4+snapkv", "kivi2+snapkv"]
 _QUANT = {"kivi2", "kivi4", "kivi-k4v2", "kivi-k2v4"}
 _TOKEN = {"snapkv", "streaming", "h2o", "knorm", "scissorhands"}
 
