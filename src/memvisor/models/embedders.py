@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 import threading
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
