@@ -98,3 +98,38 @@ def test_recipe_builds_its_spec_and_keeps_sinks_plus_newest_under_the_budget():
         assert 200 < n < T  # evicted, but not wholesale
         nearest = torch.cdist(kd[0], k[0, h]).argmin(-1).tolist()  # which input token each kept key is
         assert nearest == [0, 1, 2, 3] + list(range(T - (n - 4), T))
+
+
+def _feed(core, T, step, g):
+    """Append T random tokens to one layer core in forwards of ``step`` tokens (update + attend)."""
+    for s in range(0, T, step):
+        n = min(step, T - s)
+        core.update(torch.randn(1, 2, n, 32, generator=g), torch.randn(1, 2, n, 32, generator=g))
+        core.attend(torch.randn(1, 4, n, 32, generator=g), 32 ** -0.5)
+
+
+@pytest.mark.parametrize("residual", [32, 128])
+def test_prefilled_cache_sits_at_its_budget_not_below(residual):
+    """Block forwards evict to the budget exactly (no decode slack), and the cap counts the residual
+    the heads hold, not its largest size: the old planner left kivi4 r128 ~16% under its budget."""
+    from memvisor.kv.policies import StreamingLLM
+
+    cache = CompressedCache(CFG, CacheSpec(budget_bytes=400_000, quant="kivi4", residual=residual,
+                                           token_policy=StreamingLLM(sinks=4)))
+    core, cap = cache.cores[0], cache.layer_budget_bytes[0]
+    g = torch.Generator().manual_seed(1)
+    _feed(core, 1200, 100, g)
+    assert 0.99 * cap <= core.nbytes() <= cap
+    for _ in range(40):  # decode: one token per forward, under the cap after every step
+        _feed(core, 1, 1, g)
+        assert core.nbytes() <= cap
+    assert core.nbytes() >= 0.8 * cap  # the decode slack is bounded (<= 32 tokens)
+
+
+def test_capacity_counts_the_residual_held():
+    c = token_cost(1, 64, 2, 2, 32, 32, track_pos=False)
+    room = 63 * 256 + 10 * c.q
+    assert c.capacity(room, residual=63) == c.capacity(room) == 73
+    # a 32-token residual frees 31 full-precision slots: each holds fp / q quantized tokens
+    assert c.capacity(room, residual=32) == 32 + int((room - 32 * 256) // c.q)
+    assert c.capacity(room, residual=500) == 73  # capped at R + G - 1

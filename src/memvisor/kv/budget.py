@@ -31,16 +31,21 @@ class TokenCost:
     q: float
     residual_max: int
 
-    def capacity(self, nbytes: float) -> int:
-        """Most head-tokens one head can hold in ``nbytes`` (residual at its largest)."""
+    def capacity(self, nbytes: float, residual: int | None = None) -> int:
+        """Most head-tokens one head can hold in ``nbytes`` with ``residual`` of them in full
+        precision (None: the residual at its largest, the planning bound). Eviction never grows
+        the residual, so the layer passes the residual it holds now: planning for ``R + G - 1``
+        full-precision tokens when it holds ``R`` left the cache up to (G-1)(fp-q) bytes per head
+        under its budget (15% of a Gemma 3 layer at 8x)."""
         if nbytes <= 0:
             return 0
         if self.residual_max == 0:
             return int(nbytes // self.fp)
-        fp_part = self.residual_max * self.fp
+        r = self.residual_max if residual is None else min(residual, self.residual_max)
+        fp_part = r * self.fp
         if nbytes <= fp_part:
             return int(nbytes // self.fp)
-        return self.residual_max + int((nbytes - fp_part) // self.q)
+        return r + int((nbytes - fp_part) // self.q)
 
 
 def token_cost(batch: int, head_dim: int, dtype_bytes: int, bits: int | None, group: int,

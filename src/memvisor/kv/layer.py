@@ -20,6 +20,7 @@ from torch import Tensor
 
 from memvisor.kv.attention import layer_attention
 from memvisor.kv.budget import TokenCost, token_cost
+from memvisor.kv.gpu.cache_path import DecodeMirror, kernel_applies
 from memvisor.kv.policies.base import ChannelPolicy, HeadBudget, MergePolicy, TokenPolicy, select
 from memvisor.kv.storage import HeadStore, QuantConfig
 
@@ -29,7 +30,8 @@ class LayerConfig:
     """Everything one layer needs. window: sliding window (tokens) or None for full attention;
     budget_bytes: byte cap of the layer between forwards (None = unbounded); slack: head-tokens
     evicted below the cap each time the cap is hit, so eviction runs every ``slack`` decode steps
-    rather than every step; block: tokens per block of the attention loop."""
+    rather than every step; block: tokens per block of the attention loop; fused_decode: decode
+    steps on CUDA run the fused Triton kernel where the layer qualifies (kv.gpu.cache_path)."""
 
     layer_idx: int
     window: int | None
@@ -41,6 +43,7 @@ class LayerConfig:
     budget_bytes: int | None = None
     slack: int = 32
     block: int = 1024
+    fused_decode: bool = True
 
 
 class LayerCore:
@@ -54,6 +57,8 @@ class LayerCore:
         self.cost: TokenCost | None = None
         self._pending: tuple[int, int] | None = None  # (Tq, first position) of the current forward
         self.evictions = 0
+        # Stacked kernel-layout copy of the quantized groups, made at the first fused decode step.
+        self.mirror: DecodeMirror | None = None
         # Called as observer(layer_idx, bytes_before_compression, bytes_after) after each forward.
         self.observer = None
 
@@ -73,12 +78,14 @@ class LayerCore:
         return self.stores is not None
 
     def reset(self) -> None:
-        self.stores, self.cum, self._pending, self._dense = None, 0, None, None
+        self.stores, self.cum, self._pending, self._dense, self.mirror = None, 0, None, None, None
         if self.cfg.policy is not None:
             self.cfg.policy.reset()
 
     def nbytes(self) -> int:
-        return 0 if self.stores is None else sum(s.nbytes() for s in self.stores)
+        if self.stores is None:
+            return 0
+        return sum(s.nbytes() for s in self.stores) + (self.mirror.nbytes() if self.mirror is not None else 0)
 
     def lengths(self) -> list[int]:
         return [] if self.stores is None else [len(s) for s in self.stores]
@@ -141,10 +148,24 @@ class LayerCore:
             raise RuntimeError(f"layer {self.cfg.layer_idx}: attend() without a preceding update()")
         Tq, first = self._pending
         self._pending = None
-        q_pos = torch.arange(first, first + Tq, device=query.device)
-        out = layer_attention(query, self.stores, q_pos, scaling, self.cfg.window, softcap, self.cfg.block)
+        out = self._fused_decode(query, scaling, softcap) if Tq == 1 else None
+        if out is None:
+            q_pos = torch.arange(first, first + Tq, device=query.device)
+            out = layer_attention(query, self.stores, q_pos, scaling, self.cfg.window, softcap, self.cfg.block)
         self._after_forward(query)
         return out
+
+    def _fused_decode(self, query: Tensor, scaling: float, softcap: float | None) -> Tensor | None:
+        """One decode step through the fused CUDA kernel, or None where it does not apply: only
+        layers that never evict or prune (their heads stay equal, their key groups whole) qualify;
+        ragged heads take the block-wise torch path."""
+        c = self.cfg
+        if self.mirror is None:
+            append_only = (c.policy is None and c.budget_bytes is None and c.merge is None and c.channel is None)
+            if not (c.fused_decode and append_only and kernel_applies(self.stores, query, c.window, softcap)):
+                return None
+            self.mirror = DecodeMirror(c.qcfg)
+        return self.mirror.attend(query, self.stores, scaling)
 
     # ------------------------------------------------------------------ compression
     def padded(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
@@ -175,7 +196,7 @@ class LayerCore:
         for st in self.stores:
             st.flush()
         if self.cfg.budget_bytes is not None:
-            self.compress()
+            self.compress(added=query.shape[2])
             for st in self.stores:
                 st.flush()
         if self.observer is not None:
@@ -213,13 +234,14 @@ class LayerCore:
         self._apply_keep(kept, merge=False)
 
     def head_caps(self) -> int:
-        """Head-tokens per head that fit ``budget_bytes`` (uniform split over heads)."""
+        """Head-tokens per head that fit ``budget_bytes`` (uniform split over heads), counting the
+        full-precision residual the heads hold now (eviction never grows it)."""
         per_head = self.cfg.budget_bytes / len(self.stores)
-        return self.cost.capacity(per_head)
+        return self.cost.capacity(per_head, residual=max(st.nr for st in self.stores))
 
-    def compress(self, force: bool = False) -> None:
+    def compress(self, force: bool = False, added: int | None = None) -> None:
         """Evict down to the byte budget when it is exceeded (``force``: evict whenever any token
-        is over the cap, ignoring the slack hysteresis)."""
+        is over the cap, ignoring the slack hysteresis; ``added``: tokens the forward just stored)."""
         if self.cfg.budget_bytes is None or self.stores is None:
             return
         cap = self.head_caps()
@@ -229,7 +251,10 @@ class LayerCore:
             return
         # Hysteresis: evict a little below the cap so decode does not evict every step; never
         # more than a quarter of the cap (small budgets would otherwise lose most of their tokens).
-        slack = 0 if force else min(self.cfg.slack, cap // 4)
+        # A forward of more than ``slack`` tokens (a prefill block) evicts at every forward anyway:
+        # no slack there, so a prefilled cache sits at its budget instead of ``slack`` below it.
+        bulk = added is not None and added > self.cfg.slack
+        slack = 0 if force or bulk else min(self.cfg.slack, cap // 4)
         target = max(cap - slack, 0) * Hkv
         for _ in range(8):  # partial key groups after eviction can cost more than estimated: re-check
             self._evict_to(target)
