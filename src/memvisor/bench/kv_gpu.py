@@ -43,11 +43,12 @@ class GpuBenchConfig:
     ])
     # the planes kernel (2-bit only): the cache repacked as planes.py says, read by triton_kivi_planes.py.
     # waves stays 4 (4 resident programs per SM at 255 registers): 3 and 6 give the same grid at 32k,
-    # but 6 made 1.5 waves of programs at 64k (H200: 2090 against 1576 us per step)
+    # but 6 made 1.5 waves of programs at 64k (H200: 2090 against 1576 us per step). Also measured and
+    # dropped (BENCHMARKS.md kv-gpu): 4 warps, the fused combine, a programmatic dependent combine,
+    # register caps of 128-168 at 2 warps with 6-8 programs per SM
     planes_configs: list[dict] = field(default_factory=lambda: [
-        dict(variant="planes", num_warps=w, num_stages=st, waves=wv, fuse=f, **({"maxnreg": r} if r else {}))
-        for w, st, wv, r, f in ((2, 2, 4.0, None, False), (2, 1, 4.0, None, False), (2, 3, 4.0, None, False),
-                                (2, 2, 4.0, None, True), (4, 2, 4.0, 128, False))
+        dict(variant="planes", num_warps=w, num_stages=st, waves=wv, **({"maxnreg": r} if r else {}))
+        for w, st, wv, r in ((2, 2, 4.0, None), (2, 1, 4.0, None), (2, 3, 4.0, None), (2, 2, 6.0, 168))
     ])
     dense_configs: list[dict] = field(default_factory=lambda: [
         dict(block_n=bn, num_warps=w, waves=wv, num_stages=2) for bn, w in ((64, 4), (128, 8)) for wv in (2.0, 4.0)
@@ -167,6 +168,54 @@ def _tune_kivi(cfg: GpuBenchConfig, q_layers: list, tokens: int, bits: int) -> t
     return best[0], best[1], trials
 
 
+def time_cache_path(cfg: GpuBenchConfig, tokens: int, bits: int, steps: int = 16) -> dict:
+    """Milliseconds per decode step of the compressed cache itself (``LayerCore.update`` + ``attend`` of
+    every layer: storing the token, the attention, quantizing a finished group), eager as a model runs
+    it (no graph: the cache's Python logic runs each step): fused kernel path against the block-wise
+    torch path, ``tokens`` random tokens already stored per layer."""
+    import time
+
+    from memvisor.kv.layer import LayerConfig, LayerCore
+    from memvisor.kv.storage import QuantConfig
+
+    b, hq, hkv, d = cfg.batch, cfg.q_heads, cfg.kv_heads, cfg.head_dim
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    res = {}
+    for fused in (True, False):
+        cores = []
+        for i in range(cfg.layers):
+            c = LayerCore(LayerConfig(i, None, QuantConfig(bits, cfg.group, cfg.residual), fused_decode=fused))
+            k = torch.randn(b, hkv, tokens, d, device="cuda", generator=gen).bfloat16()
+            v = torch.randn(b, hkv, tokens, d, device="cuda", generator=gen).bfloat16()
+            c.init(k)
+            for h, st in enumerate(c.stores):  # a prefill's storage without its (quadratic) attention
+                st.append(k[:, h], v[:, h])
+            c.cum = tokens
+            cores.append(c)
+        new = [[torch.randn(b, h, 1, d, device="cuda", generator=gen).bfloat16() for h in (hkv, hkv, hq)]
+               for _ in range(steps + 2)]
+
+        def step(i: int) -> None:
+            k1, v1, q1 = new[i]
+            for c in cores:
+                c.update(k1, v1)
+                c.attend(q1, d ** -0.5)
+
+        step(0), step(1)  # warm-up: compiles, and the fused path's first mirror of the history
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(2, steps + 2):
+            step(i)
+        torch.cuda.synchronize()
+        res["fused_ms" if fused else "torch_path_ms"] = (time.perf_counter() - t0) * 1e3 / steps
+        if fused:
+            res["mirror_bytes"] = sum(c.mirror.nbytes() for c in cores)
+            res["store_bytes"] = sum(c.nbytes() for c in cores) - res["mirror_bytes"]
+        del cores, new
+        torch.cuda.empty_cache()
+    return res
+
+
 def run_gpu_bench(cfg: GpuBenchConfig, log: Callable[[str], None] = print) -> dict:
     """Measure and return the results dict (written by the CLI as results.json)."""
     import triton
@@ -208,6 +257,8 @@ def run_gpu_bench(cfg: GpuBenchConfig, log: Callable[[str], None] = print) -> di
     res["kernel_config"] = {"bf16_triton": dense_kw, **{f"kivi{bits}": tuned[bits] for bits in cfg.bits}}
     res["errors"] = check_kernel(cfg, tuned, dense_kw)
     log(f"errors vs reference: {res['errors']}")
+    res["cache_path"] = {f"kivi{bits}": time_cache_path(cfg, t, bits) for bits in cfg.bits}
+    log(f"the cache's own decode step at {t} tokens (eager, ms/step): {res['cache_path']}")
 
     rows = []
     io_bytes = 2 * sum(q.numel() * q.element_size() for q in q_layers)  # queries read + outputs written

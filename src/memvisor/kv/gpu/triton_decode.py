@@ -140,6 +140,16 @@ def _check(q: torch.Tensor, hkv: int, d: int, b: int) -> int:
     return q.shape[1] // hkv
 
 
+def _rows_ok(t: torch.Tensor) -> bool:
+    """Rows contiguous and heads evenly spaced: a contiguous [B, H, n, C] tensor or a token-range view
+    of one (the cache's mirror, cache_path.py), which is what the kernels' addressing
+    (head x head stride + row x C + column) assumes."""
+    if t.numel() == 0:
+        return True
+    rows = t.shape[-2] == 1 or t.stride(-2) == t.shape[-1]
+    return t.stride(-1) == 1 and rows and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
+
+
 def _combine(op: torch.Tensor, lp: torch.Tensor, q: torch.Tensor, n_rows: int) -> torch.Tensor:
     b, hq, d = q.shape
     out = torch.empty_like(q)
@@ -185,8 +195,8 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
         raise KVLayoutError("cannot attend over an empty cache")
     tensors = (layer.k_codes, layer.k_scale, layer.k_zero, layer.v_codes, layer.v_scale, layer.v_zero,
                layer.k_res, layer.v_res)
-    if not all(t.is_contiguous() for t in tensors) or not q.is_contiguous():
-        raise KVLayoutError("the Triton kernel needs contiguous query and cache tensors")
+    if not all(_rows_ok(t) for t in tensors) or not q.is_contiguous():
+        raise KVLayoutError("the Triton kernel needs contiguous query and cache tensors (or token-range views)")
     if layer.k_res.dtype != q.dtype:
         raise KVLayoutError(f"residual dtype {layer.k_res.dtype} != query dtype {q.dtype}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)

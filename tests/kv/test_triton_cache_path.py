@@ -1,0 +1,144 @@
+"""The cache's decode path: the fused kernel on CUDA (device tests), the block-wise torch path elsewhere,
+and the kernel-layout mirror of a layer's groups (checked on the CPU against a from-scratch repack)."""
+
+import pytest
+import torch
+
+from memvisor.kv.gpu import decode_attention, quantize_layer, triton_available
+from memvisor.kv.gpu.cache_path import DecodeMirror, kernel_applies
+from memvisor.kv.gpu.layout import KiviLayer
+from memvisor.kv.gpu.planes import to_planes
+from memvisor.kv.layer import LayerConfig, LayerCore
+from memvisor.kv.storage import HeadStore, QuantConfig
+
+cuda = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _stacked(stores: list[HeadStore]) -> KiviLayer:
+    """The heads' whole quantized history stacked: what the mirror must equal."""
+    names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_res", "v_res")
+    s = {n: torch.stack([getattr(st, n) for st in stores], 1) for n in names}
+    return KiviLayer(stores[0].q.bits, stores[0].q.group, *(s[n] for n in names))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_mirror_follows_the_heads_group_by_group(bits):
+    g = torch.Generator().manual_seed(bits)
+    B, H, D = 2, 3, 64
+    q = QuantConfig(bits=bits, group=32, residual=32)
+    stores = [HeadStore(B, D, torch.bfloat16, torch.device("cpu"), q, False) for _ in range(H)]
+    mirror = DecodeMirror(q)
+    steps = [300] + [1] * 290 + [700, 40, 7]  # a prefill, then one token at a time across many group and tile edges
+    for n in steps:
+        k = torch.randn(B, H, n, D, generator=g).bfloat16()
+        v = torch.randn(B, H, n, D, generator=g).bfloat16()
+        for h, st in enumerate(stores):
+            st.append(k[:, h], v[:, h])
+        mirror.sync(stores)
+        assert mirror.t == stores[0].nq
+    full = _stacked(stores)
+    got = mirror.layer(stores)
+    assert mirror.cap * 8 * 32 >= full.t_quant
+    if bits == 2:  # bit for bit the planes repack of the whole history, zeros past it
+        want = to_planes(full)
+        for name in ("kw", "ks", "kz", "vw"):
+            w, m = getattr(want, name), getattr(got, name)
+            assert torch.equal(m[:, :, : w.shape[2]], w) and not m[:, :, w.shape[2]:].any(), name
+        w = want.vsz
+        assert torch.equal(got.vsz[..., : w.shape[-1]], w) and not got.vsz[..., w.shape[-1]:].any()
+    else:
+        for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
+            assert torch.equal(getattr(got, name), getattr(full, name)), name
+        qry = torch.randn(B, 4 * H, D, generator=g).bfloat16()
+        assert torch.equal(decode_attention(qry, got, use_triton=False), decode_attention(qry, full, use_triton=False))
+    assert torch.equal(got.k_res, full.k_res) and torch.equal(got.v_res, full.v_res)
+    assert mirror.nbytes() == sum(t.numel() * t.element_size() for t, _, _ in mirror.bufs.values())
+
+
+def _core(bits: int, fused: bool, **kw) -> LayerCore:
+    return LayerCore(LayerConfig(layer_idx=0, window=None, qcfg=QuantConfig(bits=bits, group=32, residual=32),
+                                 fused_decode=fused, **kw))
+
+
+def _decode(cores, B, Hq, Hkv, D, prefill, steps, device, dtype, seed=0):
+    """Feed the same random keys, values and queries to every core; per step, each core's output."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    outs = []
+    for i, n in enumerate([prefill] + [1] * steps):
+        k = torch.randn(B, Hkv, n, D, generator=g, device=device).to(dtype) * (3 if i % 2 else 1)
+        v = torch.randn(B, Hkv, n, D, generator=g, device=device).to(dtype)
+        qy = torch.randn(B, Hq, n, D, generator=g, device=device).to(dtype) * 2
+        step = []
+        for c in cores:
+            assert c.update(k, v) is None
+            step.append(c.attend(qy, D ** -0.5))
+        outs.append(step)
+    return outs
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_cpu_decode_takes_the_torch_path(bits):
+    fused, plain = _core(bits, True), _core(bits, False)
+    outs = _decode([fused, plain], 1, 8, 2, 64, 100, 40, "cpu", torch.bfloat16)
+    for a, b in outs:
+        assert torch.equal(a, b)
+    assert fused.mirror is None and fused.nbytes() == plain.nbytes()
+    q = torch.zeros(1, 8, 1, 64, dtype=torch.bfloat16)
+    assert not kernel_applies(fused.stores, q, None, None)
+
+
+@cuda
+@pytest.mark.parametrize("bits", [2, 4])
+def test_cuda_decode_runs_the_kernel_and_matches_the_torch_path(bits):
+    B, Hq, Hkv, D = 2, 16, 4, 128
+    fused, plain = _core(bits, True), _core(bits, False)
+    outs = _decode([fused, plain], B, Hq, Hkv, D, 700, 300, "cuda", torch.bfloat16, seed=bits)
+    for i, (a, b) in enumerate(outs[1:]):
+        assert a.shape == (B, 1, Hq, D) and a.dtype == torch.bfloat16
+        assert _rel(a, b) < 1e-2, (i, _rel(a, b))
+    assert fused.mirror is not None and plain.mirror is None
+    assert fused.mirror.t == fused.stores[0].nq >= 960
+    assert fused.nbytes() == plain.nbytes() + fused.mirror.nbytes()
+
+
+@cuda
+def test_cuda_layers_that_evict_or_slide_keep_the_torch_path():
+    budgeted = _core(2, True, budget_bytes=200_000)
+    sliding = LayerCore(LayerConfig(layer_idx=0, window=64, qcfg=QuantConfig(bits=2, group=32, residual=32)))
+    _decode([budgeted, sliding], 1, 8, 2, 64, 300, 5, "cuda", torch.bfloat16)
+    assert budgeted.mirror is None and sliding.mirror is None
+
+
+@cuda
+@pytest.mark.parametrize("quant", ["kivi2", "kivi4"])
+def test_llama_decodes_through_the_kernel(quant):
+    """A random-weights Llama on CUDA: the quantized cache's decode steps through the kernel give the
+    logits of the same cache on the block-wise torch path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memvisor.kv import CacheSpec, CompressedCache, cache_kwarg, use_kv_attention
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=128, max_position_embeddings=2048,
+                      initializer_range=0.08)
+    model = use_kv_attention(LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval())
+    ids = torch.randint(0, 512, (2, 700), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    key = cache_kwarg(model)
+    caches = [CompressedCache(model.config, CacheSpec(quant=quant)) for _ in range(2)]
+    for c in caches[1].cores:
+        c.cfg.fused_decode = False
+    logits = []
+    with torch.no_grad():
+        for cache in caches:
+            out = [model(input_ids=ids[:, :600], use_cache=True, **{key: cache}).logits[:, -1]]
+            for t in range(600, 700):  # teacher-forced decode steps across group and tile edges
+                out.append(model(input_ids=ids[:, t:t + 1], use_cache=True, **{key: cache}).logits[:, -1])
+            logits.append(torch.stack(out[1:]))
+    assert all(c.mirror is not None and c.mirror.t == c.stores[0].nq for c in caches[0].cores)
+    assert all(c.mirror is None for c in caches[1].cores)
+    assert _rel(logits[0], logits[1]) < 2e-2, _rel(logits[0], logits[1])
