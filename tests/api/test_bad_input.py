@@ -25,6 +25,8 @@ def snapshot(memory) -> dict[str, int]:
     ({"text": "ok", "kind": "dream"}, "unknown kind"),
     ({"text": "ok", "metadata": ["not", "a", "dict"]}, "metadata must be a JSON object"),
     ({"text": "ok", "sources": "m1"}, "sources must be a list"),
+    (42, "expected a dict with 'text'"),
+    (["a", "list"], "expected a dict with 'text'"),
 ])
 def test_bad_records_write_nothing(memory, record, message):
     memory.add("an existing memory", namespace="app")

@@ -79,7 +79,7 @@ class Memory:
                                    metadata=metadata, sources=sources, valid_from=valid_from,
                                    valid_to=valid_to, key=key)], namespace=namespace).items[0]
 
-    def add_many(self, records: Iterable[dict[str, Any]], *, namespace: str = "default",
+    def add_many(self, records: Iterable[dict[str, Any] | str], *, namespace: str = "default",
                  batch_size: int = 256, progress: Progress | None = None) -> "AddResult":
         """Store many memories. Every record is validated before anything is written; then batches of
         `batch_size` are each one transaction (a re-run after a crash skips what was committed)."""
@@ -113,9 +113,13 @@ class Memory:
         result = self.add_many(records, namespace=namespace, progress=progress)
         return IngestReport(namespace, result.added, result.duplicates, [i.id for i in result.items])
 
-    def _validate(self, namespace: str, r: dict[str, Any], index: int) -> NewItem:
+    def _validate(self, namespace: str, r: dict[str, Any] | str, index: int) -> NewItem:
         where = f"memory #{index}" if index else "memory"
         _check_name(namespace, "namespace", required=True)
+        if isinstance(r, str):  # add_many(["text", ...]): the memory's text alone
+            r = {"text": r}
+        if not isinstance(r, dict):
+            raise InvalidInput(f"{where}: expected a dict with 'text' (or a string), got {type(r).__name__}")
         text = r.get("text")
         if not isinstance(text, str) or not text.strip():
             raise InvalidInput(f"{where}: text is empty; give the memory's text")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Collection
 from importlib import resources
 
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?", re.UNICODE)
@@ -31,9 +32,30 @@ def terms(text: str) -> list[str]:
     return list(seen)
 
 
-def fts_match(text: str) -> str | None:
-    """An FTS5 MATCH expression: any of the query's content words (BM25 ranks by how many and how rare)."""
-    words = terms(text)
+def fts_match(words: str | list[str], common: Collection[str] = ()) -> str | None:
+    """An FTS5 MATCH expression over the query's content words (BM25 ranks by how many and how rare).
+
+    `words`: the query text, or its words already from `terms()`. Without `common` the expression is
+    `a OR b OR c`: every row holding any word is scored, which at 1M rows means hundreds of thousands
+    of BM25 evaluations for words like "visited" or "garden". `common` are the words whose posting
+    lists are too long for that (`SQLiteStore.common_terms`); they then only match together:
+    `r1 OR r2 OR (c1 AND c2)`. The price, measured in BENCHMARKS (scale): a row with a rarer word gets
+    no BM25 credit for a common word unless it holds all of them (FTS5 scores the phrases of the
+    branches that matched), and rows holding only some common words are not scored; the dense half
+    still finds them. A query of common words only keeps their conjunction.
+    """
+    words = terms(words) if isinstance(words, str) else list(words)
     if not words:
         return None
-    return " OR ".join('"' + w.replace('"', '""') + '"' for w in words)
+    common_set = set(common)
+    rare = [_quote(w) for w in words if w not in common_set]
+    frequent = [_quote(w) for w in words if w in common_set]
+    if len(frequent) > 1:
+        rare.append("(" + " AND ".join(frequent) + ")")
+    elif frequent:
+        rare.append(frequent[0])
+    return " OR ".join(rare)
+
+
+def _quote(word: str) -> str:
+    return '"' + word.replace('"', '""') + '"'

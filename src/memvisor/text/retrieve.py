@@ -85,7 +85,8 @@ class HybridRetriever:
         words = terms(query)
         named = named_speaker(words, store.speakers(filters.namespace))
         by_rid: dict[int, Candidate] = {}
-        match = fts_match(" ".join(w for w in words if w != (named or "").lower()))
+        fts_words = [w for w in words if w != (named or "").lower()]
+        match = fts_match(fts_words, store.common_terms(fts_words))
         if match:
             text_hits = store.full_text(match, filters, pool, self.context_weight)
             rows = store.rows([rid for rid, _ in text_hits])

@@ -1,0 +1,33 @@
+"""Full-text query building: query text is data, and very common words only match together."""
+from __future__ import annotations
+
+from memvisor.store.filters import Filters
+from memvisor.text.query import fts_match, terms
+
+
+def test_words_are_quoted_so_query_text_is_never_fts_syntax():
+    assert fts_match('garden OR "shed" NEAR(x) text:foo') == '"garden" OR "shed" OR "near" OR "text" OR "foo"'
+    assert fts_match("the and of") is None  # stopwords only: no full-text query at all
+    assert terms("Caroline's garden, garden!") == ["caroline", "garden"]
+
+
+def test_common_words_are_conjoined_rare_ones_stay_alternatives():
+    assert fts_match(["kayak", "garden", "shed"], common={"garden", "shed"}) == '"kayak" OR ("garden" AND "shed")'
+    assert fts_match(["garden", "kayak"], common={"garden"}) == '"kayak" OR "garden"'  # one common word: kept
+    assert fts_match(["garden"], common={"garden"}) == '"garden"'
+
+
+def test_store_counts_postings_up_to_the_cap_and_pruned_query_skips_lone_common_words(memory):
+    texts = [f"my garden shed number {i}" for i in range(4)] + \
+            ["the garden was green", "a shed by the lake", "I bought a kayak", "nothing here"]
+    memory.add_many(texts, namespace="q")
+    store = memory.store
+    assert store.common_terms(["garden", "shed", "kayak"], cap=3) == {"garden", "shed"}
+    assert store.common_terms(["garden", "shed", "kayak"], cap=6) == set()
+    words = ["garden", "shed", "kayak"]
+    pruned = fts_match(words, store.common_terms(words, cap=3))
+    hits = {store.rows([rid])[rid]["text"] for rid, _ in store.full_text(pruned, Filters(namespace="q"), 50)}
+    # Rows with the rare word or with both common words; not the rows holding one common word alone.
+    assert hits == {"I bought a kayak"} | {f"my garden shed number {i}" for i in range(4)}
+    full = {store.rows([rid])[rid]["text"] for rid, _ in store.full_text(fts_match(words), Filters(namespace="q"), 50)}
+    assert full == hits | {"the garden was green", "a shed by the lake"}
