@@ -13,7 +13,7 @@ def test_words_are_quoted_so_query_text_is_never_fts_syntax():
 
 def test_common_words_are_conjoined_rare_ones_stay_alternatives():
     assert fts_match(["kayak", "garden", "shed"], common={"garden", "shed"}) == '"kayak" OR ("garden" AND "shed")'
-    assert fts_match(["garden", "kayak"], common={"garden"}) == '"kayak" OR "garden"'  # one common word: kept
+    assert fts_match(["garden", "kayak"], common={"garden"}) == '"kayak"'  # a lone common word beside rarer ones: out
     assert fts_match(["garden"], common={"garden"}) == '"garden"'
 
 

@@ -39,10 +39,11 @@ def fts_match(words: str | list[str], common: Collection[str] = ()) -> str | Non
     `a OR b OR c`: every row holding any word is scored, which at 1M rows means hundreds of thousands
     of BM25 evaluations for words like "visited" or "garden". `common` are the words whose posting
     lists are too long for that (`SQLiteStore.common_terms`); they then only match together:
-    `r1 OR r2 OR (c1 AND c2)`. The price, measured in BENCHMARKS (scale): a row with a rarer word gets
-    no BM25 credit for a common word unless it holds all of them (FTS5 scores the phrases of the
-    branches that matched), and rows holding only some common words are not scored; the dense half
-    still finds them. A query of common words only keeps their conjunction.
+    `r1 OR r2 OR (c1 AND c2)`; one common word beside rarer ones is left out (`r1 OR r2`). The price,
+    measured in BENCHMARKS (scale): a row with a rarer word gets no BM25 credit for a common word unless
+    it holds all of them (FTS5 scores the phrases of the branches that matched), and rows holding only
+    some common words are not scored; the dense half still finds them. A query of common words only
+    keeps their conjunction (one common word alone: that word).
     """
     words = terms(words) if isinstance(words, str) else list(words)
     if not words:
@@ -52,7 +53,7 @@ def fts_match(words: str | list[str], common: Collection[str] = ()) -> str | Non
     frequent = [_quote(w) for w in words if w in common_set]
     if len(frequent) > 1:
         rare.append("(" + " AND ".join(frequent) + ")")
-    elif frequent:
+    elif frequent and not rare:
         rare.append(frequent[0])
     return " OR ".join(rare)
 
