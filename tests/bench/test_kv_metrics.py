@@ -89,7 +89,9 @@ def test_aggregate_and_report(tmp_path):
                "sweep": {"budget_bytes": 100, "lengths": [10, 20], "methods": {"uncompressed": [
                    {"tokens": 10, "prefill_peak_bytes": 1000, "prefill_s": 1.0},
                    {"tokens": 20, "prefill_peak_bytes": 2000, "prefill_s": 2.0}]}}}
+    results["methods"]["auto"] = {"4x": dict(fig, recipe="kivi2-stream")}
     text = table(results)
+    assert "memvisor: auto (kivi2-stream)" in text  # the planner's rows name the recipe it chose
     assert "memvisor: kivi2" in text and "peer: kvpress-snapkv" in text and "failed" in text
     assert text.index("4x") < text.index("native")
     write_report(json.loads(json.dumps(results)), tmp_path)
@@ -99,10 +101,27 @@ def test_aggregate_and_report(tmp_path):
 
 def test_method_names_parse_and_reject_typos():
     assert parse_method("kivi4+snapkv") == {"quant": "kivi4", "token": "snapkv", "head": None, "layer": None,
-                                            "group": 32, "residual": 32}
-    assert parse_method("kivi-k4v2+g64+r128+streaming") == {"quant": "kivi-k4v2", "token": "streaming", "head": None,
-                                                            "layer": None, "group": 64, "residual": 128}
+                                            "group": 32, "residual": 32, "span": False}
+    assert parse_method("kivi-k4v2+g64+r128+streaming+span") == {
+        "quant": "kivi-k4v2", "token": "streaming", "head": None, "layer": None, "group": 64, "residual": 128,
+        "span": True}
     assert parse_method("none")["quant"] == "none"
-    for bad in ("kivi3", "kivi2+kivi4", "snapkv+h2o", "", "kivi4+g32+g64"):
+    for bad in ("kivi3", "kivi2+kivi4", "snapkv+h2o", "", "kivi4+g32+g64", "kivi2+span+span"):
         with pytest.raises(ValueError):
             parse_method(bad)
+
+
+def test_auto_method_runs_the_planned_recipe():
+    from transformers import LlamaConfig
+
+    from memvisor.bench.kv_methods import memvisor_method
+    from memvisor.kv import CacheSpec
+
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=256, vocab_size=100)
+    m = memvisor_method("auto", cfg, 200_000, context_tokens=1024)
+    assert m.info["recipe"] == CacheSpec.plan(cfg, 200_000, 1024).recipe
+    assert m.new_cache().spec.recipe == m.info["recipe"] and m.new_cache().spec.context_tokens == 1024
+    with pytest.raises(ValueError):
+        memvisor_method("auto", cfg, 200_000)
+    assert memvisor_method("kivi2+span", cfg, 200_000, context_tokens=512).new_cache().spec.context_tokens == 512

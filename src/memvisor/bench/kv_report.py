@@ -33,8 +33,9 @@ def _rows(results: dict) -> list[tuple[str, str, str, dict]]:
     for b in budgets:
         for group, who in (("methods", "memvisor"), ("peers", "peer")):
             for name, per in results[group].items():
-                if b in per:
-                    rows.append((b, f"{who}: {name}", b, per[b]))
+                if b in per:  # the planner's rows name the recipe it chose
+                    chosen = per[b].get("recipe") if name == "auto" else None
+                    rows.append((b, f"{who}: {name}" + (f" ({chosen})" if chosen else ""), b, per[b]))
     return rows
 
 

@@ -270,7 +270,8 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
     for budget in budgets:
         budget_bytes = int(base_bytes / budget)
         for name in methods:
-            record("methods", name, _budget_key(budget), memvisor_method(name, model.config, budget_bytes))
+            record("methods", name, _budget_key(budget), memvisor_method(name, model.config, budget_bytes,
+                                                                          context_tokens=cfg.tokens))
         for peer in peers:
             if peer in QUANTO_PEERS and budget != budgets[0]:
                 continue

@@ -68,16 +68,21 @@ def token_cost(batch: int, head_dim: int, dtype_bytes: int, bits: int | None, gr
 
 
 def split_layers(budget_bytes: int, costs: list[TokenCost], n_heads: int, windows: list[int | None],
-                 layer_budget: LayerBudget | None) -> list[int]:
+                 layer_budget: LayerBudget | None, context_tokens: int | None = None) -> list[int]:
     """Per-layer byte budgets summing to at most ``budget_bytes``.
 
-    The budget is first split in head-tokens by ``layer_budget`` (uniform when None) at the
-    quantized token cost; a sliding-window layer never needs more than ``window - 1`` tokens per
-    head, and what it cannot use goes to the other layers in proportion to their share.
+    With ``context_tokens`` T (and no ``layer_budget``) see :func:`split_by_span`. Otherwise the
+    budget is first split in head-tokens by ``layer_budget`` (uniform when None) at the quantized
+    token cost; a sliding-window layer never needs more than ``window - 1`` tokens per head, and
+    what it cannot use goes to the other layers in proportion to their share.
     """
     n = len(costs)
     if budget_bytes < 0:
         raise BudgetError(f"budget_bytes must be >= 0, got {budget_bytes}")
+    if context_tokens is not None and context_tokens < 1:
+        raise BudgetError(f"context_tokens must be >= 1, got {context_tokens}")
+    if layer_budget is None and context_tokens is not None:
+        return split_by_span(budget_bytes, costs, n_heads, windows, context_tokens)
     unit = max(c.q for c in costs)
     total_tokens = int(budget_bytes // unit)
     shares = (layer_budget.split(total_tokens, n) if layer_budget is not None
@@ -109,3 +114,31 @@ def _bytes_for(cost: TokenCost, tokens: int) -> float:
     """Bytes one head needs to hold ``tokens`` tokens (upper estimate, residual at its largest)."""
     r = min(tokens, cost.residual_max)
     return r * cost.fp + (tokens - r) * cost.q
+
+
+def split_by_span(budget_bytes: int, costs: list[TokenCost], n_heads: int, windows: list[int | None],
+                  context_tokens: int) -> list[int]:
+    """Per-layer byte budgets under which every layer keeps the same fraction ``f`` of its span
+    (``min(T, window - 1)`` tokens per head for a sliding layer, ``T`` for a full one), the
+    full-precision residual priced in: ``f`` is the largest fraction whose bytes fit (bisection).
+    An equal split gives Gemma 3's 15 sliding layers (512-token windows) as many tokens as its 3
+    full layers, which see 8x more at 4k. When every span fits (``f`` = 1), the rest goes to the
+    full-attention layers (a longer context than planned still has room there)."""
+    spans = [context_tokens if w is None else min(context_tokens, w - 1) for w in windows]
+
+    def need(frac: float) -> list[float]:
+        return [_bytes_for(c, frac * s) * n_heads for c, s in zip(costs, spans)]
+
+    full = need(1.0)
+    if sum(full) <= budget_bytes:
+        open_layers = [i for i, w in enumerate(windows) if w is None] or list(range(len(costs)))
+        extra = (budget_bytes - sum(full)) / len(open_layers)
+        return [int(b + (extra if i in open_layers else 0.0)) for i, b in enumerate(full)]
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if sum(need(mid)) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return [int(b) for b in need(lo)]

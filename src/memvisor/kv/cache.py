@@ -54,6 +54,9 @@ class CacheSpec:
     slack: head-tokens evicted below the cap each time it is hit (amortises eviction in decode).
     block: tokens per block of the attention loop (a multiple of 8).
     batch_size: rows the budget is planned for (the byte cost of a token scales with it).
+    context_tokens: the context length the budget is planned for (None: unknown). Given, and with
+      no ``layer_budget``, layers share the budget in proportion to the tokens each would hold
+      uncompressed (a sliding layer ``min(T, window - 1)``, a full one T) instead of equally.
     """
 
     budget_bytes: int | None = None
@@ -68,6 +71,8 @@ class CacheSpec:
     slack: int = 32
     block: int = 1024
     batch_size: int = 1
+    context_tokens: int | None = None
+    recipe: str | None = None  # the recipe that built this spec (from_recipe, plan), for reports
 
     @classmethod
     def from_recipe(cls, name: str, budget_bytes: int | None, **overrides: Any) -> "CacheSpec":
@@ -82,13 +87,23 @@ class CacheSpec:
         if policy is not None:
             kw["token_policy"] = make_policy(policy[0], **policy[1])
         kw.update(overrides)
-        return cls(budget_bytes=budget_bytes, **kw)
+        return cls(budget_bytes=budget_bytes, recipe=name, **kw)
+
+    @classmethod
+    def plan(cls, model_config: Any, budget_bytes: int, context_tokens: int, **overrides: Any) -> "CacheSpec":
+        """The recipe :mod:`memvisor.kv.planner` chooses for this model, budget and context length
+        (precision while at least 30% of every layer's span fits, else the most tokens)."""
+        from memvisor.kv.planner import plan
+
+        return plan(model_config, budget_bytes, context_tokens, **overrides)
 
     def validate(self) -> None:
         if self.quant not in QUANT_BITS:
             raise CacheSpecError(f"quant must be one of {sorted(QUANT_BITS)}, got {self.quant!r}")
         if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes < 0):
             raise CacheSpecError(f"budget_bytes must be an int >= 0 or None, got {self.budget_bytes!r}")
+        if self.context_tokens is not None and (not isinstance(self.context_tokens, int) or self.context_tokens < 1):
+            raise CacheSpecError(f"context_tokens must be an int >= 1 or None, got {self.context_tokens!r}")
         for name in ("group", "residual", "slack", "block", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name in ("residual", "slack") else 1):
@@ -99,12 +114,18 @@ class CacheSpec:
             raise CacheSpecError(f"group must be a multiple of 8 for KIVI, got {self.group}")
 
 
-# Named recipes: the best combinations measured on SmolLM2-135M at 4k tokens (BENCHMARKS.md, kv).
-# KIVI-4 keeps the best teacher-forced fidelity at 4x (2-bit values cost the most; see the numbers
-# there); the 128-token residual keeps the question and the answer being written in full precision;
-# StreamingLLM's sinks and recency meet the byte budget by evicting the oldest middle tokens.
+# Named recipes (BENCHMARKS.md, kv). kivi4-stream: the best combination measured on SmolLM2-135M at
+# 4k tokens (2-bit values cost the most there); its 128-token residual keeps the question and the
+# answer being written in full precision. The others trade precision for tokens, for budgets where
+# that residual would fill most of a layer (Gemma 3's single KV head of 256 channels):
+# CacheSpec.plan picks among them by the model's geometry. StreamingLLM's sinks and recency meet
+# the byte budget by evicting the oldest middle tokens.
+_STREAM = ("streaming", {"sinks": 4})
 RECIPES: dict[str, dict] = {
-    "kivi4-stream": {"quant": "kivi4", "group": 32, "residual": 128, "token_policy": ("streaming", {"sinks": 4})},
+    "kivi4-stream": {"quant": "kivi4", "group": 32, "residual": 128, "token_policy": _STREAM},
+    "kivi4-stream-r32": {"quant": "kivi4", "group": 32, "residual": 32, "token_policy": _STREAM},
+    "kivi-k4v2-stream": {"quant": "kivi-k4v2", "group": 32, "residual": 32, "token_policy": _STREAM},
+    "kivi2-stream": {"quant": "kivi2", "group": 32, "residual": 32, "token_policy": _STREAM},
 }
 
 
@@ -131,7 +152,8 @@ class CompressedCache(HFCache):
             key_dim = spec.channel_policy.keep_count(head_dim) if spec.channel_policy is not None else None
             costs = [token_cost(spec.batch_size, head_dim, dtype_bytes, bits, spec.group, spec.residual,
                                 w is not None, key_dim, vbits) for w in windows]
-            layer_bytes = split_layers(spec.budget_bytes, costs, n_kv, windows, spec.layer_budget)
+            layer_bytes = split_layers(spec.budget_bytes, costs, n_kv, windows, spec.layer_budget,
+                                       spec.context_tokens)
             smallest = min(c.fp for c in costs) * n_kv
             if min(layer_bytes) < smallest:
                 raise BudgetError(

@@ -1,0 +1,87 @@
+"""Choose the cache recipe for a byte budget from the model's geometry: no per-task tuning.
+
+A user sets ``budget_bytes`` and the context length ``T`` it is meant for; :func:`plan` returns
+the :class:`~memvisor.kv.cache.CacheSpec` to use, picked among :data:`CANDIDATES` (most precise
+first; every one evicts with StreamingLLM, sinks 4) by the same byte arithmetic the cache itself
+uses (``token_cost`` and ``split_layers``), without running the model:
+
+1. Layers share the budget in proportion to their uncompressed span (``context_tokens=T``: a
+   sliding-window layer ``min(T, window - 1)`` tokens, a full-attention layer ``T``), so every
+   layer keeps about the same fraction of what it would see uncompressed.
+2. ``coverage(c)`` = the smallest fraction of its span that any layer can hold under candidate
+   ``c`` (tokens per head / span). The plan takes the first candidate with coverage of at least
+   :data:`MIN_COVERAGE`; when none reaches it, the candidate that keeps the most.
+
+Why (teacher-forced top-1 / KL, BENCHMARKS.md ``kv``): precision beats tokens only while enough of
+the context stays. SmolLM2 at 4x: KIVI-4 with a 128-token residual (coverage 0.71) 0.938 / 0.019
+against 4-bit keys / 2-bit values (0.88) 0.859 / 0.081; Gemma 3 at 4x: the same recipe keeps 0.16
+of the full layers' context (its bf16 residual fills most of a 1-KV-head layer) and falls to
+0.844 / 0.463, while KIVI-4 with a 32-token residual (0.47) reaches 0.984 / 0.014 and KIVI-2
+keeping every token 0.930 / 0.136. :data:`MIN_COVERAGE` = 0.3 is set from those measurements on two
+models (a rule of thumb, not a derivation).
+
+Units: bytes; ``coverage`` is a fraction (1.0: every token of every layer's span fits).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from memvisor.kv.adapter import kv_shape, layer_windows
+from memvisor.kv.budget import BudgetError, split_layers, token_cost
+
+# (recipe name, CacheSpec fields); most precise first. Names are also keys of cache.RECIPES.
+CANDIDATES: list[tuple[str, dict]] = [
+    ("kivi4-stream", {"quant": "kivi4", "group": 32, "residual": 128}),
+    ("kivi4-stream-r32", {"quant": "kivi4", "group": 32, "residual": 32}),
+    ("kivi-k4v2-stream", {"quant": "kivi-k4v2", "group": 32, "residual": 32}),
+    ("kivi2-stream", {"quant": "kivi2", "group": 32, "residual": 32}),
+]
+MIN_COVERAGE = 0.3
+_BITS = {"kivi4": (4, 4), "kivi-k4v2": (4, 2), "kivi2": (2, 2)}
+
+
+def coverage(model_config: Any, budget_bytes: int, context_tokens: int, quant: str, group: int, residual: int,
+             dtype_bytes: int = 2, batch_size: int = 1) -> float:
+    """Smallest fraction of its span (``min(T, window - 1)`` or ``T`` tokens) that any layer can
+    hold per KV head at ``budget_bytes``, layers split by span, full-precision residual at its
+    largest (a lower bound: the cache counts the residual it really holds)."""
+    n_layers, n_kv, head_dim = kv_shape(model_config)
+    windows = layer_windows(model_config)[:n_layers]
+    kbits, vbits = _BITS[quant]
+    costs = [token_cost(batch_size, head_dim, dtype_bytes, kbits, group, residual, w is not None, None, vbits)
+             for w in windows]
+    per_layer = split_layers(budget_bytes, costs, n_kv, windows, None, context_tokens)
+    fractions = []
+    for c, b, w in zip(costs, per_layer, windows):
+        span = context_tokens if w is None else min(context_tokens, w - 1)
+        fractions.append(min(1.0, c.capacity(b / n_kv) / span))
+    return min(fractions)
+
+
+def choose(model_config: Any, budget_bytes: int, context_tokens: int, dtype_bytes: int = 2,
+           batch_size: int = 1) -> tuple[str, dict, dict[str, float]]:
+    """(recipe name, its CacheSpec fields, coverage of every candidate) for this budget."""
+    if context_tokens < 1:
+        raise BudgetError(f"context_tokens must be >= 1, got {context_tokens}")
+    cov = {name: coverage(model_config, budget_bytes, context_tokens, f["quant"], f["group"], f["residual"],
+                          dtype_bytes, batch_size) for name, f in CANDIDATES}
+    for name, fields in CANDIDATES:
+        if cov[name] >= MIN_COVERAGE:
+            return name, dict(fields), cov
+    name, fields = max(CANDIDATES, key=lambda c: cov[c[0]])
+    return name, dict(fields), cov
+
+
+def plan(model_config: Any, budget_bytes: int, context_tokens: int, **overrides: Any):
+    """The :class:`CacheSpec` for ``budget_bytes`` and a context of ``context_tokens`` tokens:
+    the chosen candidate, StreamingLLM (sinks 4), layers split by span. ``overrides`` replace any
+    field. The chosen name is in ``spec.recipe``."""
+    from memvisor.kv.cache import CacheSpec, _dtype_bytes
+    from memvisor.kv.policies import make_policy
+
+    batch = overrides.get("batch_size", 1)
+    name, fields, _ = choose(model_config, budget_bytes, context_tokens, _dtype_bytes(model_config), batch)
+    kw = {"token_policy": make_policy("streaming", sinks=4), "context_tokens": context_tokens, **fields}
+    kw.update(overrides)
+    return CacheSpec(budget_bytes=budget_bytes, recipe=name, **kw)
