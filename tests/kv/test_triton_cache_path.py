@@ -48,8 +48,8 @@ def test_mirror_follows_the_heads_group_by_group(bits):
         for name in ("kw", "ks", "kz", "vw"):
             w, m = getattr(want, name), getattr(got, name)
             assert torch.equal(m[:, :, : w.shape[2]], w) and not m[:, :, w.shape[2]:].any(), name
-        w = want.vsz
-        assert torch.equal(got.vsz[..., : w.shape[-1]], w) and not got.vsz[..., w.shape[-1]:].any()
+        w = want.vsz  # [B, H, D/G, tokens, 2]
+        assert torch.equal(got.vsz[:, :, :, : w.shape[3]], w) and not got.vsz[:, :, :, w.shape[3]:].any()
     else:
         for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
             assert torch.equal(getattr(got, name), getattr(full, name)), name

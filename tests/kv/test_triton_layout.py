@@ -182,8 +182,8 @@ def test_planes_layout_holds_the_codes_and_scales():
     for grp in range(288 // 32):
         assert torch.equal(p.ks[:, :, grp], layer.k_scale[:, :, grp] / KEY_MUL[grp % SLOTS])
         assert torch.equal(p.kz[:, :, grp], layer.k_zero[:, :, grp])
-    assert torch.equal(p.vsz[:, :, 0, :, :288], layer.v_scale.transpose(2, 3))
-    assert torch.equal(p.vsz[:, :, 1, :, :288], layer.v_zero.transpose(2, 3))
+    assert torch.equal(p.vsz[:, :, :, :288, 0], layer.v_scale.transpose(2, 3))
+    assert torch.equal(p.vsz[:, :, :, :288, 1], layer.v_zero.transpose(2, 3))
     assert p.nbytes() == sum(t.numel() * t.element_size() for t in (p.kw, p.ks, p.kz, p.vw, p.vsz, p.k_res, p.v_res))
     with pytest.raises(KVLayoutError):
         to_planes(quantize_layer(k, v, 4, 32, 32))

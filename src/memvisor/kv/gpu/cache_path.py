@@ -48,7 +48,7 @@ class DecodeMirror:
     Buffers hold ``cap`` tiles of ``8 G`` tokens (grown by a quarter when full, the old content copied
     once), zero-filled past the quantized tokens. Per buffer: name -> (tensor, token axis, entries per
     tile). 2-bit: ``kw, vw int16 [B, H, cap*G, D]``, ``ks, kz fp16 [B, H, cap*8, D]``,
-    ``vsz fp16 [B, H, 2, D/G, cap*8G]`` (planes.py). 4-bit: ``k_codes uint8 [B, H, cap*8G/2, D]``,
+    ``vsz fp16 [B, H, D/G, cap*8G, 2]`` (planes.py). 4-bit: ``k_codes uint8 [B, H, cap*8G/2, D]``,
     ``k_scale, k_zero fp16 [B, H, cap*8, D]``, ``v_codes uint8 [B, H, cap*8G, D/2]``,
     ``v_scale, v_zero fp16 [B, H, cap*8G, D/G]`` (layout.py; the kernel gets views of the first
     ``t`` tokens).
@@ -107,7 +107,7 @@ class DecodeMirror:
                      "v_scale": self.tile, "v_zero": self.tile})
         new = {}
         for name, x in like.items():
-            axis = x.dim() - 1 if name == "vsz" else 2
+            axis = 3 if name == "vsz" else 2
             shape = list(x.shape)
             shape[axis] = cap * per_tile[name]
             t = torch.zeros(shape, dtype=x.dtype, device=x.device)

@@ -16,8 +16,9 @@ in an int16 word with the codes of the same token slot of the 7 other key groups
 - ``ks, kz: fp16 [B, H, n_tiles * 8, D]``: key scale and zero per (group, channel), padded; the
   scale of group ``g`` is stored divided by ``4^(g % 8)`` (``4^(g % 8 - 5)`` for ``g % 8 >= 5``), the
   power of 4 at which the kernel's bit mask leaves that group's codes (exact: a power of two).
-- ``vsz: fp16 [B, H, 2, D // G, n_tiles * 8G]``: value scale (plane 0) and zero (plane 1) per
-  (channel group, token), token axis contiguous so the kernel reads them as rows.
+- ``vsz: fp16 [B, H, D // G, n_tiles * 8G, 2]``: value scale and zero side by side per
+  (channel group, token), tokens contiguous, so the kernel reads a group's scales and zeros as one
+  row of ``2G`` halves (one prefetched load: a separate zero-point load was not prefetched).
 
 Bytes: the same codes, scales and zeros as the cache layout (plus padding of the last tile):
 a repack, done when a group is quantized, not per decode step.
@@ -89,8 +90,8 @@ def to_planes(layer: KiviLayer) -> PlanesLayer:
     ks = (ks.reshape(b, h, n_tiles, SLOTS, d) / KEY_MUL.to(ks.device).reshape(1, 1, 1, SLOTS, 1)).reshape(ks.shape)
     kz = torch.nn.functional.pad(layer.k_zero, (0, 0, 0, pad_g))
     pad_t = n_tiles * SLOTS * g - t
-    vs = torch.nn.functional.pad(layer.v_scale, (0, 0, 0, pad_t)).transpose(2, 3)
+    vs = torch.nn.functional.pad(layer.v_scale, (0, 0, 0, pad_t)).transpose(2, 3)  # [B, H, D/G, T_pad]
     vz = torch.nn.functional.pad(layer.v_zero, (0, 0, 0, pad_t)).transpose(2, 3)
     return PlanesLayer(
         g, t, _words(kcodes, g, n_tiles), ks.contiguous(), kz.contiguous(), _words(vcodes, g, n_tiles),
-        torch.stack([vs, vz], dim=2).contiguous(), layer.k_res, layer.v_res)
+        torch.stack([vs, vz], dim=-1).contiguous(), layer.k_res, layer.v_res)

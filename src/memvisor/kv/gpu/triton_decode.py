@@ -266,7 +266,7 @@ def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float
     out = torch.empty_like(q)
     _planes_split_kernel[(b * hkv, n_rows)](
         q, *tensors, op, lp, out, _counters(q.device, b * hkv), scale * _LOG2E, layer.t_quant, t_r, tps,
-        layer.kw.stride(1), layer.ks.stride(1), layer.vsz.stride(1), layer.vsz.shape[-1],
+        layer.kw.stride(1), layer.ks.stride(1), layer.vsz.stride(1), layer.vsz.shape[-2],
         layer.k_res.stride(1), layer.v_res.stride(1),
         GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), ROWS=rows, D=d, G=g, BLOCK_R=block_r,
         FUSE=fuse, num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))

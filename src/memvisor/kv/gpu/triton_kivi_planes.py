@@ -16,7 +16,10 @@ Rows ``r = jv * GROUPS + h`` replicate the query of head ``h`` once per value ch
   parts, and is added to the scores by a K=16 product with a one-hot matrix (no cross-thread
   extraction); groups past the program's range get -30000 there.
 - Values: row r's probabilities are scaled by the value scale of its channel group ``vs[jv, t]``
-  before ONE product with the raw codes; zero points add ``sum_t p * vz[jv, t]``.
+  before ONE product with the raw codes; zero points add ``sum_t p * vz[jv, t]``. Scales and zeros
+  of a group arrive in one load of (scale, zero) pairs: a load that feeds a matrix product is what
+  Triton's pipeliner prefetches, and the zeros alone feed none (as their own load they were waited
+  for group after group in the middle of each tile).
 - Softmax once per half tile (4 groups): one max and one rescale per 4G tokens; the row sums are
   kept as [ROWS, G] element-wise accumulators and reduced once at the end.
 """
@@ -72,19 +75,18 @@ def _group_scores(qrep, kwt, zba, ks_base, g0, k16, J: tl.constexpr, G: tl.const
 
 
 @triton.jit
-def _group_values(s, m, acc, sums, vw, vs_base, vz_base, t0, offs_n, J: tl.constexpr, G: tl.constexpr):
+def _group_values(s, m, acc, sums, vw, vsz_base, t0, J: tl.constexpr, G: tl.constexpr):
     """Fold group J's probabilities into the value accumulator and the [ROWS, G] row-sum accumulators."""
     l_acc, z_acc = sums
     p = tl.exp2(s - m)
-    t = t0 + J * G + offs_n
-    vs = tl.load(vs_base + t[None, :]).to(tl.float32)
-    vz = tl.load(vz_base + t[None, :]).to(tl.float32)
-    acc = tl.dot((p * vs).to(tl.float16), _value_codes(vw, J), acc=acc)
-    return acc, (l_acc + p, z_acc + p * vz)
+    vsz = tl.load(vsz_base + (2 * (t0 + J * G) + tl.arange(0, 2 * G))[None, :])  # [ROWS, 2G]: (scale, zero) pairs
+    vs, vz = tl.split(tl.reshape(vsz, [vsz.shape[0], G, 2]))
+    acc = tl.dot((p * vs.to(tl.float32)).to(tl.float16), _value_codes(vw, J), acc=acc)
+    return acc, (l_acc + p, z_acc + p * vz.to(tl.float32))
 
 
 @triton.jit
-def _half_tile(qrep, kwt, vw, zba, ks_base, vs_base, vz_base, g0, t0, offs_n, k16, m_i, acc, l_acc, z_acc,
+def _half_tile(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc, l_acc, z_acc,
                J0: tl.constexpr, G: tl.constexpr):
     """Groups J0..J0+3 of a tile: scores, one online-softmax step, values (written out: a static loop
     cannot keep a list of tiles)."""
@@ -97,10 +99,10 @@ def _half_tile(qrep, kwt, vw, zba, ks_base, vs_base, vz_base, g0, t0, offs_n, k1
     mm = m_new[:, None]
     sums = (l_acc * alpha, z_acc * alpha)
     acc = acc * alpha
-    acc, sums = _group_values(s0, mm, acc, sums, vw, vs_base, vz_base, t0, offs_n, J0, G)
-    acc, sums = _group_values(s1, mm, acc, sums, vw, vs_base, vz_base, t0, offs_n, J0 + 1, G)
-    acc, sums = _group_values(s2, mm, acc, sums, vw, vs_base, vz_base, t0, offs_n, J0 + 2, G)
-    acc, sums = _group_values(s3, mm, acc, sums, vw, vs_base, vz_base, t0, offs_n, J0 + 3, G)
+    acc, sums = _group_values(s0, mm, acc, sums, vw, vsz_base, t0, J0, G)
+    acc, sums = _group_values(s1, mm, acc, sums, vw, vsz_base, t0, J0 + 1, G)
+    acc, sums = _group_values(s2, mm, acc, sums, vw, vsz_base, t0, J0 + 2, G)
+    acc, sums = _group_values(s3, mm, acc, sums, vw, vsz_base, t0, J0 + 3, G)
     return m_new, acc, sums[0], sums[1]
 
 
@@ -134,8 +136,7 @@ def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, O, CNT, sm_scal
         kw_base = KW + pid_bh * skw_bh
         vw_base = VW + pid_bh * skw_bh
         ks_base = KS + pid_bh * sks_bh
-        vs_base = VSZ + pid_bh * svsz_bh + tl.minimum(jv, NGV - 1)[:, None] * t_pad  # padded rows: any group
-        vz_base = vs_base + NGV * t_pad
+        vsz_base = VSZ + pid_bh * svsz_bh + tl.minimum(jv, NGV - 1)[:, None] * (2 * t_pad)  # padded rows: any group
         for t0 in range(start, end, TILE):
             g0 = t0 // G
             wrow = (t0 // TILE) * G + offs_n
@@ -152,10 +153,10 @@ def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, O, CNT, sm_scal
             dead = (g0 + (col % 8)) * G >= end  # groups past the range: scores pushed to -30000
             zba = tl.where(col < 8, tl.where(dead, -30000.0, hi), tl.where(dead, 0.0, lo)).to(tl.float16)
             # two halves of 4 groups: one max and one rescale per half (fewer live score tiles)
-            m_i, acc, l_acc, z_acc = _half_tile(qrep, kwt, vw, zba, ks_base, vs_base, vz_base, g0, t0, offs_n,
-                                                k16, m_i, acc, l_acc, z_acc, 0, G)
-            m_i, acc, l_acc, z_acc = _half_tile(qrep, kwt, vw, zba, ks_base, vs_base, vz_base, g0, t0, offs_n,
-                                                k16, m_i, acc, l_acc, z_acc, 4, G)
+            m_i, acc, l_acc, z_acc = _half_tile(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc,
+                                                l_acc, z_acc, 0, G)
+            m_i, acc, l_acc, z_acc = _half_tile(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc,
+                                                l_acc, z_acc, 4, G)
         l_i = tl.sum(l_acc, 1)
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = (acc + tl.sum(z_acc, 1)[:, None]) / l_safe[:, None]
