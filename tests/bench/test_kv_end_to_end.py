@@ -21,7 +21,7 @@ def test_bench_kv_writes_results_in_the_issue_shape(tmp_path):
     register(app)
     out = tmp_path / "kv"
     res = CliRunner().invoke(app, ["kv", "--model", "smollm2", "--out", str(out), "--tokens", "160", "--samples", "1",
-                                   "--gen-tokens", "4", "--budgets", "4", "--methods", "kivi2+snapkv",
+                                   "--gen-tokens", "4", "--budgets", "4", "--methods", "kivi2+snapkv,auto",
                                    "--peers", "none", "--lengths", "128"])
     assert res.exit_code == 0, res.output
     data = json.loads((out / "results.json").read_text())
@@ -33,6 +33,11 @@ def test_bench_kv_writes_results_in_the_issue_shape(tmp_path):
     assert 0 <= fig["top1"] <= 1 and fig["kl"] >= 0 and fig["prefill_peak_bytes"] > 0
     assert set(data["sweep"]["methods"]) >= {"uncompressed", "kivi2+snapkv"}
     assert "memvisor: kivi2+snapkv" in (out / "table.md").read_text()
+    from memvisor.kv.cache import RECIPES
+
+    auto = data["methods"]["auto"]["4x"]  # the planner's choice for 160 tokens, recorded by name
+    assert auto["recipe"] in RECIPES and auto["context_tokens"] == 160 and auto["ratio"] >= 3.5
+    assert f"memvisor: auto ({auto['recipe']})" in (out / "table.md").read_text()
 
 
 def test_bad_arguments_are_reported():
