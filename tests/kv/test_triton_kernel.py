@@ -83,9 +83,8 @@ def test_planes_kernel_matches_reference(shape):
     planes = to_planes(layer)
     q = torch.randn(b, hq, d, device="cuda", generator=g).bfloat16()
     want = decode_attention_reference(q, layer)
-    # the fused combine re-arms its counters: its second call must agree too
-    for kw in (dict(), dict(num_warps=4, waves=1.0), dict(num_warps=2, num_stages=3, waves=8.0), dict(fuse=True),
-               dict(maxnreg=168, waves=6.0), dict(fuse=True)):
+    for kw in (dict(), dict(num_warps=4, waves=1.0), dict(num_warps=2, num_stages=3, waves=8.0),
+               dict(maxnreg=168, waves=6.0), dict(num_stages=1)):
         got = planes_decode_attention(q, planes, **kw)
         assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
         assert _rel(got, want) < 1e-2, (kw, _rel(got, want))

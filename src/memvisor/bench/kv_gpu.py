@@ -44,7 +44,7 @@ class GpuBenchConfig:
     # the planes kernel (2-bit only): the cache repacked as planes.py says, read by triton_kivi_planes.py.
     # waves stays 4 (4 resident programs per SM at 255 registers): 3 and 6 give the same grid at 32k,
     # but 6 made 1.5 waves of programs at 64k (H200: 2090 against 1576 us per step). Also measured and
-    # dropped (BENCHMARKS.md kv-gpu): 4 warps, the fused combine, a programmatic dependent combine,
+    # dropped (BENCHMARKS.md kv-gpu): 4 warps, a fused combine, a programmatic dependent combine,
     # register caps of 128-168 at 2 warps with 6-8 programs per SM
     planes_configs: list[dict] = field(default_factory=lambda: [
         dict(variant="planes", num_warps=w, num_stages=st, waves=wv, **({"maxnreg": r} if r else {}))

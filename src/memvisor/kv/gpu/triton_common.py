@@ -1,5 +1,5 @@
-"""Triton pieces shared by the decode kernels: one tile into an online softmax, the residual tail and
-the partial-result store, and the split combiner (see triton_decode.py for the overall design)."""
+"""Triton pieces shared by the decode kernels: one tile into an online softmax, the residual program and
+the partial-result stores, and the split combiner (see triton_decode.py for the overall design)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,34 @@ def _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, s
 
 
 @triton.jit
+def _residual_program(Q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
+                      GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The last program of each kv head: its query heads over the full-precision residual."""
+    offs_d = tl.arange(0, D)
+    g = tl.arange(0, GP)
+    q = tl.load(Q + (pid_bh * GROUPS + g)[:, None] * D + offs_d[None, :], mask=(g < GROUPS)[:, None], other=0.0)
+    _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
+                        tl.full([GP], float("-inf"), tl.float32), tl.zeros([GP], tl.float32),
+                        tl.zeros([GP, D], tl.float32), True, GROUPS, GP, D, BLOCK_R)
+
+
+@triton.jit
+def _store_replicated(OP, LP, acc, z, l_i, m_i, pid_bh, pid_s, n_rows, h, jv, r_ok,
+                      GROUPS: tl.constexpr, D: tl.constexpr, G: tl.constexpr):
+    """Partial result of a program whose rows ``r`` replicate query head ``h(r)`` once per value channel
+    group ``jv(r)`` (acc [ROWS, D] and the zero-point sums z [ROWS], normaliser l_i and max m_i [ROWS],
+    base 2): row r stores only the channels of its group, and the rows of group 0 the log-sum-exp."""
+    offs_d = tl.arange(0, D)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = (acc + z[:, None]) / l_safe[:, None]
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    rows = pid_bh * GROUPS + h
+    keep = r_ok[:, None] & (jv[:, None] == (offs_d // G)[None, :])
+    tl.store(OP + (rows[:, None] * n_rows + pid_s) * D + offs_d[None, :], out, mask=keep)
+    tl.store(LP + rows * n_rows + pid_s, lse, mask=r_ok & (jv == 0))
+
+
+@triton.jit
 def _combine_kernel(OP, LP, O, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr):
     row = tl.program_id(0)
     offs_d = tl.arange(0, D)
@@ -62,38 +90,3 @@ def _combine_kernel(OP, LP, O, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr):
         l = l * alpha + tl.sum(w, 0)
         m = m_new
     tl.store(O + row * D + offs_d, (acc / l).to(O.dtype.element_ty))
-
-
-@triton.jit
-def _combine_last(OP, LP, O, CNT, pid_bh, n_rows, GROUPS: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Fused split combine: the last program of kv head ``pid_bh`` to finish merges its GROUPS rows.
-
-    Every program has stored its partials; a barrier, then one acq_rel atomic per program on the
-    head's counter (gpu scope) orders those stores before the count that the last program reads.
-    The last one reads the partials from L2 (``.cg``: other multiprocessors wrote them), writes the
-    output and re-arms the counter to 0 for the next call (one stream at a time per counter).
-    """
-    tl.debug_barrier()
-    done = tl.atomic_add(CNT + pid_bh, 1, sem="acq_rel", scope="gpu")
-    if done == n_rows - 1:
-        offs_d = tl.arange(0, D)
-        for g in tl.static_range(GROUPS):
-            row = pid_bh * GROUPS + g
-            m = float("-inf")
-            l = 0.0
-            acc = tl.zeros([D], tl.float32)
-            for s0 in range(0, n_rows, BLOCK_S):
-                offs_s = s0 + tl.arange(0, BLOCK_S)
-                s_mask = offs_s < n_rows
-                lse = tl.load(LP + row * n_rows + offs_s, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-                m_new = tl.maximum(m, tl.max(lse, 0))
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m - m_ref)
-                w = tl.exp2(lse - m_ref)
-                o = tl.load(OP + (row * n_rows + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None],
-                            other=0.0, cache_modifier=".cg")
-                acc = acc * alpha + tl.sum(o * w[:, None], 0)
-                l = l * alpha + tl.sum(w, 0)
-                m = m_new
-            tl.store(O + row * D + offs_d, (acc / l).to(O.dtype.element_ty))
-        tl.atomic_xchg(CNT + pid_bh, 0, sem="relaxed", scope="gpu")

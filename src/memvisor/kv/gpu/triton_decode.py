@@ -239,7 +239,7 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
 
 def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float | None = None, *,
                             num_warps: int = 2, num_stages: int = 2, waves: float = 4.0,
-                            block_r: int = 64, maxnreg: int | None = None, fuse: bool = False) -> torch.Tensor:
+                            block_r: int = 64, maxnreg: int | None = None) -> torch.Tensor:
     """Fused decode attention over a 2-bit cache in the planes layout (planes.py, triton_kivi_planes.py).
 
     q ``[B, Hq, D]`` (bf16/fp16, CUDA) -> ``[B, Hq, D]`` in q's dtype. Splits start on whole tiles
@@ -263,26 +263,13 @@ def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float
     op = torch.empty((b * q.shape[1], n_rows, d), device=q.device, dtype=torch.float32)
     lp = torch.empty((b * q.shape[1], n_rows), device=q.device, dtype=torch.float32)
     rows = max(16, triton.next_power_of_2(groups * (d // g)))
-    out = torch.empty_like(q)
     _planes_split_kernel[(b * hkv, n_rows)](
-        q, *tensors, op, lp, out, _counters(q.device, b * hkv), scale * _LOG2E, layer.t_quant, t_r, tps,
+        q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps,
         layer.kw.stride(1), layer.ks.stride(1), layer.vsz.stride(1), layer.vsz.shape[-2],
         layer.k_res.stride(1), layer.v_res.stride(1),
         GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), ROWS=rows, D=d, G=g, BLOCK_R=block_r,
-        FUSE=fuse, num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
-    return out if fuse else _combine(op, lp, q, n_rows)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters for the fused combine, one per kv head; each call leaves them at 0."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < n:
-        have = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[device] = have
-    return have
+        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return _combine(op, lp, q, n_rows)
 
 
 def dense_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from memvisor.kv.gpu.triton_common import _combine_last, _residual_and_store
+from memvisor.kv.gpu.triton_common import _residual_program, _store_replicated
 
 
 def _key_asm(j: int) -> str:
@@ -107,10 +107,10 @@ def _half_tile(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc, l_a
 
 
 @triton.jit
-def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, O, CNT, sm_scale_log2,
+def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
                          T_q, T_r, tps, skw_bh, sks_bh, svsz_bh, t_pad, skr_bh, svr_bh,
                          GROUPS: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-                         G: tl.constexpr, BLOCK_R: tl.constexpr, FUSE: tl.constexpr):
+                         G: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_rows = tl.num_programs(1)
@@ -157,21 +157,8 @@ def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, O, CNT, sm_scal
                                                 l_acc, z_acc, 0, G)
             m_i, acc, l_acc, z_acc = _half_tile(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc,
                                                 l_acc, z_acc, 4, G)
-        l_i = tl.sum(l_acc, 1)
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        out = (acc + tl.sum(z_acc, 1)[:, None]) / l_safe[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-        rows = pid_bh * GROUPS + h
-        keep = r_ok[:, None] & (jv[:, None] == (offs_d // G)[None, :])  # row r owns channel group jv(r)
-        tl.store(OP + (rows[:, None] * n_rows + pid_s) * D + offs_d[None, :], out, mask=keep)
-        tl.store(LP + rows * n_rows + pid_s, lse, mask=r_ok & (jv == 0))
+        _store_replicated(OP, LP, acc, tl.sum(z_acc, 1), tl.sum(l_acc, 1), m_i, pid_bh, pid_s, n_rows, h, jv, r_ok,
+                          GROUPS, D, G)
     else:
-        g = tl.arange(0, GP)
-        q = tl.load(Q + (pid_bh * GROUPS + g)[:, None] * D + offs_d[None, :], mask=(g < GROUPS)[:, None], other=0.0)
-        m0 = tl.full([GP], float("-inf"), tl.float32)
-        l0 = tl.zeros([GP], tl.float32)
-        a0 = tl.zeros([GP, D], tl.float32)
-        _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
-                            m0, l0, a0, True, GROUPS, GP, D, BLOCK_R)
-    if FUSE:
-        _combine_last(OP, LP, O, CNT, pid_bh, n_rows, GROUPS, D, 16)
+        _residual_program(Q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
+                          GROUPS, GP, D, BLOCK_R)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from memvisor.kv.gpu.triton_common import _residual_and_store
+from memvisor.kv.gpu.triton_common import _residual_program, _store_replicated
 
 
 @triton.jit
@@ -93,21 +93,10 @@ def _kivi_split_kernel_rep(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_l
             acc = acc * alpha[:, None] + tl.dot((p * vs).to(tl.float16), vq)
             accz = accz * alpha + tl.sum(p * vz, 1)
             m_i = m_new
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        out = (acc + accz[:, None]) / l_safe[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-        rows = pid_bh * GROUPS + h
-        keep = r_ok[:, None] & (j[:, None] == (offs_d // G)[None, :])  # row r owns channel group j(r)
-        tl.store(OP + (rows[:, None] * n_rows + pid_s) * D + offs_d[None, :], out, mask=keep)
-        tl.store(LP + rows * n_rows + pid_s, lse, mask=r_ok & (j == 0))
+        _store_replicated(OP, LP, acc, accz, l_i, m_i, pid_bh, pid_s, n_rows, h, j, r_ok, GROUPS, D, G)
     else:
-        g = tl.arange(0, GP)
-        q = tl.load(Q + (pid_bh * GROUPS + g)[:, None] * D + offs_d[None, :], mask=(g < GROUPS)[:, None], other=0.0)
-        m0 = tl.full([GP], float("-inf"), tl.float32)
-        l0 = tl.zeros([GP], tl.float32)
-        a0 = tl.zeros([GP, D], tl.float32)
-        _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
-                            m0, l0, a0, True, GROUPS, GP, D, BLOCK_R)
+        _residual_program(Q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
+                          GROUPS, GP, D, BLOCK_R)
 
 
 @triton.jit
@@ -180,18 +169,7 @@ def _kivi_split_kernel_tile(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_
             acc = acc * alpha[:, None] + tl.dot((p * vs).to(tl.float16), vq)
             accz = accz * alpha + tl.sum(p * vz, 1)
             m_i = m_new
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        out = (acc + accz[:, None]) / l_safe[:, None]
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-        rows = pid_bh * GROUPS + h
-        keep = r_ok[:, None] & (j[:, None] == (offs_d // G)[None, :])  # row r owns channel group j(r)
-        tl.store(OP + (rows[:, None] * n_rows + pid_s) * D + offs_d[None, :], out, mask=keep)
-        tl.store(LP + rows * n_rows + pid_s, lse, mask=r_ok & (j == 0))
+        _store_replicated(OP, LP, acc, accz, l_i, m_i, pid_bh, pid_s, n_rows, h, j, r_ok, GROUPS, D, G)
     else:
-        g = tl.arange(0, GP)
-        q = tl.load(Q + (pid_bh * GROUPS + g)[:, None] * D + offs_d[None, :], mask=(g < GROUPS)[:, None], other=0.0)
-        m0 = tl.full([GP], float("-inf"), tl.float32)
-        l0 = tl.zeros([GP], tl.float32)
-        a0 = tl.zeros([GP, D], tl.float32)
-        _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
-                            m0, l0, a0, True, GROUPS, GP, D, BLOCK_R)
+        _residual_program(Q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
+                          GROUPS, GP, D, BLOCK_R)
