@@ -78,10 +78,33 @@ class MiniLMEmbedder:
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
                 out.append(pooled.float().numpy())
             torch.set_num_threads(self._threads)
+        if len(texts) > 1:
+            release_free_memory()
         vectors = np.concatenate(out)
         result = np.empty_like(vectors)
         result[order] = vectors
         return result
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc only; elsewhere nothing). Batches of varying
+    sequence length fragment glibc's heap: RSS grew from 0.56 to 1.65 GB over 20k texts in batches
+    of 512 without this, to 0.77 GB with it (see NOTES, scale)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 DTYPES = ("float32", "bfloat16")
