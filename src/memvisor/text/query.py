@@ -49,13 +49,13 @@ def fts_match(words: str | list[str], common: Collection[str] = ()) -> str | Non
     if not words:
         return None
     common_set = set(common)
-    rare = [_quote(w) for w in words if w not in common_set]
+    parts = [_quote(w) for w in words if w not in common_set]  # the rarer words, each enough to match
     frequent = [_quote(w) for w in words if w in common_set]
     if len(frequent) > 1:
-        rare.append("(" + " AND ".join(frequent) + ")")
-    elif frequent and not rare:
-        rare.append(frequent[0])
-    return " OR ".join(rare)
+        parts.append("(" + " AND ".join(frequent) + ")")
+    elif frequent and not parts:
+        parts.append(frequent[0])
+    return " OR ".join(parts)
 
 
 def _quote(word: str) -> str:
