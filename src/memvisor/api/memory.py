@@ -1,6 +1,7 @@
 """`Memory`: the one facade of memvisor's plaintext memory. The CLI calls exactly these verbs."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -96,21 +97,24 @@ class Memory:
             conversations = source
         else:
             conversations = load_conversations(source)
-        records = []
+        records, embedded_context = [], []
         for conv in conversations:
-            previous = None
             for position, turn in enumerate(conv.turns):
-                # The previous turn of the same session is indexed with this one: a reply ("a year ago, in
-                # Paris") is found by the words of the question it answers.
-                same_session = previous is not None and previous.session == turn.session
-                context = f"{previous.speaker}: {previous.text}" if same_session else None
-                previous = turn
-                records.append(dict(context=context,
+                # The turns beside this one in its session are indexed for full text with it: a reply ("a
+                # year ago, in Paris") is found by the words of the question it answers, and a question by
+                # its answer's. Only the previous turn is embedded with it (the next one too measured
+                # worse; NOTES.md, retrieval tuning).
+                before, after = (_turn_line(conv.turns[p]) if 0 <= p < len(conv.turns)
+                                 and conv.turns[p].session == turn.session else None
+                                 for p in (position - 1, position + 1))
+                embedded_context.append(before)
+                records.append(dict(context="\n".join(x for x in (before, after) if x) or None,
                     text=turn.text, user=user, session=turn.session, kind="episodic",
                     metadata={"speaker": turn.speaker, "turn_id": turn.source_id, "conversation": conv.id},
                     sources=[turn.source_id], valid_from=turn.time, thread=conv.id, position=position,
                     key=f"turn:{conv.id}:{turn.source_id}"))
-        result = self.add_many(records, namespace=namespace, progress=progress)
+        items = [self._validate(namespace, r, i) for i, r in enumerate(records)]
+        result = self._write(items, 256, progress, embedded_context)
         return IngestReport(namespace, result.added, result.duplicates, [i.id for i in result.items])
 
     def _validate(self, namespace: str, r: dict[str, Any] | str, index: int) -> NewItem:
@@ -145,12 +149,19 @@ class Memory:
                        valid_from=valid_from, valid_to=valid_to, thread=r.get("thread"),
                        position=r.get("position"), context=r.get("context"), key=r.get("key"))
 
-    def _write(self, items: list[NewItem], batch_size: int, progress: Progress | None) -> "AddResult":
+    def _write(self, items: list[NewItem], batch_size: int, progress: Progress | None,
+               embedded_context: list[str | None] | None = None) -> "AddResult":
+        """`embedded_context`: per item, the context to embed when it is not the indexed one."""
         written: list[MemoryItem] = []
         added = 0
         for start in range(0, len(items), batch_size):
             batch = items[start:start + batch_size]
-            vectors = self.embedder.encode([_embedding_text(i) for i in batch])
+            if embedded_context is not None:
+                batch_texts = [_embedding_text(dataclasses.replace(i, context=c))
+                               for i, c in zip(batch, embedded_context[start:start + batch_size])]
+            else:
+                batch_texts = [_embedding_text(i) for i in batch]
+            vectors = self.embedder.encode(batch_texts)
             for item, created in self.store.add_items(batch, vectors):
                 written.append(item)
                 added += created
@@ -259,6 +270,10 @@ class AddResult:
 
     def __repr__(self) -> str:
         return f"AddResult(added={self.added}, duplicates={self.duplicates})"
+
+
+def _turn_line(turn: Any) -> str:
+    return f"{turn.speaker}: {turn.text}"
 
 
 def _embedding_text(item: NewItem) -> str:
