@@ -125,10 +125,12 @@ def test_pyramid_layer_budget_gives_early_layers_more(smollm2, text_ids):
     assert lens[0][0] > lens[-1][0]
 
 
-@pytest.mark.parametrize("quant,per_head", [("none", 64 * 2 * 64 * 4), ("kivi2", 40_000)])
+@pytest.mark.parametrize("quant,per_head", [("none", 64 * 2 * 64 * 4), ("kivi2", 24_000)])
 def test_blockwise_prefill_peak_is_bounded_and_flat(smollm2, text_ids, quant, per_head):
     model, _ = smollm2
-    budget = 3 * per_head * LAYERS  # none: 64 tokens per head; kivi2: ~200 tokens per head
+    # none: 64 tokens per head; kivi2: about 150 (a 32-token fp32 residual of 16 KiB + ~51 B per token),
+    # so both lengths below overflow the budget and the peaks compare like with like.
+    budget = 3 * per_head * LAYERS
     block = 64
     ids = torch.cat([text_ids] * 2, dim=1)[:, :512]
     assert ids.shape[1] == 512
