@@ -31,8 +31,8 @@ SAVE_EVERY = 50_000
 
 ITEM_COLUMNS = ("rid, id, namespace, version, kind, user_id, agent_id, session_id, thread, position, text, "
                 "context, speaker, metadata, sources, status, valid_from, valid_to, recorded_at, expired_at, seq")
-# Full-text words in more rows than this only match together (text/query.py `fts_match`): scoring
-# every row of a very common word cost 28 ms p50 at 100k rows, 3 ms with the cut (BENCHMARKS, scale).
+# Full-text words in more rows than this only match together (text/query.py `fts_match`): scoring every
+# row of a very common word cost 37 ms p50 at 100k rows, 3.6 ms with the cut (scripts/fulltext_cut_ab.py).
 COMMON_POSTINGS = 2000
 
 
