@@ -26,7 +26,8 @@ from memvisor.store.vector_index import VectorIndex
 from memvisor.types import MemoryItem
 
 SCHEMA_VERSION = 1
-# Save the ANN cache after this many changes; the log replays the rest after a crash.
+# Save the ANN cache after this many changes, or a quarter of the index if more (a 1M index is ~0.9 GB
+# to write); the log replays the rest after a crash.
 SAVE_EVERY = 50_000
 
 ITEM_COLUMNS = ("rid, id, namespace, version, kind, user_id, agent_id, session_id, thread, position, text, "
@@ -380,7 +381,14 @@ class SQLiteStore:
                 vecs = np.frombuffer(b"".join(r[1] for r in found), dtype=np.float16).reshape(len(found), self.dim)
                 index.add(keys, vecs)
         index.applied_seq = last
-        if index.dirty >= SAVE_EVERY:
+        if index.dirty >= max(SAVE_EVERY, len(index) // 4):
+            index.save()
+
+    def save_index(self, namespace: str) -> None:
+        """Write the namespace's ANN index to disk now if it holds unsaved changes (after a bulk write,
+        so the next process loads it instead of rebuilding it from the log)."""
+        index = self._indexes.get(namespace)
+        if index is not None and index.dirty:
             index.save()
 
     def vectors_of(self, rids: list[int]) -> np.ndarray:
