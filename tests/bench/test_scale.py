@@ -35,7 +35,7 @@ def test_scale_command_writes_json_and_table(tmp_path):
     register(bench)
     out = tmp_path / "scale"
     r = CliRunner().invoke(app, ["bench", "scale", "--n", "300", "--queries", "10",
-                                 "--systems", "memvisor", "--out", str(out)])
+                                 "--systems", "memvisor", "--out", str(out), "--keep", str(tmp_path / "homes")])
     assert r.exit_code == 0, r.output
     res = json.loads((out / "scale.json").read_text())
     (run,) = res["runs"]
@@ -45,3 +45,7 @@ def test_scale_command_writes_json_and_table(tmp_path):
     assert run["context_ms"]["p50"] > 0 and run["peak_rss_mb"] > 0
     assert run["source_in_top10"] > 0.2  # the query's own memory is usually found
     assert "| memvisor | 300 |" in (out / "scale.md").read_text()
+    from memvisor import Memory
+
+    with Memory(tmp_path / "homes" / "memvisor-300" / "home") as kept:  # --keep left the store whole
+        assert len(kept.store.vector_index("scale")) == 300

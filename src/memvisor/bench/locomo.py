@@ -12,6 +12,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -171,11 +172,13 @@ def register(bench_app: typer.Typer) -> None:
         queries: int = typer.Option(200, "--queries", help="timed queries per size"),
         mem0_python: str = typer.Option("", "--mem0-python", envvar="MEMVISOR_MEM0_PYTHON"),
         seed: int = typer.Option(7, "--seed"),
+        keep: Optional[Path] = typer.Option(None, "--keep", help="keep each store in KEEP/SYSTEM-N "
+                                            "(new folders) instead of deleting it"),
     ) -> None:
         """Ingest throughput, search/context latency, RSS and disk per memory at growing sizes."""
         from memvisor.bench.scale import run_scale
 
         cmd = _command("scale", n=n, systems=systems, mem0_max=mem0_max, queries=queries, seed=seed, out=out)
         run_scale(_ints(n, "--n"), out, [s for s in systems.split(",") if s], mem0_max=mem0_max,
-                  queries=queries, mem0_python=mem0_python, seed=seed, command=cmd)
+                  queries=queries, mem0_python=mem0_python, seed=seed, command=cmd, keep=keep)
         typer.echo((out / "scale.md").read_text())

@@ -19,7 +19,9 @@ from memvisor.errors import InvalidInput
 
 
 def run_scale(sizes: list[int], out: Path, systems: list[str], *, mem0_max: int = 100_000,
-              queries: int = 200, mem0_python: str = "", seed: int = 7, command: str = "") -> dict:
+              queries: int = 200, mem0_python: str = "", seed: int = 7, command: str = "",
+              keep: Path | None = None) -> dict:
+    """`keep`: keep each run's store in `keep/{system}-{n}` (a new folder) instead of deleting it."""
     from memvisor.bench.common import machine_description
 
     bad = [s for s in systems if s not in ("memvisor", "mem0", "mem0-dense")]
@@ -47,6 +49,8 @@ def run_scale(sizes: list[int], out: Path, systems: list[str], *, mem0_max: int 
             typer.echo(f"scale: {name} n={n:,}", err=True)
             argv = [python, "-m", "memvisor.bench.scale_worker", "--system", name, "--n", str(n),
                     "--queries", str(queries), "--seed", str(seed), "--out", str(part)]
+            if keep is not None:
+                argv += ["--keep-at", str(keep / f"{name}-{n}")]
             proc = subprocess.run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if proc.returncode != 0 or not part.exists():
                 typer.echo(f"  {name} n={n} failed (exit {proc.returncode})", err=True)

@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", required=True)
     p.add_argument("--workdir", default="", help="where the system's files go (default: a temp folder)")
+    p.add_argument("--keep-at", default="", help="put the system's files in this new folder and keep them "
+                   "(to inspect or re-time a large store later)")
     a = p.parse_args(argv)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -114,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     records = corpus.records()
     queries = corpus.queries(a.queries + WARMUP)
     queries = queries[WARMUP:] + queries[:WARMUP]  # warm-ups are the last ones, untimed twice over
-    home = Path(tempfile.mkdtemp(prefix=f"memvisor-scale-{a.system}-", dir=a.workdir or None))
+    if a.keep_at:
+        home = Path(a.keep_at)
+        home.mkdir(parents=True)  # a new folder: never mix a run into an older store
+    else:
+        home = Path(tempfile.mkdtemp(prefix=f"memvisor-scale-{a.system}-", dir=a.workdir or None))
     rss_before = current_rss_mb()
     load_start = load_average()
     try:
@@ -129,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                              bm25=(a.system == "mem0"))
         disk = folder_bytes(home)
     finally:
-        shutil.rmtree(home, ignore_errors=True)
+        if not a.keep_at:
+            shutil.rmtree(home, ignore_errors=True)
     out = {
         "system": a.system, "n": a.n, "seed": a.seed, "queries": a.queries,
         "ingest_seconds": round(r["ingest_seconds"], 2),
