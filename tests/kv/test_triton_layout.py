@@ -159,34 +159,42 @@ def test_reference_reads_the_cache_quantizer_layout(bits):
     assert (unpack_codes(mine_kc, bits, 2).int() - unpack_codes(kc, bits, 2).int()).abs().max() <= 1
 
 
-def test_planes_layout_holds_the_codes_and_scales():
-    """Bit pair j of planes word row i*G + n is the code of token i*8G + j*G + n (keys and values)."""
-    from memvisor.kv.gpu.planes import KEY_MUL, SLOTS, to_planes
+@pytest.mark.parametrize("bits", [2, 4])
+def test_planes_layout_holds_the_codes_and_scales(bits):
+    """Bit field j of planes word row i*G + n is the code of token i*S*G + j*G + n (keys and values),
+    S = 16 // bits groups per tile."""
+    from memvisor.kv.gpu.planes import SLOTS, key_mul, to_planes
 
     g = torch.Generator().manual_seed(5)
-    k = torch.randn(1, 2, 300, 64, generator=g)
-    v = torch.randn(1, 2, 300, 64, generator=g)
-    layer = quantize_layer(k, v, 2, 32, 12)  # 288 quantized tokens: one full tile and one of 1 group
+    S, mask = SLOTS[bits], (1 << bits) - 1
+    tile = S * 32
+    k = torch.randn(1, 2, tile + 44, 64, generator=g)
+    v = torch.randn(1, 2, tile + 44, 64, generator=g)
+    layer = quantize_layer(k, v, bits, 32, 12)  # one full tile and one of 1 group
     p = to_planes(layer)
-    assert p.t_quant == 288 and p.kw.shape == (1, 2, 2 * 32, 64) and p.kw.dtype == torch.int16
-    kc = unpack_codes(layer.k_codes, 2, dim=2).int()
-    vc = unpack_codes(layer.v_codes, 2, dim=3).int()
+    assert p.bits == bits and p.t_quant == tile + 32
+    assert p.kw.shape == (1, 2, 2 * 32, 64) and p.kw.dtype == torch.int16
+    kc = unpack_codes(layer.k_codes, bits, dim=2).int()
+    vc = unpack_codes(layer.v_codes, bits, dim=3).int()
     words_k = p.kw.int() & 0xFFFF
     words_v = p.vw.int() & 0xFFFF
-    for t in (0, 31, 32, 100, 255, 256, 287):
-        tile, j, n = t // 256, (t % 256) // 32, t % 32
-        assert torch.equal((words_k[:, :, tile * 32 + n] >> (2 * j)) & 3, kc[:, :, t])
-        assert torch.equal((words_v[:, :, tile * 32 + n] >> (2 * j)) & 3, vc[:, :, t])
+    for t in (0, 31, 32, 100, tile - 1, tile, tile + 31):
+        i, j, n = t // tile, (t % tile) // 32, t % 32
+        assert torch.equal((words_k[:, :, i * 32 + n] >> (bits * j)) & mask, kc[:, :, t])
+        assert torch.equal((words_v[:, :, i * 32 + n] >> (bits * j)) & mask, vc[:, :, t])
     # slots past the last quantized token hold code 0
-    assert int(((words_k[:, :, 32:] >> 2) & 0x3FFF).abs().sum()) == 0
-    for grp in range(288 // 32):
-        assert torch.equal(p.ks[:, :, grp], layer.k_scale[:, :, grp] / KEY_MUL[grp % SLOTS])
+    assert int(((words_k[:, :, 32:] >> bits) & (0xFFFF >> bits)).abs().sum()) == 0
+    mul = key_mul(bits)
+    # what the kernel's masks leave: fields that end by bit 10 in place (fp16 mantissa), the others after a
+    # shift by 10 (2-bit) or 8 (4-bit)
+    assert [int(m).bit_length() - 1 for m in mul] == ([0, 2, 4, 6, 8, 0, 2, 4] if bits == 2 else [0, 4, 0, 4])
+    for grp in range(p.t_quant // 32):
+        assert torch.equal(p.ks[:, :, grp], layer.k_scale[:, :, grp] / mul[grp % S])
         assert torch.equal(p.kz[:, :, grp], layer.k_zero[:, :, grp])
-    assert torch.equal(p.vsz[:, :, :, :288, 0], layer.v_scale.transpose(2, 3))
-    assert torch.equal(p.vsz[:, :, :, :288, 1], layer.v_zero.transpose(2, 3))
+    t_q = p.t_quant
+    assert torch.equal(p.vsz[:, :, :, :t_q, 0], layer.v_scale.transpose(2, 3))
+    assert torch.equal(p.vsz[:, :, :, :t_q, 1], layer.v_zero.transpose(2, 3))
     assert p.nbytes() == sum(t.numel() * t.element_size() for t in (p.kw, p.ks, p.kz, p.vw, p.vsz, p.k_res, p.v_res))
-    with pytest.raises(KVLayoutError):
-        to_planes(quantize_layer(k, v, 4, 32, 32))
 
 
 def test_planes_layer_on_cpu_refuses_instead_of_guessing():

@@ -42,7 +42,7 @@ def decode_attention(q: torch.Tensor, layer: KiviLayer | PlanesLayer, sm_scale: 
                      use_triton: bool | None = None) -> torch.Tensor:
     """One decode step's attention over a quantized layer: ``[B, Hq, D]`` in q's dtype.
 
-    A :class:`PlanesLayer` (2-bit codes repacked for the fast kernel, see planes.py) runs the
+    A :class:`PlanesLayer` (2- or 4-bit codes repacked for the fast kernel, see planes.py) runs the
     planes kernel and needs CUDA + Triton; a :class:`KiviLayer` runs the cache-layout kernel on
     CUDA or the block-by-block torch reference elsewhere.
 

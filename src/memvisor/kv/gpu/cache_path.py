@@ -9,9 +9,9 @@ the block-by-block torch path of :mod:`memvisor.kv.attention`.
 
 The kernel reads a layer's heads stacked (``[B, Hkv, ...]``), which the per-head
 :class:`~memvisor.kv.storage.HeadStore` objects are not. :class:`DecodeMirror` keeps that stacked copy
-in step with the heads, in the layout the kernel reads: the planes layout (planes.py) for 2-bit
-caches, the cache layout stacked over heads (layout.py) for 4-bit ones. It is updated when groups are
-quantized, by the new groups only (plus the rest of a part-filled planes tile), never the history.
+in step with the heads, in the layout the kernel reads: the planes layout (planes.py), for 2- and 4-bit
+caches. It is updated when groups are quantized, by the new groups only (plus the rest of a part-filled
+tile), never the history.
 It is an extra copy: the HeadStores stay the cache's storage (every other path reads them), and the
 layer counts the mirror's bytes in ``nbytes()``.
 """
@@ -43,27 +43,21 @@ def kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, s
 
 
 class DecodeMirror:
-    """Stacked, kernel-layout copy of one append-only layer's quantized tokens (all heads).
+    """Stacked planes-layout copy of one append-only layer's quantized tokens (all heads).
 
-    Buffers hold ``cap`` tiles of ``8 G`` tokens (grown by a quarter when full, the old content copied
-    once), zero-filled past the quantized tokens. Per buffer: name -> (tensor, token axis, entries per
-    tile). 2-bit: ``kw, vw int16 [B, H, cap*G, D]``, ``ks, kz fp16 [B, H, cap*8, D]``,
-    ``vsz fp16 [B, H, D/G, cap*8G, 2]`` (planes.py). 4-bit: ``k_codes uint8 [B, H, cap*8G/2, D]``,
-    ``k_scale, k_zero fp16 [B, H, cap*8, D]``, ``v_codes uint8 [B, H, cap*8G, D/2]``,
-    ``v_scale, v_zero fp16 [B, H, cap*8G, D/G]`` (layout.py; the kernel gets views of the first
-    ``t`` tokens).
+    Buffers hold ``cap`` tiles of ``S G`` tokens (``S = 16 // bits``; grown by a quarter when full, the old
+    content copied once), zero-filled past the quantized tokens. Per buffer: name -> (tensor, token axis,
+    entries per tile): ``kw, vw int16 [B, H, cap*G, D]``, ``ks, kz fp16 [B, H, cap*S, D]``,
+    ``vsz fp16 [B, H, D/G, cap*S*G, 2]`` (planes.py; the kernel reads the first ``t`` tokens).
     """
 
     def __init__(self, q: QuantConfig) -> None:
         self.q = q
-        self.tile = SLOTS * q.group
+        self.slots = SLOTS[q.bits]
+        self.tile = self.slots * q.group
         self.t = 0  # quantized tokens mirrored
         self.cap = 0
         self.bufs: dict[str, tuple[Tensor, int, int]] = {}
-
-    @property
-    def planes(self) -> bool:
-        return self.q.bits == 2
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t, _, _ in self.bufs.values())
@@ -78,33 +72,25 @@ class DecodeMirror:
         if n == self.t and self.bufs:
             return
         G, per = self.q.group, 8 // self.q.bits
-        t0 = self.t // self.tile * self.tile if self.planes else self.t  # planes: rewrite a part-filled tile
+        t0 = self.t // self.tile * self.tile  # rewrite a part-filled tile
         ranges = (("k_codes", t0 // per, n // per), ("k_scale", t0 // G, n // G), ("k_zero", t0 // G, n // G),
                   ("v_codes", t0, n), ("v_scale", t0, n), ("v_zero", t0, n))
         new = [torch.stack([getattr(st, name).narrow(1, a, b - a) for st in stores], 1) for name, a, b in ranges]
         empty = torch.stack([st.k_res[:, :0] for st in stores], 1)  # no residual in a chunk
-        chunk = KiviLayer(self.q.bits, G, *new, empty, empty)
-        parts = self._parts(chunk)
+        p = to_planes(KiviLayer(self.q.bits, G, *new, empty, empty))
+        parts = {"kw": p.kw, "ks": p.ks, "kz": p.kz, "vw": p.vw, "vsz": p.vsz}
         self._grow(-(-n // self.tile), parts)
         for name, x in parts.items():
             buf, axis, per_tile = self.bufs[name]
             buf.narrow(axis, t0 * per_tile // self.tile, x.shape[axis]).copy_(x)
         self.t = n
 
-    def _parts(self, chunk: KiviLayer) -> dict[str, Tensor]:
-        if self.planes:
-            p = to_planes(chunk)
-            return {"kw": p.kw, "ks": p.ks, "kz": p.kz, "vw": p.vw, "vsz": p.vsz}
-        return {name: getattr(chunk, name) for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")}
-
     def _grow(self, tiles: int, like: dict[str, Tensor]) -> None:
         if tiles <= self.cap and self.bufs:
             return
         cap = max(tiles, self.cap + max(4, self.cap // 4), 1)
-        G, per = self.q.group, 8 // self.q.bits
-        per_tile = ({"kw": G, "vw": G, "ks": SLOTS, "kz": SLOTS, "vsz": self.tile} if self.planes else
-                    {"k_codes": self.tile // per, "k_scale": SLOTS, "k_zero": SLOTS, "v_codes": self.tile,
-                     "v_scale": self.tile, "v_zero": self.tile})
+        G = self.q.group
+        per_tile = {"kw": G, "vw": G, "ks": self.slots, "kz": self.slots, "vsz": self.tile}
         new = {}
         for name, x in like.items():
             axis = 3 if name == "vsz" else 2
@@ -117,17 +103,13 @@ class DecodeMirror:
             new[name] = (t, axis, per_tile[name])
         self.bufs, self.cap = new, cap
 
-    def layer(self, stores: list[HeadStore]) -> PlanesLayer | KiviLayer:
+    def layer(self, stores: list[HeadStore]) -> PlanesLayer:
         """What the kernel reads now: the mirrored groups plus the heads' residual, stacked."""
         k_res = torch.stack([st.k_res for st in stores], 1)
         v_res = torch.stack([st.v_res for st in stores], 1)
         b = {name: t for name, (t, _, _) in self.bufs.items()}
-        if self.planes:
-            return PlanesLayer(self.q.group, self.t, b["kw"], b["ks"], b["kz"], b["vw"], b["vsz"], k_res, v_res)
-        G, per = self.q.group, 8 // self.q.bits
-        cut = {"k_codes": self.t // per, "k_scale": self.t // G, "k_zero": self.t // G,
-               "v_codes": self.t, "v_scale": self.t, "v_zero": self.t}
-        return KiviLayer(self.q.bits, G, *(b[n].narrow(2, 0, cut[n]) for n in cut), k_res, v_res)
+        return PlanesLayer(self.q.bits, self.q.group, self.t, b["kw"], b["ks"], b["kz"], b["vw"], b["vsz"],
+                           k_res, v_res)
 
     def attend(self, query: Tensor, stores: list[HeadStore], scaling: float) -> Tensor:
         """query [B, Hq, 1, D] -> attention output [B, 1, Hq, D] in the query dtype, through the kernel."""

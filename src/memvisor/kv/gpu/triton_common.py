@@ -71,12 +71,13 @@ def _store_replicated(OP, LP, acc, z, l_i, m_i, pid_bh, pid_s, n_rows, h, jv, r_
 
 
 @triton.jit
-def _combine_kernel(OP, LP, O, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _combine_kernel(OP, LP, O, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr, DB: tl.constexpr):
+    """Program (row, c): channels [c * DB, (c + 1) * DB) of one query row, merged over its n_rows partials."""
     row = tl.program_id(0)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.program_id(1) * DB + tl.arange(0, DB)
     m = float("-inf")
     l = 0.0
-    acc = tl.zeros([D], tl.float32)
+    acc = tl.zeros([DB], tl.float32)
     for s0 in range(0, n_rows, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         s_mask = offs_s < n_rows

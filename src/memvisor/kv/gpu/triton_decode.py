@@ -13,7 +13,7 @@ Flash-decoding in two launches:
 Bytes read per step = the quantized cache's real bytes (codes + scales + zeros + residual) + q,
 which is what makes it faster than the bf16 cache: decode attention is memory-bound.
 
-Split kernels: ``planes_decode_attention`` (2-bit caches repacked as planes.py says; the fast one,
+Split kernels: ``planes_decode_attention`` (2- and 4-bit caches repacked as planes.py says; the fast one,
 triton_kivi_planes.py), ``kivi_decode_attention`` over the cache layout (2 and 4 bit; "tile" and
 "factored" in triton_kivi_rep.py, "dequant" here), and ``dense_decode_attention_triton`` over a
 plain bf16/fp16 cache (the baseline). Importing this module needs Triton; :mod:`memvisor.kv.gpu`
@@ -150,12 +150,16 @@ def _rows_ok(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and rows and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
 
 
-def _combine(op: torch.Tensor, lp: torch.Tensor, q: torch.Tensor, n_rows: int) -> torch.Tensor:
+def _combine(op: torch.Tensor, lp: torch.Tensor, q: torch.Tensor, n_rows: int, block_s: int | None = None,
+             db: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """Merge the partials ``op [B*Hq, n_rows, D]`` (log2-sum-exp ``lp``) into ``[B, Hq, D]``: one program per
+    query row and ``db`` channels. ``block_s`` partials per loop step (default: up to 64; fewer dependent load
+    rounds than the 16 it ran before)."""
     b, hq, d = q.shape
     out = torch.empty_like(q)
-    # up to 64 partials per loop step: fewer dependent load rounds (it ran 16 at a time before)
-    block_s = max(16, min(64, triton.next_power_of_2(n_rows)))
-    _combine_kernel[(b * hq,)](op, lp, out, n_rows, D=d, BLOCK_S=block_s, num_warps=4)
+    block_s = block_s or max(16, min(64, triton.next_power_of_2(n_rows)))
+    db = min(db or d, d)
+    _combine_kernel[(b * hq, d // db)](op, lp, out, n_rows, D=d, BLOCK_S=block_s, DB=db, num_warps=num_warps)
     return out
 
 
@@ -239,17 +243,22 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
 
 def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float | None = None, *,
                             num_warps: int = 2, num_stages: int = 2, waves: float = 4.0,
-                            block_r: int = 64, maxnreg: int | None = None) -> torch.Tensor:
-    """Fused decode attention over a 2-bit cache in the planes layout (planes.py, triton_kivi_planes.py).
+                            block_r: int = 64, maxnreg: int | None = None, sub: bool = True,
+                            combine_block_s: int | None = None, combine_db: int | None = None,
+                            combine_warps: int = 4) -> torch.Tensor:
+    """Fused decode attention over a 2- or 4-bit cache in the planes layout (planes.py, triton_kivi_planes.py).
 
     q ``[B, Hq, D]`` (bf16/fp16, CUDA) -> ``[B, Hq, D]`` in q's dtype. Splits start on whole tiles
-    of ``8 * G`` tokens; the last program of each kv head takes the full-precision residual.
+    of ``16 // bits * G`` tokens; the last program of each kv head takes the full-precision residual.
+    ``sub=False`` (2-bit only) runs the earlier code unpacking (1024 + code, then a subtraction), for A/B.
     """
     b, hkv, t_r, d = layer.k_res.shape
     groups = _check(q, hkv, d, b)
     g = layer.group
     if g & (g - 1) or g < 16 or d % g:
         raise KVLayoutError(f"the planes kernel needs a power-of-two group >= 16 dividing head_dim, got {g}")
+    if not sub and layer.bits != 2:
+        raise KVLayoutError("the 1024 + code unpacking exists for 2-bit codes only")
     if layer.t_total == 0:
         raise KVLayoutError("cannot attend over an empty cache")
     tensors = (layer.kw, layer.ks, layer.kz, layer.vw, layer.vsz, layer.k_res, layer.v_res)
@@ -258,7 +267,7 @@ def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float
     if layer.k_res.dtype != q.dtype:
         raise KVLayoutError(f"residual dtype {layer.k_res.dtype} != query dtype {q.dtype}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    n_split, tps = _split_plan(b * hkv, layer.t_quant, SLOTS * g, _sm_count(q.device), waves)
+    n_split, tps = _split_plan(b * hkv, layer.t_quant, SLOTS[layer.bits] * g, _sm_count(q.device), waves)
     n_rows = n_split + 1
     op = torch.empty((b * q.shape[1], n_rows, d), device=q.device, dtype=torch.float32)
     lp = torch.empty((b * q.shape[1], n_rows), device=q.device, dtype=torch.float32)
@@ -268,8 +277,9 @@ def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float
         layer.kw.stride(1), layer.ks.stride(1), layer.vsz.stride(1), layer.vsz.shape[-2],
         layer.k_res.stride(1), layer.v_res.stride(1),
         GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), ROWS=rows, D=d, G=g, BLOCK_R=block_r,
-        num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}))
-    return _combine(op, lp, q, n_rows)
+        BITS=layer.bits, SUB=sub, num_warps=num_warps, num_stages=num_stages,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
+    return _combine(op, lp, q, n_rows, combine_block_s, combine_db, combine_warps)
 
 
 def dense_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,

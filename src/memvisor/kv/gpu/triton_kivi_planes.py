@@ -1,27 +1,32 @@
-"""Decode split kernel over the planes layout (planes.py): codes go from int16 words to the matrix
-units with one bit operation per two codes, and nothing is dequantized element by element.
+"""Decode split kernel over the planes layout (planes.py), 2- or 4-bit codes: the codes go from int16 words
+to the matrix units with one AND per two codes, and nothing is dequantized element by element.
 
-Per program: kv head ``bh``, tokens ``[s * tps, (s + 1) * tps)`` in tiles of 8 key groups (8G tokens).
-Rows ``r = jv * GROUPS + h`` replicate the query of head ``h`` once per value channel group ``jv``
-(ROWS = 16 for Llama's 4 heads x 4 groups: the matrix unit's smallest M, so the copies are free).
+Per program: kv head ``bh``, tokens ``[s * tps, (s + 1) * tps)`` in tiles of ``S`` key groups (``S G``
+tokens; ``S = 16 // BITS``). Rows ``r = jv * GROUPS + h`` replicate the query of head ``h`` once per value
+channel group ``jv`` (ROWS = 16 for Llama's 4 heads x 4 groups: the matrix unit's smallest M, so the
+copies are free).
 
-- Codes: ``lop3(w, 3 << 2j, 0x6400)`` read as fp16 is ``1024 + code * 4^j`` for bit pair ``j <= 4``
-  (``w >> 10`` first for j = 5..7), done on the int16 words AFTER they are in the operand's register
-  layout (one 32-bit register = the two codes the operand wants together), by inline PTX; an exact
-  ``sub.f16x2`` removes the 1024 (left in, it cost 1% accuracy: the matrix units' fp32 sums of
-  ``p * 1024`` lose the low bits that the correction needs).
-- Keys, group g = bit pair j of the tile: ``q . k_t = (q * ks_g / 4^j) . (code_t * 4^j) + q . kz_g``.
-  The query is scaled once per group (``[ROWS, D]``, not per token). The zero-point term
-  ``q . kz_g`` of all 8 groups of a tile comes from one small product, split into fp16 hi + lo
-  parts, and is added to the scores by a K=16 product with a one-hot matrix (no cross-thread
-  extraction); groups past the program's range get -30000 there.
-- Values: row r's probabilities are scaled by the value scale of its channel group ``vs[jv, t]``
-  before ONE product with the raw codes; zero points add ``sum_t p * vz[jv, t]``. Scales and zeros
-  of a group arrive in one load of (scale, zero) pairs: a load that feeds a matrix product is what
-  Triton's pipeliner prefetches, and the zeros alone feed none (as their own load they were waited
-  for group after group in the middle of each tile).
-- Softmax once per half tile (4 groups): one max and one rescale per 4G tokens; the row sums are
-  kept as [ROWS, G] element-wise accumulators and reduced once at the end.
+- Codes: ``w & (mask << BITS j')`` read as fp16 is the SUBNORMAL number ``code * 2^(BITS j') * 2^-24``,
+  exact, and the matrix units multiply subnormal fp16 operands exactly. Bit fields at bit 10 and above
+  (the exponent's bits) are first shifted down by one shift per word, shared by those fields. The AND runs
+  on the int16 words AFTER they are in the operand's register layout (one 32-bit register = the two codes
+  the operand wants together), by inline PTX. (The earlier form, ``(w & m) | 0x6400`` read as
+  ``1024 + code`` then a subtraction, took three instructions per two codes where this takes one.)
+- Keys, group g = bit field J of the tile: ``q . k_t = (q * ks_g / 2^(BITS J')) . (code_t * 2^(BITS J'))
+  + q . kz_g`` (the stored key scale is already divided: planes.py). Scores come out times 2^-24 and stay
+  so through the max; the exponent of the softmax multiplies them back (one FFMA, as the subtraction
+  was). The query is scaled once per group (``[ROWS, D]``, not per token). The zero-point term
+  ``q . kz_g`` of the tile's groups comes from one small product, split into fp16 hi + lo parts, and is
+  added by a K=16 product with a one-hot matrix whose ones are 2^-24 (no cross-thread extraction);
+  groups past the program's range get -30000 there.
+- Values: row r's probabilities are scaled by the value scale of its channel group ``vs[jv, t]`` and by
+  ``2^(VEXP - BITS J')`` before ONE product with the raw subnormal codes, so the accumulator holds
+  ``2^(VEXP - 24)`` times the output (undone once at the end); ``2^VEXP`` keeps ``p * vs`` of the
+  high fields in fp16's normal range. Zero points add ``sum_t p * vz[jv, t]``. Scales and zeros of a
+  group arrive in one load of (scale, zero) pairs: a load that feeds a matrix product is what Triton's
+  pipeliner prefetches, and the zeros alone feed none.
+- Softmax once per 4 groups: one max and one rescale per 4G tokens; the row sums are kept as
+  [ROWS, G] element-wise accumulators and reduced once at the end.
 """
 
 from __future__ import annotations
@@ -32,7 +37,20 @@ import triton.language as tl
 from memvisor.kv.gpu.triton_common import _residual_program, _store_replicated
 
 
-def _key_asm(j: int) -> str:
+def _and_asm(bits: int, jj: int) -> str:
+    return f"and.b32 $0, $1, {hex((((1 << bits) - 1) << (bits * jj)) * 0x10001)};"
+
+
+# index (BITS // 2 - 1) * 5 + J': field J' of a word (J' < 5 for 2-bit codes, < 2 for 4-bit ones)
+AND_ASM = tl.constexpr(tuple(_and_asm(2, jj) for jj in range(5)) + tuple(_and_asm(4, jj) for jj in range(5)))
+SHR_ASM = tl.constexpr(("shr.b32 $0, $1, 10;", "shr.b32 $0, $1, 8;"))  # index BITS // 2 - 1
+VEXP = tl.constexpr(4)
+# 2^(VEXP - BITS J'), same index as AND_ASM
+VSCALE = tl.constexpr(tuple(2.0 ** (4 - 2 * jj) for jj in range(5)) + tuple(2.0 ** (4 - 4 * jj) for jj in range(5)))
+TWO24 = tl.constexpr(16777216.0)
+
+
+def _old_key_asm(j: int) -> str:
     mask = hex((3 << (2 * (j if j <= 4 else j - 5))) * 0x10001)
     src = "$1" if j <= 4 else "t"
     pre = "" if j <= 4 else "shr.b32 t, $1, 10; "
@@ -40,69 +58,93 @@ def _key_asm(j: int) -> str:
             "mov.b32 o, 0x64006400; sub.rn.f16x2 $0, t, o; }")
 
 
-def _value_asm(j: int) -> str:
+def _old_value_asm(j: int) -> str:
     shift = f"shr.b32 t, $1, {2 * j}; " if j else "mov.b32 t, $1; "
     return ("{ .reg .b32 t, o; " + shift + "lop3.b32 t, t, 0x00030003, 0x64006400, 0xea; "
             "mov.b32 o, 0x64006400; sub.rn.f16x2 $0, t, o; }")
 
 
-KEY_ASM = tl.constexpr(tuple(_key_asm(j) for j in range(8)))
-VALUE_ASM = tl.constexpr(tuple(_value_asm(j) for j in range(8)))
-KEY_MUL = tl.constexpr(tuple(float(4 ** (j if j <= 4 else j - 5)) for j in range(8)))
+# the 1024 + code form (2-bit only), kept for the A/B against it
+OLD_KEY_ASM = tl.constexpr(tuple(_old_key_asm(j) for j in range(8)))
+OLD_VALUE_ASM = tl.constexpr(tuple(_old_value_asm(j) for j in range(8)))
 
 
 @triton.jit
-def _key_codes(w, J: tl.constexpr):
-    """int16 words -> fp16 ``code_J * 4^J`` (J <= 4) or ``code_J * 4^(J-5)``, exact."""
-    return tl.inline_asm_elementwise(KEY_ASM[J], "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+def _codes(w, w_hi, J: tl.constexpr, BITS: tl.constexpr, SUB: tl.constexpr, KEY: tl.constexpr):
+    """Group J's ``[.., ..]`` code operand from the words ``w`` (``w_hi``: shifted by 10 or 8, for the high
+    fields): subnormal ``code * 2^(BITS J') * 2^-24``; without SUB (2-bit) the 1024 + code form minus 1024."""
+    if SUB:
+        SPLIT: tl.constexpr = 10 // BITS
+        JJ: tl.constexpr = J if J < SPLIT else J - SPLIT
+        IDX: tl.constexpr = (BITS // 2 - 1) * 5 + JJ
+        src = w if J < SPLIT else w_hi
+        out = tl.inline_asm_elementwise(AND_ASM[IDX], "=r,r", [src], dtype=tl.float16, is_pure=True, pack=2)
+    elif KEY:
+        out = tl.inline_asm_elementwise(OLD_KEY_ASM[J], "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        out = tl.inline_asm_elementwise(OLD_VALUE_ASM[J], "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+    return out
 
 
 @triton.jit
-def _value_codes(w, J: tl.constexpr):
-    """int16 words -> fp16 ``code_j``, exact."""
-    return tl.inline_asm_elementwise(VALUE_ASM[J], "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
-
-
-@triton.jit
-def _group_scores(qrep, kwt, zba, ks_base, g0, k16, J: tl.constexpr, G: tl.constexpr):
-    """Scores [ROWS, G] (log2 units) of key group g0 + J: bit pair J of the tile's words."""
+def _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J: tl.constexpr, G: tl.constexpr,
+                  BITS: tl.constexpr, SUB: tl.constexpr):
+    """Scores [ROWS, G] of key group g0 + J (log2 units, times 2^-24 with SUB)."""
     D: tl.constexpr = qrep.shape[1]
-    ksm = tl.load(ks_base + (g0 + J) * D + tl.arange(0, D))  # already divided by 4^J (planes.py)
-    onehot = ((k16[:, None] % 8) == J).to(tl.float16) + tl.zeros([16, G], tl.float16)
+    ksm = tl.load(ks_base + (g0 + J) * D + tl.arange(0, D))  # already divided by 2^(BITS J') (planes.py)
+    one: tl.constexpr = 2.0 ** -24 if SUB else 1.0  # the zero-point term in the scores' units
+    onehot = tl.where((k16[:, None] % 8) == J, one, 0.0).to(tl.float16) + tl.zeros([16, G], tl.float16)
     a = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [qrep, ksm[None, :]], dtype=tl.float16,
-                                  is_pure=True, pack=2)  # two channels per instruction (plain * went one by one)
-    return tl.dot(a, _key_codes(kwt, J), acc=tl.dot(zba, onehot))
+                                  is_pure=True, pack=2)  # two channels per instruction
+    return tl.dot(a, _codes(kwt, kwt_hi, J, BITS, SUB, True), acc=tl.dot(zba, onehot))
 
 
 @triton.jit
-def _group_values(s, m, acc, sums, vw, vsz_base, t0, J: tl.constexpr, G: tl.constexpr):
+def _group_values(s, m, acc, sums, vw, vw_hi, vsz_base, t0, J: tl.constexpr, G: tl.constexpr,
+                  BITS: tl.constexpr, SUB: tl.constexpr):
     """Fold group J's probabilities into the value accumulator and the [ROWS, G] row-sum accumulators."""
     l_acc, z_acc = sums
-    p = tl.exp2(s - m)
+    p = tl.exp2(s * (TWO24 if SUB else 1.0) - m)
     vsz = tl.load(vsz_base + (2 * (t0 + J * G) + tl.arange(0, 2 * G))[None, :])  # [ROWS, 2G]: (scale, zero) pairs
     vs, vz = tl.split(tl.reshape(vsz, [vsz.shape[0], G, 2]))
-    acc = tl.dot((p * vs.to(tl.float32)).to(tl.float16), _value_codes(vw, J), acc=acc)
+    if SUB:
+        SPLIT: tl.constexpr = 10 // BITS
+        JJ: tl.constexpr = J if J < SPLIT else J - SPLIT
+        a = (p * vs.to(tl.float32) * VSCALE[(BITS // 2 - 1) * 5 + JJ]).to(tl.float16)
+    else:
+        a = (p * vs.to(tl.float32)).to(tl.float16)
+    acc = tl.dot(a, _codes(vw, vw_hi, J, BITS, SUB, False), acc=acc)
     return acc, (l_acc + p, z_acc + p * vz.to(tl.float32))
 
 
 @triton.jit
-def _half_tile(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc, l_acc, z_acc,
-               J0: tl.constexpr, G: tl.constexpr):
+def _four_groups(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc, l_acc, z_acc,
+                 J0: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, SUB: tl.constexpr):
     """Groups J0..J0+3 of a tile: scores, one online-softmax step, values (written out: a static loop
-    cannot keep a list of tiles)."""
-    s0 = _group_scores(qrep, kwt, zba, ks_base, g0, k16, J0, G)
-    s1 = _group_scores(qrep, kwt, zba, ks_base, g0, k16, J0 + 1, G)
-    s2 = _group_scores(qrep, kwt, zba, ks_base, g0, k16, J0 + 2, G)
-    s3 = _group_scores(qrep, kwt, zba, ks_base, g0, k16, J0 + 3, G)
-    m_new = tl.maximum(m_i, tl.max(tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3)), 1))
+    cannot keep a list of tiles). The high bit fields read the words shifted once for all of them."""
+    SPLIT: tl.constexpr = 10 // BITS
+    if SUB and J0 + 3 >= SPLIT:
+        kwt_hi = tl.inline_asm_elementwise(SHR_ASM[BITS // 2 - 1], "=r,r", [kwt], dtype=tl.int16, is_pure=True,
+                                           pack=2)
+        vw_hi = tl.inline_asm_elementwise(SHR_ASM[BITS // 2 - 1], "=r,r", [vw], dtype=tl.int16, is_pure=True,
+                                          pack=2)
+    else:
+        kwt_hi = kwt
+        vw_hi = vw
+    s0 = _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J0, G, BITS, SUB)
+    s1 = _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J0 + 1, G, BITS, SUB)
+    s2 = _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J0 + 2, G, BITS, SUB)
+    s3 = _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J0 + 3, G, BITS, SUB)
+    smax = tl.max(tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3)), 1)
+    m_new = tl.maximum(m_i, smax * (TWO24 if SUB else 1.0))
     alpha = tl.exp2(m_i - m_new)[:, None]
     mm = m_new[:, None]
     sums = (l_acc * alpha, z_acc * alpha)
     acc = acc * alpha
-    acc, sums = _group_values(s0, mm, acc, sums, vw, vsz_base, t0, J0, G)
-    acc, sums = _group_values(s1, mm, acc, sums, vw, vsz_base, t0, J0 + 1, G)
-    acc, sums = _group_values(s2, mm, acc, sums, vw, vsz_base, t0, J0 + 2, G)
-    acc, sums = _group_values(s3, mm, acc, sums, vw, vsz_base, t0, J0 + 3, G)
+    acc, sums = _group_values(s0, mm, acc, sums, vw, vw_hi, vsz_base, t0, J0, G, BITS, SUB)
+    acc, sums = _group_values(s1, mm, acc, sums, vw, vw_hi, vsz_base, t0, J0 + 1, G, BITS, SUB)
+    acc, sums = _group_values(s2, mm, acc, sums, vw, vw_hi, vsz_base, t0, J0 + 2, G, BITS, SUB)
+    acc, sums = _group_values(s3, mm, acc, sums, vw, vw_hi, vsz_base, t0, J0 + 3, G, BITS, SUB)
     return m_new, acc, sums[0], sums[1]
 
 
@@ -110,12 +152,13 @@ def _half_tile(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc, l_a
 def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
                          T_q, T_r, tps, skw_bh, sks_bh, svsz_bh, t_pad, skr_bh, svr_bh,
                          GROUPS: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-                         G: tl.constexpr, BLOCK_R: tl.constexpr):
+                         G: tl.constexpr, BLOCK_R: tl.constexpr, BITS: tl.constexpr = 2, SUB: tl.constexpr = True):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_rows = tl.num_programs(1)
     NGV: tl.constexpr = D // G
-    TILE: tl.constexpr = 8 * G
+    SLOTS: tl.constexpr = 16 // BITS
+    TILE: tl.constexpr = SLOTS * G
     offs_d = tl.arange(0, D)
     if pid_s < n_rows - 1:
         r = tl.arange(0, ROWS)
@@ -126,7 +169,7 @@ def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
         qrep = (qrep.to(tl.float32) * sm_scale_log2).to(tl.float16)  # [ROWS, D], log2 units
         offs_n = tl.arange(0, G)
         k16 = tl.arange(0, 16)
-        kz_rows = k16 % 8  # groups 0..7 twice: hi and lo halves of the zero-point term
+        kz_rows = k16 % SLOTS  # the tile's groups, then again: hi and lo halves of the zero-point term
         m_i = tl.full([ROWS], float("-inf"), tl.float32)
         l_acc = tl.zeros([ROWS, G], tl.float32)
         z_acc = tl.zeros([ROWS, G], tl.float32)
@@ -143,20 +186,22 @@ def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
             kw = tl.load(kw_base + wrow[:, None] * D + offs_d[None, :])  # [G, D] int16
             vw = tl.load(vw_base + wrow[:, None] * D + offs_d[None, :])
             kwt = tl.trans(kw)
-            # two halves of 4 groups: one max and one rescale per half (fewer live score tiles)
-            # zero-point term of the tile's 8 groups, as fp16 hi (cols 0-7) + lo (cols 8-15)
+            # zero-point term of the tile's groups, as fp16 hi (cols 0-7) + lo (cols 8-15)
             kz8 = tl.load(KZ + pid_bh * sks_bh + (g0 + kz_rows)[:, None] * D + offs_d[None, :])
             zb = tl.dot(qrep, tl.trans(kz8))  # [ROWS, 16] fp32
             hi = zb.to(tl.float16)
             lo = (zb - hi.to(tl.float32)).to(tl.float16)
             col = tl.arange(0, 16)[None, :]
-            dead = (g0 + (col % 8)) * G >= end  # groups past the range: scores pushed to -30000
+            dead = (g0 + (col % SLOTS)) * G >= end  # groups past the range: scores pushed to -30000
             zba = tl.where(col < 8, tl.where(dead, -30000.0, hi), tl.where(dead, 0.0, lo)).to(tl.float16)
-            # two halves of 4 groups: one max and one rescale per half (fewer live score tiles)
-            m_i, acc, l_acc, z_acc = _half_tile(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc,
-                                                l_acc, z_acc, 0, G)
-            m_i, acc, l_acc, z_acc = _half_tile(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc,
-                                                l_acc, z_acc, 4, G)
+            # 4 groups at a time: one max and one rescale per 4 (fewer live score tiles)
+            m_i, acc, l_acc, z_acc = _four_groups(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc,
+                                                  l_acc, z_acc, 0, G, BITS, SUB)
+            if SLOTS == 8:
+                m_i, acc, l_acc, z_acc = _four_groups(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc,
+                                                      l_acc, z_acc, 4, G, BITS, SUB)
+        if SUB:
+            acc = acc * 2.0 ** (24 - VEXP)
         _store_replicated(OP, LP, acc, tl.sum(z_acc, 1), tl.sum(l_acc, 1), m_i, pid_bh, pid_s, n_rows, h, jv, r_ok,
                           GROUPS, D, G)
     else:

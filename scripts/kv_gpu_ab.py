@@ -1,0 +1,137 @@
+"""A/B of decode-attention kernel variants on one warm CUDA card (the runs behind BENCHMARKS.md kv-gpu).
+
+    python scripts/kv_gpu_ab.py --lengths 1024,8192,32768,65536 --out DIR
+
+Llama-3.1-8B-shaped attention as in ``memvisor bench kv-gpu`` (32 layers, one random cache per layer,
+one step of all layers captured in a CUDA graph, median of replays with the L2 flushed). Each variant is
+timed ``--reps`` times, interleaved with the others, so drift of the card shows as spread; the bf16
+baselines (SDPA, the Triton split kernel) are timed beside them. Also: each variant's relative error
+against the torch reference on fresh data, and the combine launch alone (32 layers) at each length.
+Prints a table and writes ``ab.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from memvisor.bench.kv_gpu import GpuBenchConfig, _bench, _kivi_attend, _kivi_layers, _step, copy_bandwidth
+from memvisor.kv.gpu import decode_attention_reference, quantize_layer, to_planes
+
+VARIANTS = {
+    2: {
+        "planes-old": dict(variant="planes", sub=False),
+        "planes": dict(variant="planes"),
+        "planes-w3": dict(variant="planes", waves=3.0),
+        "planes-w2": dict(variant="planes", waves=2.0),
+        "planes-c128": dict(variant="planes", combine_block_s=128),
+        "planes-c128d32": dict(variant="planes", combine_block_s=128, combine_db=32),
+    },
+    4: {
+        "tile": dict(variant="tile", block_n=64, num_warps=4, waves=4.0, num_stages=2, v_reshape=True),
+        "planes": dict(variant="planes"),
+        "planes-w3": dict(variant="planes", waves=3.0),
+        "planes-w6": dict(variant="planes", waves=6.0),
+        "planes-c128d32": dict(variant="planes", combine_block_s=128, combine_db=32),
+    },
+}
+
+
+def errors(cfg: GpuBenchConfig, tokens: int = 4096 + 45) -> dict:
+    out = {}
+    k = torch.randn(1, cfg.kv_heads, tokens, cfg.head_dim, device="cuda").bfloat16()
+    v = torch.randn(1, cfg.kv_heads, tokens, cfg.head_dim, device="cuda").bfloat16() * 3
+    q = torch.randn(1, cfg.q_heads, cfg.head_dim, device="cuda").bfloat16()
+    for bits, variants in VARIANTS.items():
+        layer = quantize_layer(k.float(), v.float(), bits, cfg.group, cfg.residual)
+        layer.k_res, layer.v_res = layer.k_res.bfloat16().contiguous(), layer.v_res.bfloat16().contiguous()
+        ref = decode_attention_reference(q, layer).double()
+        planes = to_planes(layer)
+        for name, kw in variants.items():
+            got = _kivi_attend(q, planes if kw["variant"] == "planes" else layer, kw).double()
+            out[f"kivi{bits}/{name}"] = float((got - ref).norm() / ref.norm())
+    return out
+
+
+def combine_only(cfg: GpuBenchConfig, tokens: int) -> dict:
+    """The combine launch alone, 32 layers, with the partial counts the 2-bit planes kernel makes."""
+    from memvisor.kv.gpu.triton_decode import _combine, _sm_count, _split_plan
+
+    n_split, _ = _split_plan(cfg.kv_heads, tokens, 256, _sm_count(torch.device("cuda")), 4.0)
+    n_rows = n_split + 1
+    res = {}
+    qs = [torch.randn(1, cfg.q_heads, cfg.head_dim, device="cuda").bfloat16() for _ in range(cfg.layers)]
+    ops = [torch.randn(cfg.q_heads, n_rows, cfg.head_dim, device="cuda") for _ in range(cfg.layers)]
+    lps = [torch.randn(cfg.q_heads, n_rows, device="cuda") for _ in range(cfg.layers)]
+    for bs, db in ((None, None), (128, None), (128, 32), (None, 32)):
+        def run(bs=bs, db=db):
+            for q, op, lp in zip(qs, ops, lps):
+                _combine(op, lp, q, n_rows, bs, db)
+        res[f"block_s={bs} db={db}"] = _bench(run) * 1e3
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", default="1024,8192,32768,65536")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    cfg = GpuBenchConfig()
+    args.out.mkdir(parents=True, exist_ok=True)
+    props = torch.cuda.get_device_properties(0)
+    import triton
+
+    res: dict = {"card": props.name, "torch": torch.__version__, "triton": triton.__version__,
+                 "date": time.strftime("%Y-%m-%d"), "copy_GBps": copy_bandwidth() / 1e9, "rows": {}}
+    print(f"{props.name} torch {torch.__version__} triton {triton.__version__} copy {res['copy_GBps']:.0f} GB/s",
+          flush=True)
+    res["errors"] = errors(cfg)
+    print("errors", json.dumps(res["errors"]), flush=True)
+    torch.manual_seed(0)
+    b, hq, hkv, d = cfg.batch, cfg.q_heads, cfg.kv_heads, cfg.head_dim
+    q_layers = [torch.randn(b, hq, d, device="cuda").bfloat16() for _ in range(cfg.layers)]
+    from memvisor.kv.gpu.triton_decode import dense_decode_attention_triton
+
+    for tokens in (int(x) for x in args.lengths.split(",")):
+        row: dict = {}
+        kv = [(torch.randn(b, hkv, tokens, d, device="cuda").bfloat16(),
+               torch.randn(b, hkv, tokens, d, device="cuda").bfloat16()) for _ in range(cfg.layers)]
+        sdpa = lambda q, c: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            q.unsqueeze(2), c[0], c[1], enable_gqa=True)
+        tri = lambda q, c: dense_decode_attention_triton(q, c[0], c[1], block_n=64, num_warps=4, waves=2.0)  # noqa: E731
+        row["bf16_sdpa"] = [_bench(_step(q_layers, kv, sdpa)) * 1e3 for _ in range(args.reps)]
+        row["bf16_triton"] = [_bench(_step(q_layers, kv, tri)) * 1e3 for _ in range(args.reps)]
+        del kv
+        torch.cuda.empty_cache()
+        for bits, variants in VARIANTS.items():
+            layers = _kivi_layers(cfg, tokens, bits)
+            planes = [to_planes(x) for x in layers]
+            for _ in range(args.reps):
+                for name, kw in variants.items():
+                    caches = planes if kw["variant"] == "planes" else layers
+                    fn = _step(q_layers, caches, lambda q, c, kw=kw: _kivi_attend(q, c, kw))
+                    row.setdefault(f"kivi{bits}/{name}", []).append(_bench(fn) * 1e3)
+            row[f"kivi{bits}/bytes"] = sum(x.nbytes() for x in planes)
+            del layers, planes
+            torch.cuda.empty_cache()
+        row["combine_only"] = combine_only(cfg, tokens)
+        res["rows"][tokens] = row
+        best = min(min(row["bf16_sdpa"]), min(row["bf16_triton"]))
+        print(f"--- {tokens} tokens: bf16 sdpa {row['bf16_sdpa']} triton {row['bf16_triton']}", flush=True)
+        for key, val in row.items():
+            if key.startswith("kivi") and not key.endswith("bytes"):
+                bits = int(key[4])
+                gbps = row[f"kivi{bits}/bytes"] / (min(val) * 1e-6) / 1e9
+                print(f"{tokens:>6} {key:<22} {' '.join(f'{x:7.1f}' for x in val)} us  x{best / min(val):.2f} "
+                      f"{gbps:6.0f} GB/s ({100 * gbps / res['copy_GBps']:.0f}%)", flush=True)
+        print(f"{tokens:>6} combine only (32 layers, us): {row['combine_only']}", flush=True)
+        (args.out / "ab.json").write_text(json.dumps(res, indent=1))  # after each length: a timeout keeps the rest
+
+
+if __name__ == "__main__":
+    main()
