@@ -24,19 +24,15 @@ from memvisor.kv.gpu import decode_attention_reference, quantize_layer, to_plane
 
 VARIANTS = {
     2: {
-        "planes-old": dict(variant="planes", sub=False),
         "planes": dict(variant="planes"),
         "planes-w3": dict(variant="planes", waves=3.0),
-        "planes-w2": dict(variant="planes", waves=2.0),
-        "planes-c128": dict(variant="planes", combine_block_s=128),
-        "planes-c128d32": dict(variant="planes", combine_block_s=128, combine_db=32),
+        "planes-c64d128": dict(variant="planes", combine_block_s=64, combine_db=128),  # the combine before
     },
     4: {
         "tile": dict(variant="tile", block_n=64, num_warps=4, waves=4.0, num_stages=2, v_reshape=True),
         "planes": dict(variant="planes"),
-        "planes-w3": dict(variant="planes", waves=3.0),
-        "planes-w6": dict(variant="planes", waves=6.0),
-        "planes-c128d32": dict(variant="planes", combine_block_s=128, combine_db=32),
+        "planes-r200w5": dict(variant="planes", maxnreg=200, waves=5.0),
+        "planes-c64d128": dict(variant="planes", combine_block_s=64, combine_db=128),
     },
 }
 
@@ -67,7 +63,7 @@ def combine_only(cfg: GpuBenchConfig, tokens: int) -> dict:
     qs = [torch.randn(1, cfg.q_heads, cfg.head_dim, device="cuda").bfloat16() for _ in range(cfg.layers)]
     ops = [torch.randn(cfg.q_heads, n_rows, cfg.head_dim, device="cuda") for _ in range(cfg.layers)]
     lps = [torch.randn(cfg.q_heads, n_rows, device="cuda") for _ in range(cfg.layers)]
-    for bs, db in ((None, None), (128, None), (128, 32), (None, 32)):
+    for bs, db in ((64, 128), (None, None), (None, 16)):
         def run(bs=bs, db=db):
             for q, op, lp in zip(qs, ops, lps):
                 _combine(op, lp, q, n_rows, bs, db)

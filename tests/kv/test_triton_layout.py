@@ -163,7 +163,7 @@ def test_reference_reads_the_cache_quantizer_layout(bits):
 def test_planes_layout_holds_the_codes_and_scales(bits):
     """Bit field j of planes word row i*G + n is the code of token i*S*G + j*G + n (keys and values),
     S = 16 // bits groups per tile."""
-    from memvisor.kv.gpu.planes import SLOTS, key_mul, to_planes
+    from memvisor.kv.gpu.planes import SLOTS, key_mul, to_planes, value_mul
 
     g = torch.Generator().manual_seed(5)
     S, mask = SLOTS[bits], (1 << bits) - 1
@@ -192,7 +192,10 @@ def test_planes_layout_holds_the_codes_and_scales(bits):
         assert torch.equal(p.ks[:, :, grp], layer.k_scale[:, :, grp] / mul[grp % S])
         assert torch.equal(p.kz[:, :, grp], layer.k_zero[:, :, grp])
     t_q = p.t_quant
-    assert torch.equal(p.vsz[:, :, :, :t_q, 0], layer.v_scale.transpose(2, 3))
+    vmul = value_mul(bits)[(torch.arange(t_q) % tile) // 32]  # the token's tile group j: 2^(4 - bits j')
+    assert [int(x).bit_length() - 1 if x >= 1 else -int(1 / x).bit_length() + 1 for x in value_mul(bits)] == (
+        [4, 2, 0, -2, -4, 4, 2, 0] if bits == 2 else [4, 0, 4, 0])
+    assert torch.equal(p.vsz[:, :, :, :t_q, 0], layer.v_scale.transpose(2, 3) * vmul)
     assert torch.equal(p.vsz[:, :, :, :t_q, 1], layer.v_zero.transpose(2, 3))
     assert p.nbytes() == sum(t.numel() * t.element_size() for t in (p.kw, p.ks, p.kz, p.vw, p.vsz, p.k_res, p.v_res))
 

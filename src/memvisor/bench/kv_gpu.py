@@ -41,14 +41,15 @@ class GpuBenchConfig:
         *(dict(variant="tile", block_n=bn, num_warps=w, waves=wv, num_stages=2, v_reshape=True)
           for bn, w, wv in ((64, 4, 4.0), (128, 4, 4.0), (128, 8, 2.0))),
     ])
-    # the planes kernel (2-bit only): the cache repacked as planes.py says, read by triton_kivi_planes.py.
-    # waves stays 4 (4 resident programs per SM at 255 registers): 3 and 6 give the same grid at 32k,
-    # but 6 made 1.5 waves of programs at 64k (H200: 2090 against 1576 us per step). Also measured and
-    # dropped (BENCHMARKS.md kv-gpu): 4 warps, a fused combine, a programmatic dependent combine,
-    # register caps of 128-168 at 2 warps with 6-8 programs per SM
+    # the planes kernel (planes.py, triton_kivi_planes.py), 2- and 4-bit. 2 warps and 2 stages (4 warps,
+    # 1 or 3 stages and register caps of 128-168 measured slower, BENCHMARKS.md kv-gpu); the combine launch
+    # with its defaults, with fewer warps or channels per program, and as it was before this session
+    # (64 partials per step, one program per query row); 5 programs per SM under a 200-register cap (the
+    # 4-bit kernel fits 5 in shared memory, the 2-bit one does not)
     planes_configs: list[dict] = field(default_factory=lambda: [
-        dict(variant="planes", num_warps=w, num_stages=st, waves=wv, **({"maxnreg": r} if r else {}))
-        for w, st, wv, r in ((2, 2, 4.0, None), (2, 1, 4.0, None), (2, 3, 4.0, None), (2, 2, 6.0, 168))
+        dict(variant="planes", num_warps=2, num_stages=2, waves=wv, **kw)
+        for wv, kw in ((4.0, {}), (4.0, dict(combine_db=16, combine_warps=2)), (4.0, dict(combine_warps=2)),
+                       (4.0, dict(combine_block_s=64, combine_db=128)), (5.0, dict(maxnreg=200)))
     ])
     dense_configs: list[dict] = field(default_factory=lambda: [
         dict(block_n=bn, num_warps=w, waves=wv, num_stages=2) for bn, w in ((64, 4), (128, 8)) for wv in (2.0, 4.0)
@@ -154,8 +155,8 @@ def _tune(fn_for: Callable[[dict], Callable[[], None]], configs: list[dict]) -> 
 
 
 def _tune_kivi(cfg: GpuBenchConfig, q_layers: list, tokens: int, bits: int) -> tuple[dict, float, list[dict]]:
-    """Best KIVI kernel settings at ``tokens``: the cache-layout kernels, and for 2 bits the planes kernel."""
-    families = [(False, cfg.configs)] + ([(True, cfg.planes_configs)] if bits == 2 and cfg.planes_configs else [])
+    """Best KIVI kernel settings at ``tokens``: the cache-layout kernels and the planes kernel."""
+    families = [(False, cfg.configs)] + ([(True, cfg.planes_configs)] if cfg.planes_configs else [])
     best, trials = None, []
     for planes, configs in families:
         layers = _kivi_layers(cfg, tokens, bits, planes)

@@ -19,7 +19,11 @@ in an int16 word with the codes of the same token slot of the other key groups o
   shift of the word by 10 (2-bit) or 8 (4-bit)), so the division is exact.
 - ``vsz: fp16 [B, H, D // G, n_tiles * S G, 2]``: value scale and zero side by side per
   (channel group, token), tokens contiguous, so the kernel reads a group's scales and zeros as one
-  row of ``2G`` halves (one prefetched load: a separate zero-point load was not prefetched).
+  row of ``2G`` halves (one prefetched load: a separate zero-point load was not prefetched). The scale
+  of a token of tile group ``j`` is stored times ``value_mul(bits)[j] = 2^(VALUE_EXP - bits j')``, which
+  undoes the mask's power of two and adds a common ``2^VALUE_EXP`` that keeps the kernel's fp16
+  ``p * scale`` of the high fields above fp16's normal range (so the kernel multiplies ``p`` by the
+  stored scale alone; a scale over 65504 / 16 overflows, values never come near it).
 
 Bytes: the same codes, scales and zeros as the cache layout (plus padding of the last tile):
 a repack, done when a group is quantized, not per decode step.
@@ -42,6 +46,14 @@ def key_mul(bits: int) -> torch.Tensor:
     j' = j below SPLIT, else j - SPLIT); the stored key scales are divided by it."""
     return torch.tensor([2.0 ** (bits * (j if j < SPLIT[bits] else j - SPLIT[bits])) for j in range(SLOTS[bits])],
                         dtype=torch.float16)
+
+
+VALUE_EXP = 4
+
+
+def value_mul(bits: int) -> torch.Tensor:
+    """fp16 ``[SLOTS[bits]]``: ``2^(VALUE_EXP - bits j')`` per bit field j; the stored value scales carry it."""
+    return 2.0 ** VALUE_EXP / key_mul(bits)
 
 
 @dataclass
@@ -99,6 +111,8 @@ def to_planes(layer: KiviLayer) -> PlanesLayer:
     kz = torch.nn.functional.pad(layer.k_zero, (0, 0, 0, pad_g))
     pad_t = n_tiles * slots * g - t
     vs = torch.nn.functional.pad(layer.v_scale, (0, 0, 0, pad_t)).transpose(2, 3)  # [B, H, D/G, T_pad]
+    vmul = value_mul(bits).to(vs.device).repeat_interleave(g).repeat(n_tiles)  # per token: its tile group's
+    vs = vs * vmul
     vz = torch.nn.functional.pad(layer.v_zero, (0, 0, 0, pad_t)).transpose(2, 3)
     return PlanesLayer(
         bits, g, t, _words(kcodes, g, n_tiles, bits), ks.contiguous(), kz.contiguous(),

@@ -153,12 +153,14 @@ def _rows_ok(t: torch.Tensor) -> bool:
 def _combine(op: torch.Tensor, lp: torch.Tensor, q: torch.Tensor, n_rows: int, block_s: int | None = None,
              db: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """Merge the partials ``op [B*Hq, n_rows, D]`` (log2-sum-exp ``lp``) into ``[B, Hq, D]``: one program per
-    query row and ``db`` channels. ``block_s`` partials per loop step (default: up to 64; fewer dependent load
-    rounds than the 16 it ran before)."""
+    query row and ``db`` channels (default 32: four times the programs of one per row, so each one's
+    loads are short), ``block_s`` partials per loop step (default all, up to 128: one load round).
+    H100, 32 layers at 32k tokens (65 partials per row): 236 us per step with 64 partials per step and
+    one program per row, 106 with these defaults (scripts/kv_gpu_ab.py)."""
     b, hq, d = q.shape
     out = torch.empty_like(q)
-    block_s = block_s or max(16, min(64, triton.next_power_of_2(n_rows)))
-    db = min(db or d, d)
+    block_s = block_s or max(16, min(128, triton.next_power_of_2(n_rows)))
+    db = min(db or 32, d)
     _combine_kernel[(b * hq, d // db)](op, lp, out, n_rows, D=d, BLOCK_S=block_s, DB=db, num_warps=num_warps)
     return out
 
@@ -243,22 +245,19 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
 
 def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float | None = None, *,
                             num_warps: int = 2, num_stages: int = 2, waves: float = 4.0,
-                            block_r: int = 64, maxnreg: int | None = None, sub: bool = True,
-                            combine_block_s: int | None = None, combine_db: int | None = None,
+                            block_r: int = 64, maxnreg: int | None = None, combine_block_s: int | None = None, combine_db: int | None = None,
                             combine_warps: int = 4) -> torch.Tensor:
     """Fused decode attention over a 2- or 4-bit cache in the planes layout (planes.py, triton_kivi_planes.py).
 
     q ``[B, Hq, D]`` (bf16/fp16, CUDA) -> ``[B, Hq, D]`` in q's dtype. Splits start on whole tiles
     of ``16 // bits * G`` tokens; the last program of each kv head takes the full-precision residual.
-    ``sub=False`` (2-bit only) runs the earlier code unpacking (1024 + code, then a subtraction), for A/B.
+    ``combine_*``: the merge launch's partials per loop step, channels and warps per program (``_combine``).
     """
     b, hkv, t_r, d = layer.k_res.shape
     groups = _check(q, hkv, d, b)
     g = layer.group
     if g & (g - 1) or g < 16 or d % g:
         raise KVLayoutError(f"the planes kernel needs a power-of-two group >= 16 dividing head_dim, got {g}")
-    if not sub and layer.bits != 2:
-        raise KVLayoutError("the 1024 + code unpacking exists for 2-bit codes only")
     if layer.t_total == 0:
         raise KVLayoutError("cannot attend over an empty cache")
     tensors = (layer.kw, layer.ks, layer.kz, layer.vw, layer.vsz, layer.k_res, layer.v_res)
@@ -277,7 +276,7 @@ def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float
         layer.kw.stride(1), layer.ks.stride(1), layer.vsz.stride(1), layer.vsz.shape[-2],
         layer.k_res.stride(1), layer.v_res.stride(1),
         GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)), ROWS=rows, D=d, G=g, BLOCK_R=block_r,
-        BITS=layer.bits, SUB=sub, num_warps=num_warps, num_stages=num_stages,
+        BITS=layer.bits, num_warps=num_warps, num_stages=num_stages,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     return _combine(op, lp, q, n_rows, combine_block_s, combine_db, combine_warps)
 

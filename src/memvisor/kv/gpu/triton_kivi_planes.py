@@ -19,12 +19,13 @@ copies are free).
   ``q . kz_g`` of the tile's groups comes from one small product, split into fp16 hi + lo parts, and is
   added by a K=16 product with a one-hot matrix whose ones are 2^-24 (no cross-thread extraction);
   groups past the program's range get -30000 there.
-- Values: row r's probabilities are scaled by the value scale of its channel group ``vs[jv, t]`` and by
-  ``2^(VEXP - BITS J')`` before ONE product with the raw subnormal codes, so the accumulator holds
-  ``2^(VEXP - 24)`` times the output (undone once at the end); ``2^VEXP`` keeps ``p * vs`` of the
-  high fields in fp16's normal range. Zero points add ``sum_t p * vz[jv, t]``. Scales and zeros of a
-  group arrive in one load of (scale, zero) pairs: a load that feeds a matrix product is what Triton's
-  pipeliner prefetches, and the zeros alone feed none.
+- Values: row r's probabilities, in fp16, times the value scale of its channel group ``vs[jv, t]`` (one
+  fp16 product per two) go into ONE product with the raw subnormal codes. The stored scale already
+  carries ``2^(VEXP - BITS J')`` (planes.py), so the accumulator holds ``2^(VEXP - 24)`` times the
+  output (undone once at the end); ``2^VEXP`` keeps ``p * vs`` of the high fields in fp16's normal range.
+  Zero points add ``sum_t p * vz[jv, t]``. Scales and zeros of a group arrive in one load of (scale,
+  zero) pairs: a load that feeds a matrix product is what Triton's pipeliner prefetches, and the zeros
+  alone feed none.
 - Softmax once per 4 groups: one max and one rescale per 4G tokens; the row sums are kept as
   [ROWS, G] element-wise accumulators and reduced once at the end.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from memvisor.kv.gpu.planes import VALUE_EXP
 from memvisor.kv.gpu.triton_common import _residual_program, _store_replicated
 
 
@@ -44,86 +46,54 @@ def _and_asm(bits: int, jj: int) -> str:
 # index (BITS // 2 - 1) * 5 + J': field J' of a word (J' < 5 for 2-bit codes, < 2 for 4-bit ones)
 AND_ASM = tl.constexpr(tuple(_and_asm(2, jj) for jj in range(5)) + tuple(_and_asm(4, jj) for jj in range(5)))
 SHR_ASM = tl.constexpr(("shr.b32 $0, $1, 10;", "shr.b32 $0, $1, 8;"))  # index BITS // 2 - 1
-VEXP = tl.constexpr(4)
-# 2^(VEXP - BITS J'), same index as AND_ASM
-VSCALE = tl.constexpr(tuple(2.0 ** (4 - 2 * jj) for jj in range(5)) + tuple(2.0 ** (4 - 4 * jj) for jj in range(5)))
+VEXP = tl.constexpr(VALUE_EXP)
 TWO24 = tl.constexpr(16777216.0)
 
 
-def _old_key_asm(j: int) -> str:
-    mask = hex((3 << (2 * (j if j <= 4 else j - 5))) * 0x10001)
-    src = "$1" if j <= 4 else "t"
-    pre = "" if j <= 4 else "shr.b32 t, $1, 10; "
-    return ("{ .reg .b32 t, o; " + pre + f"lop3.b32 t, {src}, {mask}, 0x64006400, 0xea; "
-            "mov.b32 o, 0x64006400; sub.rn.f16x2 $0, t, o; }")
-
-
-def _old_value_asm(j: int) -> str:
-    shift = f"shr.b32 t, $1, {2 * j}; " if j else "mov.b32 t, $1; "
-    return ("{ .reg .b32 t, o; " + shift + "lop3.b32 t, t, 0x00030003, 0x64006400, 0xea; "
-            "mov.b32 o, 0x64006400; sub.rn.f16x2 $0, t, o; }")
-
-
-# the 1024 + code form (2-bit only), kept for the A/B against it
-OLD_KEY_ASM = tl.constexpr(tuple(_old_key_asm(j) for j in range(8)))
-OLD_VALUE_ASM = tl.constexpr(tuple(_old_value_asm(j) for j in range(8)))
-
-
 @triton.jit
-def _codes(w, w_hi, J: tl.constexpr, BITS: tl.constexpr, SUB: tl.constexpr, KEY: tl.constexpr):
-    """Group J's ``[.., ..]`` code operand from the words ``w`` (``w_hi``: shifted by 10 or 8, for the high
-    fields): subnormal ``code * 2^(BITS J') * 2^-24``; without SUB (2-bit) the 1024 + code form minus 1024."""
-    if SUB:
-        SPLIT: tl.constexpr = 10 // BITS
-        JJ: tl.constexpr = J if J < SPLIT else J - SPLIT
-        IDX: tl.constexpr = (BITS // 2 - 1) * 5 + JJ
-        src = w if J < SPLIT else w_hi
-        out = tl.inline_asm_elementwise(AND_ASM[IDX], "=r,r", [src], dtype=tl.float16, is_pure=True, pack=2)
-    elif KEY:
-        out = tl.inline_asm_elementwise(OLD_KEY_ASM[J], "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
-    else:
-        out = tl.inline_asm_elementwise(OLD_VALUE_ASM[J], "=r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
-    return out
+def _codes(w, w_hi, J: tl.constexpr, BITS: tl.constexpr):
+    """Group J's code operand, subnormal ``code * 2^(BITS J') * 2^-24``, from the words ``w`` (``w_hi``: the
+    words shifted by 10 or 8, for the fields at bit 10 and above)."""
+    SPLIT: tl.constexpr = 10 // BITS
+    JJ: tl.constexpr = J if J < SPLIT else J - SPLIT
+    src = w if J < SPLIT else w_hi
+    return tl.inline_asm_elementwise(AND_ASM[(BITS // 2 - 1) * 5 + JJ], "=r,r", [src], dtype=tl.float16,
+                                     is_pure=True, pack=2)
 
 
 @triton.jit
 def _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J: tl.constexpr, G: tl.constexpr,
-                  BITS: tl.constexpr, SUB: tl.constexpr):
-    """Scores [ROWS, G] of key group g0 + J (log2 units, times 2^-24 with SUB)."""
+                  BITS: tl.constexpr):
+    """Scores [ROWS, G] of key group g0 + J, in log2 units times 2^-24."""
     D: tl.constexpr = qrep.shape[1]
     ksm = tl.load(ks_base + (g0 + J) * D + tl.arange(0, D))  # already divided by 2^(BITS J') (planes.py)
-    one: tl.constexpr = 2.0 ** -24 if SUB else 1.0  # the zero-point term in the scores' units
-    onehot = tl.where((k16[:, None] % 8) == J, one, 0.0).to(tl.float16) + tl.zeros([16, G], tl.float16)
+    # the zero-point term in the scores' units: ones of 2^-24
+    onehot = tl.where((k16[:, None] % 8) == J, 2.0 ** -24, 0.0).to(tl.float16) + tl.zeros([16, G], tl.float16)
     a = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [qrep, ksm[None, :]], dtype=tl.float16,
                                   is_pure=True, pack=2)  # two channels per instruction
-    return tl.dot(a, _codes(kwt, kwt_hi, J, BITS, SUB, True), acc=tl.dot(zba, onehot))
+    return tl.dot(a, _codes(kwt, kwt_hi, J, BITS), acc=tl.dot(zba, onehot))
 
 
 @triton.jit
 def _group_values(s, m, acc, sums, vw, vw_hi, vsz_base, t0, J: tl.constexpr, G: tl.constexpr,
-                  BITS: tl.constexpr, SUB: tl.constexpr):
+                  BITS: tl.constexpr):
     """Fold group J's probabilities into the value accumulator and the [ROWS, G] row-sum accumulators."""
     l_acc, z_acc = sums
-    p = tl.exp2(s * (TWO24 if SUB else 1.0) - m)
+    p = tl.exp2(s * TWO24 - m)
     vsz = tl.load(vsz_base + (2 * (t0 + J * G) + tl.arange(0, 2 * G))[None, :])  # [ROWS, 2G]: (scale, zero) pairs
     vs, vz = tl.split(tl.reshape(vsz, [vsz.shape[0], G, 2]))
-    if SUB:
-        SPLIT: tl.constexpr = 10 // BITS
-        JJ: tl.constexpr = J if J < SPLIT else J - SPLIT
-        a = (p * vs.to(tl.float32) * VSCALE[(BITS // 2 - 1) * 5 + JJ]).to(tl.float16)
-    else:
-        a = (p * vs.to(tl.float32)).to(tl.float16)
-    acc = tl.dot(a, _codes(vw, vw_hi, J, BITS, SUB, False), acc=acc)
+    # the stored value scale carries 2^(VEXP - BITS J') already (planes.py): one fp16 product per two
+    acc = tl.dot(p.to(tl.float16) * vs, _codes(vw, vw_hi, J, BITS), acc=acc)
     return acc, (l_acc + p, z_acc + p * vz.to(tl.float32))
 
 
 @triton.jit
 def _four_groups(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc, l_acc, z_acc,
-                 J0: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr, SUB: tl.constexpr):
+                 J0: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr):
     """Groups J0..J0+3 of a tile: scores, one online-softmax step, values (written out: a static loop
     cannot keep a list of tiles). The high bit fields read the words shifted once for all of them."""
     SPLIT: tl.constexpr = 10 // BITS
-    if SUB and J0 + 3 >= SPLIT:
+    if J0 + 3 >= SPLIT:
         kwt_hi = tl.inline_asm_elementwise(SHR_ASM[BITS // 2 - 1], "=r,r", [kwt], dtype=tl.int16, is_pure=True,
                                            pack=2)
         vw_hi = tl.inline_asm_elementwise(SHR_ASM[BITS // 2 - 1], "=r,r", [vw], dtype=tl.int16, is_pure=True,
@@ -131,20 +101,20 @@ def _four_groups(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc, l
     else:
         kwt_hi = kwt
         vw_hi = vw
-    s0 = _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J0, G, BITS, SUB)
-    s1 = _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J0 + 1, G, BITS, SUB)
-    s2 = _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J0 + 2, G, BITS, SUB)
-    s3 = _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J0 + 3, G, BITS, SUB)
+    s0 = _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J0, G, BITS)
+    s1 = _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J0 + 1, G, BITS)
+    s2 = _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J0 + 2, G, BITS)
+    s3 = _group_scores(qrep, kwt, kwt_hi, zba, ks_base, g0, k16, J0 + 3, G, BITS)
     smax = tl.max(tl.maximum(tl.maximum(s0, s1), tl.maximum(s2, s3)), 1)
-    m_new = tl.maximum(m_i, smax * (TWO24 if SUB else 1.0))
+    m_new = tl.maximum(m_i, smax * TWO24)
     alpha = tl.exp2(m_i - m_new)[:, None]
     mm = m_new[:, None]
     sums = (l_acc * alpha, z_acc * alpha)
     acc = acc * alpha
-    acc, sums = _group_values(s0, mm, acc, sums, vw, vw_hi, vsz_base, t0, J0, G, BITS, SUB)
-    acc, sums = _group_values(s1, mm, acc, sums, vw, vw_hi, vsz_base, t0, J0 + 1, G, BITS, SUB)
-    acc, sums = _group_values(s2, mm, acc, sums, vw, vw_hi, vsz_base, t0, J0 + 2, G, BITS, SUB)
-    acc, sums = _group_values(s3, mm, acc, sums, vw, vw_hi, vsz_base, t0, J0 + 3, G, BITS, SUB)
+    acc, sums = _group_values(s0, mm, acc, sums, vw, vw_hi, vsz_base, t0, J0, G, BITS)
+    acc, sums = _group_values(s1, mm, acc, sums, vw, vw_hi, vsz_base, t0, J0 + 1, G, BITS)
+    acc, sums = _group_values(s2, mm, acc, sums, vw, vw_hi, vsz_base, t0, J0 + 2, G, BITS)
+    acc, sums = _group_values(s3, mm, acc, sums, vw, vw_hi, vsz_base, t0, J0 + 3, G, BITS)
     return m_new, acc, sums[0], sums[1]
 
 
@@ -152,7 +122,7 @@ def _four_groups(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc, l
 def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
                          T_q, T_r, tps, skw_bh, sks_bh, svsz_bh, t_pad, skr_bh, svr_bh,
                          GROUPS: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-                         G: tl.constexpr, BLOCK_R: tl.constexpr, BITS: tl.constexpr = 2, SUB: tl.constexpr = True):
+                         G: tl.constexpr, BLOCK_R: tl.constexpr, BITS: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_rows = tl.num_programs(1)
@@ -196,12 +166,11 @@ def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
             zba = tl.where(col < 8, tl.where(dead, -30000.0, hi), tl.where(dead, 0.0, lo)).to(tl.float16)
             # 4 groups at a time: one max and one rescale per 4 (fewer live score tiles)
             m_i, acc, l_acc, z_acc = _four_groups(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc,
-                                                  l_acc, z_acc, 0, G, BITS, SUB)
+                                                  l_acc, z_acc, 0, G, BITS)
             if SLOTS == 8:
                 m_i, acc, l_acc, z_acc = _four_groups(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc,
-                                                      l_acc, z_acc, 4, G, BITS, SUB)
-        if SUB:
-            acc = acc * 2.0 ** (24 - VEXP)
+                                                      l_acc, z_acc, 4, G, BITS)
+        acc = acc * 2.0 ** (24 - VEXP)
         _store_replicated(OP, LP, acc, tl.sum(z_acc, 1), tl.sum(l_acc, 1), m_i, pid_bh, pid_s, n_rows, h, jv, r_ok,
                           GROUPS, D, G)
     else:
