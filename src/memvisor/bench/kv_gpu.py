@@ -42,14 +42,15 @@ class GpuBenchConfig:
           for bn, w, wv in ((64, 4, 4.0), (128, 4, 4.0), (128, 8, 2.0))),
     ])
     # the planes kernel (planes.py, triton_kivi_planes.py), 2- and 4-bit. 2 warps and 2 stages (4 warps,
-    # 1 or 3 stages and register caps of 128-168 measured slower, BENCHMARKS.md kv-gpu); the combine launch
+    # 1 stage and register caps of 128-168 measured slower, BENCHMARKS.md kv-gpu); the combine launch
     # with its defaults, with fewer warps or channels per program, and as it was before this session
     # (64 partials per step, one program per query row); 5 programs per SM under a 200-register cap (the
-    # 4-bit kernel fits 5 in shared memory, the 2-bit one does not)
+    # 4-bit kernel fits 5 in shared memory, the 2-bit one does not); 3 stages (fewer programs per SM)
     planes_configs: list[dict] = field(default_factory=lambda: [
-        dict(variant="planes", num_warps=2, num_stages=2, waves=wv, **kw)
-        for wv, kw in ((4.0, {}), (4.0, dict(combine_db=16, combine_warps=2)), (4.0, dict(combine_warps=2)),
-                       (4.0, dict(combine_block_s=64, combine_db=128)), (5.0, dict(maxnreg=200)))
+        dict(variant="planes", num_warps=2, num_stages=st, waves=wv, **kw)
+        for st, wv, kw in ((2, 4.0, {}), (2, 4.0, dict(combine_db=16, combine_warps=2)),
+                           (2, 4.0, dict(combine_warps=2)), (2, 4.0, dict(combine_block_s=64, combine_db=128)),
+                           (2, 5.0, dict(maxnreg=200)), (3, 3.0, {}))
     ])
     dense_configs: list[dict] = field(default_factory=lambda: [
         dict(block_n=bn, num_warps=w, waves=wv, num_stages=2) for bn, w in ((64, 4), (128, 8)) for wv in (2.0, 4.0)
