@@ -49,3 +49,10 @@ def test_scale_command_writes_json_and_table(tmp_path):
 
     with Memory(tmp_path / "homes" / "memvisor-300" / "home") as kept:  # --keep left the store whole
         assert len(kept.store.vector_index("scale")) == 300
+    # --reuse times the queries again on that store and keeps the first run's ingest figures.
+    r = CliRunner().invoke(app, ["bench", "scale", "--n", "300", "--queries", "10", "--systems", "memvisor",
+                                 "--out", str(out), "--reuse", str(tmp_path / "homes")])
+    assert r.exit_code == 0, r.output
+    (again,) = json.loads((out / "scale.json").read_text())["runs"]
+    assert again["reused_store"] and again["ingest_per_s"] == run["ingest_per_s"]
+    assert again["search_ms"]["p50"] > 0 and again["source_in_top10"] == run["source_in_top10"]

@@ -174,11 +174,13 @@ def register(bench_app: typer.Typer) -> None:
         seed: int = typer.Option(7, "--seed"),
         keep: Optional[Path] = typer.Option(None, "--keep", help="keep each store in KEEP/SYSTEM-N "
                                             "(new folders) instead of deleting it"),
+        reuse: Optional[Path] = typer.Option(None, "--reuse", help="time memvisor's queries again on the "
+                                             "stores a --keep run left in REUSE (no ingest)"),
     ) -> None:
         """Ingest throughput, search/context latency, RSS and disk per memory at growing sizes."""
         from memvisor.bench.scale import run_scale
 
         cmd = _command("scale", n=n, systems=systems, mem0_max=mem0_max, queries=queries, seed=seed, out=out)
         run_scale(_ints(n, "--n"), out, [s for s in systems.split(",") if s], mem0_max=mem0_max,
-                  queries=queries, mem0_python=mem0_python, seed=seed, command=cmd, keep=keep)
+                  queries=queries, mem0_python=mem0_python, seed=seed, command=cmd, keep=keep, reuse=reuse)
         typer.echo((out / "scale.md").read_text())

@@ -20,8 +20,10 @@ from memvisor.errors import InvalidInput
 
 def run_scale(sizes: list[int], out: Path, systems: list[str], *, mem0_max: int = 100_000,
               queries: int = 200, mem0_python: str = "", seed: int = 7, command: str = "",
-              keep: Path | None = None) -> dict:
-    """`keep`: keep each run's store in `keep/{system}-{n}` (a new folder) instead of deleting it."""
+              keep: Path | None = None, reuse: Path | None = None) -> dict:
+    """`keep`: keep each run's store in `keep/{system}-{n}` (a new folder) instead of deleting it.
+    `reuse`: time memvisor's queries again on the stores an earlier `keep` run left there (no ingest); the
+    earlier run's ingest figures stay in the results."""
     from memvisor.bench.common import machine_description
 
     bad = [s for s in systems if s not in ("memvisor", "mem0", "mem0-dense")]
@@ -51,12 +53,21 @@ def run_scale(sizes: list[int], out: Path, systems: list[str], *, mem0_max: int 
                     "--queries", str(queries), "--seed", str(seed), "--out", str(part)]
             if keep is not None:
                 argv += ["--keep-at", str(keep / f"{name}-{n}")]
+            if reuse is not None:
+                if name != "memvisor":
+                    continue
+                argv += ["--reuse-at", str(reuse / f"{name}-{n}")]
             proc = subprocess.run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             if proc.returncode != 0 or not part.exists():
                 typer.echo(f"  {name} n={n} failed (exit {proc.returncode})", err=True)
                 continue
             run = json.loads(part.read_text())
             run["date"] = results["date"]
+            earlier = next((r for r in results["runs"] if (r["system"], r["n"]) == (name, n)), None)
+            if run.get("reused_store") and earlier and earlier.get("ingest_per_s"):
+                for key in ("ingest_seconds", "ingest_per_s", "rss_after_ingest_mb"):
+                    run[key] = earlier[key]
+                run["peak_rss_mb"] = max(run["peak_rss_mb"], earlier["peak_rss_mb"])
             results["runs"] = [r for r in results["runs"] if (r["system"], r["n"]) != (name, n)] + [run]
             # After each run: a long run stopped later still leaves its finished sizes, rendered.
             path.write_text(json.dumps(results, indent=1))

@@ -35,14 +35,22 @@ def folder_bytes(path: Path) -> int:
     return total
 
 
-def run_memvisor(records, queries, home: Path, progress) -> dict:
+def run_memvisor(records, queries, home: Path, progress, reuse: bool = False) -> dict:
+    """`reuse`: `home` already holds exactly these records (kept by an earlier run): time the queries only."""
     from memvisor import Memory
+    from memvisor.store.filters import Filters
 
     m = Memory(home)
     m.embedder.encode(["warm up the model before the clock starts"])
-    t0 = time.perf_counter()
-    m.add_many(records, namespace="scale", batch_size=512, progress=progress)
-    ingest = time.perf_counter() - t0
+    ingest = None
+    if reuse:
+        held = m.store.count(Filters(namespace="scale"))
+        if held != len(records):
+            raise SystemExit(f"{home} holds {held} memories, not {len(records)}: rebuild it (--keep)")
+    else:
+        t0 = time.perf_counter()
+        m.add_many(records, namespace="scale", batch_size=512, progress=progress)
+        ingest = time.perf_counter() - t0
     rss_after_ingest = current_rss_mb()
     for q in queries[:WARMUP]:
         m.search(q.text, namespace="scale", k=K)
@@ -106,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="", help="where the system's files go (default: a temp folder)")
     p.add_argument("--keep-at", default="", help="put the system's files in this new folder and keep them "
                    "(to inspect or re-time a large store later)")
+    p.add_argument("--reuse-at", default="", help="memvisor only: time the queries on the store an earlier "
+                   "--keep-at run left in this folder (same n and seed); no ingest")
     a = p.parse_args(argv)
+    if a.reuse_at and a.system != "memvisor":
+        p.error("--reuse-at is for --system memvisor")
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -116,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     records = corpus.records()
     queries = corpus.queries(a.queries + WARMUP)
     queries = queries[WARMUP:] + queries[:WARMUP]  # warm-ups are the last ones, untimed twice over
-    if a.keep_at:
+    if a.reuse_at:
+        home = Path(a.reuse_at)
+        if not (home / "home" / "memvisor.db").exists():
+            p.error(f"--reuse-at {home}: no store there (make one with --keep-at)")
+    elif a.keep_at:
         home = Path(a.keep_at)
         home.mkdir(parents=True)  # a new folder: never mix a run into an older store
     else:
@@ -129,18 +145,19 @@ def main(argv: list[str] | None = None) -> int:
             task = prog.add_task("ingest", total=a.n)
             advance = lambda k: prog.advance(task, k)  # noqa: E731
             if a.system == "memvisor":
-                r = run_memvisor(records, queries[:a.queries], home / "home", advance)
+                r = run_memvisor(records, queries[:a.queries], home / "home", advance, reuse=bool(a.reuse_at))
             else:
                 r = run_mem0(records, queries[:a.queries], home / "mem0", advance,
                              bm25=(a.system == "mem0"))
         disk = folder_bytes(home)
     finally:
-        if not a.keep_at:
+        if not (a.keep_at or a.reuse_at):
             shutil.rmtree(home, ignore_errors=True)
     out = {
         "system": a.system, "n": a.n, "seed": a.seed, "queries": a.queries,
-        "ingest_seconds": round(r["ingest_seconds"], 2),
-        "ingest_per_s": round(a.n / r["ingest_seconds"], 1),
+        "ingest_seconds": round(r["ingest_seconds"], 2) if r["ingest_seconds"] else None,
+        "ingest_per_s": round(a.n / r["ingest_seconds"], 1) if r["ingest_seconds"] else None,
+        "reused_store": bool(a.reuse_at),
         "search_ms": percentiles_ms(r["search"]),
         "context_ms": percentiles_ms(r["context"]),
         "search_k": K, "context_budget_tokens": BUDGET,
