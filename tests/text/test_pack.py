@@ -49,7 +49,8 @@ def test_context_format_and_citations(locomo_memory):
 
 
 def test_neighbouring_turns_become_candidates(locomo_memory):
-    """D1:3 is the hit; its conversation neighbours D1:2 and D1:4 join the candidates, scored by decay."""
+    """D1:3 is the hit; its conversation neighbours D1:1, D1:2, D1:4 and D1:5 (two on each side) join the
+    candidates, scored by decay."""
     from memvisor.store.filters import Filters
 
     m = locomo_memory
@@ -58,8 +59,8 @@ def test_neighbouring_turns_become_candidates(locomo_memory):
     assert top[0].row["sources"] == '["D1:3"]'
     expanded = m.packer.expand(m.store, top, filters)
     by_source = {c.row["sources"]: c for c in expanded}
-    assert set(by_source) == {'["D1:2"]', '["D1:3"]', '["D1:4"]'}
-    for s in ('["D1:2"]', '["D1:4"]'):
+    assert set(by_source) == {'["D1:1"]', '["D1:2"]', '["D1:3"]', '["D1:4"]', '["D1:5"]'}
+    for s in ('["D1:1"]', '["D1:2"]', '["D1:4"]', '["D1:5"]'):
         assert by_source[s].neighbour_of == top[0].row["id"]
         assert by_source[s].score == top[0].score * m.packer.neighbour_decay
 
