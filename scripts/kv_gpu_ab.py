@@ -99,7 +99,8 @@ def main() -> None:
                torch.randn(b, hkv, tokens, d, device="cuda").bfloat16()) for _ in range(cfg.layers)]
         sdpa = lambda q, c: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
             q.unsqueeze(2), c[0], c[1], enable_gqa=True)
-        tri = lambda q, c: dense_decode_attention_triton(q, c[0], c[1], block_n=64, num_warps=4, waves=2.0)  # noqa: E731
+        tri = lambda q, c: dense_decode_attention_triton(  # noqa: E731
+            q, c[0], c[1], block_n=64, num_warps=4, waves=2.0)
         row["bf16_sdpa"] = [_bench(_step(q_layers, kv, sdpa)) * 1e3 for _ in range(args.reps)]
         row["bf16_triton"] = [_bench(_step(q_layers, kv, tri)) * 1e3 for _ in range(args.reps)]
         del kv

@@ -14,9 +14,9 @@ in an int16 word with the codes of the same token slot of the other key groups o
   product wants (the operand is converted while still packed, S codes per int16). Slots past the
   last quantized token hold code 0 and the kernel masks their group.
 - ``ks, kz: fp16 [B, H, n_tiles * S, D]``: key scale and zero per (group, channel), padded; the
-  scale of group ``g`` is stored divided by ``KEY_MUL[bits][g % S]``, the power of two at which the
-  kernel's bit mask leaves that group's codes (fields below bit 10 in place; the others after one
-  shift of the word by 10 (2-bit) or 8 (4-bit)), so the division is exact.
+  scale of group ``g`` is stored divided by ``key_mul(bits)[g % S]``, the power of two at which the
+  kernel's bit mask leaves that group's codes (fields that end by bit 10, the fp16 mantissa, in place;
+  the others after one shift of the word by 10 (2-bit) or 8 (4-bit)), so the division is exact.
 - ``vsz: fp16 [B, H, D // G, n_tiles * S G, 2]``: value scale and zero side by side per
   (channel group, token), tokens contiguous, so the kernel reads a group's scales and zeros as one
   row of ``2G`` halves (one prefetched load: a separate zero-point load was not prefetched). The scale
@@ -38,7 +38,7 @@ import torch
 from memvisor.kv.gpu.layout import KiviLayer, unpack_codes
 
 SLOTS = {2: 8, 4: 4}  # key groups per tile: codes per int16 word
-SPLIT = {2: 5, 4: 2}  # bit fields from this one up sit at bit 10 or above: read after a shift by bits * SPLIT
+SPLIT = {2: 5, 4: 2}  # bit fields from this one up reach bit 10 (fp16's exponent): read after a shift by bits * SPLIT
 
 
 def key_mul(bits: int) -> torch.Tensor:

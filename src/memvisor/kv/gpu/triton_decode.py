@@ -245,8 +245,8 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
 
 def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float | None = None, *,
                             num_warps: int = 2, num_stages: int = 2, waves: float = 4.0,
-                            block_r: int = 64, maxnreg: int | None = None, combine_block_s: int | None = None, combine_db: int | None = None,
-                            combine_warps: int = 4) -> torch.Tensor:
+                            block_r: int = 64, maxnreg: int | None = None, combine_block_s: int | None = None,
+                            combine_db: int | None = None, combine_warps: int = 4) -> torch.Tensor:
     """Fused decode attention over a 2- or 4-bit cache in the planes layout (planes.py, triton_kivi_planes.py).
 
     q ``[B, Hq, D]`` (bf16/fp16, CUDA) -> ``[B, Hq, D]`` in q's dtype. Splits start on whole tiles

@@ -7,8 +7,8 @@ channel group ``jv`` (ROWS = 16 for Llama's 4 heads x 4 groups: the matrix unit'
 copies are free).
 
 - Codes: ``w & (mask << BITS j')`` read as fp16 is the SUBNORMAL number ``code * 2^(BITS j') * 2^-24``,
-  exact, and the matrix units multiply subnormal fp16 operands exactly. Bit fields at bit 10 and above
-  (the exponent's bits) are first shifted down by one shift per word, shared by those fields. The AND runs
+  exact, and the matrix units multiply subnormal fp16 operands exactly. Bit fields that reach bit 10 (the
+  exponent's bits) are first shifted down by one shift per word, shared by those fields. The AND runs
   on the int16 words AFTER they are in the operand's register layout (one 32-bit register = the two codes
   the operand wants together), by inline PTX. (The earlier form, ``(w & m) | 0x6400`` read as
   ``1024 + code`` then a subtraction, took three instructions per two codes where this takes one.)
@@ -53,7 +53,7 @@ TWO24 = tl.constexpr(16777216.0)
 @triton.jit
 def _codes(w, w_hi, J: tl.constexpr, BITS: tl.constexpr):
     """Group J's code operand, subnormal ``code * 2^(BITS J') * 2^-24``, from the words ``w`` (``w_hi``: the
-    words shifted by 10 or 8, for the fields at bit 10 and above)."""
+    words shifted by 10 or 8, for the fields that reach bit 10)."""
     SPLIT: tl.constexpr = 10 // BITS
     JJ: tl.constexpr = J if J < SPLIT else J - SPLIT
     src = w if J < SPLIT else w_hi
