@@ -14,7 +14,8 @@ def test_words_are_quoted_so_query_text_is_never_fts_syntax():
 def test_common_words_are_conjoined_rare_ones_stay_alternatives():
     assert fts_match(["kayak", "garden", "shed"], common={"garden", "shed"}) == '"kayak" OR ("garden" AND "shed")'
     assert fts_match(["garden", "kayak"], common={"garden"}) == '"kayak"'  # a lone common word beside rarer ones: out
-    assert fts_match(["garden"], common={"garden"}) == '"garden"'
+    assert fts_match(["garden"], common={"garden"}) is None  # one common word alone: the dense half ranks it
+    assert fts_match(["garden"]) == '"garden"'
 
 
 def test_store_counts_postings_up_to_the_cap_and_pruned_query_skips_lone_common_words(memory):
