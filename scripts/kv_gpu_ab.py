@@ -24,17 +24,17 @@ import torch
 from memvisor.bench.kv_gpu import GpuBenchConfig, _bench, _kivi_attend, _kivi_layers, _step, copy_bandwidth
 from memvisor.kv.gpu import decode_attention_reference, quantize_layer, to_planes
 
-VARIANTS = {  # round 2: the tokens-on-M kernel (swap=True, triton_kivi_swap.py) against the planes kernel
+VARIANTS = {
     2: {
         "planes": dict(variant="planes"),
-        "swap": dict(variant="planes", swap=True),
-        "swap-w2": dict(variant="planes", swap=True, waves=2.0),
-        "swap-w3": dict(variant="planes", swap=True, waves=3.0),
+        "planes-w3": dict(variant="planes", waves=3.0),
+        "planes-c64d128": dict(variant="planes", combine_block_s=64, combine_db=128),  # the combine before
     },
     4: {
+        "tile": dict(variant="tile", block_n=64, num_warps=4, waves=4.0, num_stages=2, v_reshape=True),
         "planes": dict(variant="planes"),
-        "swap": dict(variant="planes", swap=True),
-        "swap-w2": dict(variant="planes", swap=True, waves=2.0),
+        "planes-r200w5": dict(variant="planes", maxnreg=200, waves=5.0),
+        "planes-c64d128": dict(variant="planes", combine_block_s=64, combine_db=128),
     },
 }
 

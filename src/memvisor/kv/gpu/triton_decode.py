@@ -34,7 +34,6 @@ from memvisor.kv.gpu.layout import KiviLayer
 from memvisor.kv.gpu.triton_common import _combine_kernel, _fold, _residual_and_store
 from memvisor.kv.gpu.planes import SLOTS, PlanesLayer
 from memvisor.kv.gpu.triton_kivi_planes import _planes_split_kernel
-from memvisor.kv.gpu.triton_kivi_swap import _swap_split_kernel
 from memvisor.kv.gpu.triton_kivi_rep import _kivi_split_kernel_rep, _kivi_split_kernel_tile
 
 _LOG2E = 1.4426950408889634
@@ -247,14 +246,12 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
 def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float | None = None, *,
                             num_warps: int = 2, num_stages: int = 2, waves: float = 4.0,
                             block_r: int = 64, maxnreg: int | None = None, combine_block_s: int | None = None,
-                            combine_db: int | None = None, combine_warps: int = 4, swap: bool = False) -> torch.Tensor:
+                            combine_db: int | None = None, combine_warps: int = 4) -> torch.Tensor:
     """Fused decode attention over a 2- or 4-bit cache in the planes layout (planes.py, triton_kivi_planes.py).
 
     q ``[B, Hq, D]`` (bf16/fp16, CUDA) -> ``[B, Hq, D]`` in q's dtype. Splits start on whole tiles
     of ``16 // bits * G`` tokens; the last program of each kv head takes the full-precision residual.
     ``combine_*``: the merge launch's partials per loop step, channels and warps per program (``_combine``).
-    ``swap``: the tokens-on-M kernel (triton_kivi_swap.py: one warpgroup per program, double tiles;
-    ``num_warps`` is then 4).
     """
     b, hkv, t_r, d = layer.k_res.shape
     groups = _check(q, hkv, d, b)
@@ -269,21 +266,10 @@ def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float
     if layer.k_res.dtype != q.dtype:
         raise KVLayoutError(f"residual dtype {layer.k_res.dtype} != query dtype {q.dtype}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    tile = SLOTS[layer.bits] * g * (2 if swap else 1)
-    n_split, tps = _split_plan(b * hkv, layer.t_quant, tile, _sm_count(q.device), waves)
+    n_split, tps = _split_plan(b * hkv, layer.t_quant, SLOTS[layer.bits] * g, _sm_count(q.device), waves)
     n_rows = n_split + 1
     op = torch.empty((b * q.shape[1], n_rows, d), device=q.device, dtype=torch.float32)
     lp = torch.empty((b * q.shape[1], n_rows), device=q.device, dtype=torch.float32)
-    if swap:
-        _swap_split_kernel[(b * hkv, n_rows)](
-            q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps,
-            layer.kw.stride(1), layer.ks.stride(1), layer.vsz.stride(1), layer.vsz.shape[-2],
-            layer.k_res.stride(1), layer.v_res.stride(1),
-            GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)),
-            NCK=max(16, triton.next_power_of_2(2 * groups)), NCV=max(16, triton.next_power_of_2(groups * (d // g))),
-            D=d, G=g, BLOCK_R=block_r, BITS=layer.bits, num_warps=4, num_stages=num_stages,
-            **({"maxnreg": maxnreg} if maxnreg else {}))
-        return _combine(op, lp, q, n_rows, combine_block_s, combine_db, combine_warps)
     rows = max(16, triton.next_power_of_2(groups * (d // g)))
     _planes_split_kernel[(b * hkv, n_rows)](
         q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps,
