@@ -51,7 +51,47 @@ def test_mirror_follows_the_heads_group_by_group(bits):
     w = want.vsz  # [B, H, D/G, tokens, 2]
     assert torch.equal(got.vsz[:, :, :, : w.shape[3]], w) and not got.vsz[:, :, :, w.shape[3]:].any()
     assert torch.equal(got.k_res, full.k_res) and torch.equal(got.v_res, full.v_res)
-    assert mirror.nbytes() == sum(t.numel() * t.element_size() for t, _, _ in mirror.bufs.values())
+    assert mirror.nbytes(stores) == sum(t.numel() * t.element_size() for t, _, _ in mirror.bufs.values())
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_mirror_append_matches_per_head_appends(bits):
+    """Decode steps through ``DecodeMirror.append`` (the heads' residuals as views of one stacked buffer)
+    leave every head exactly as per-head appends do, across flushes; the kernel's residual is that buffer."""
+    g = torch.Generator().manual_seed(10 + bits)
+    B, H, D = 2, 3, 64
+    q = QuantConfig(bits=bits, group=32, residual=32)
+    mk = lambda: [HeadStore(B, D, torch.bfloat16, torch.device("cpu"), q, False) for _ in range(H)]  # noqa: E731
+    fast, ref = mk(), mk()
+    mirror = DecodeMirror(q)
+    k = torch.randn(B, H, 301, D, generator=g).bfloat16()
+    v = torch.randn(B, H, 301, D, generator=g).bfloat16()
+    for stores in (fast, ref):
+        for h, st in enumerate(stores):
+            st.append(k[:, h], v[:, h])
+    for step in range(150):  # several flushes (every 32 tokens) and buffer rebuilds
+        k = torch.randn(B, H, 1, D, generator=g)  # float32: stored in the model dtype, as HeadStore.append does
+        v = torch.randn(B, H, 1, D, generator=g)
+        mirror.append(fast, k, v)
+        for h, st in enumerate(ref):
+            st.append(k[:, h], v[:, h], flush=False)
+        mirror.sync(fast)
+        layer = mirror.layer(fast)
+        assert torch.equal(layer.k_res, torch.stack([st.k_res for st in ref], 1))
+        assert torch.equal(layer.v_res, torch.stack([st.v_res for st in ref], 1))
+        if step % 7 == 0:  # the views are the buffer: the kernel's residual is read without a copy
+            assert layer.k_res.data_ptr() == mirror.rk.data_ptr()
+        for stores in (fast, ref):
+            for st in stores:
+                st.flush()
+        for a, b in zip(fast, ref):
+            assert a.nq == b.nq and a.nr == b.nr and a.nbytes() == b.nbytes()
+            for name in ("k_res", "v_res", "k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), (step, name)
+        spare = mirror.rk.shape[2] - (fast[0].nr if mirror._ours(fast) else 0)
+        planes = sum(t.numel() * t.element_size() for t, _, _ in mirror.bufs.values())
+        assert mirror.nbytes(fast) == planes + 2 * spare * B * H * D * 2  # bf16 slots the heads do not count
+    assert ref[0].nq > 301
 
 
 def _core(bits: int, fused: bool, **kw) -> LayerCore:
@@ -97,7 +137,7 @@ def test_cuda_decode_runs_the_kernel_and_matches_the_torch_path(bits):
         assert _rel(a, b) < 1e-2, (i, _rel(a, b))
     assert fused.mirror is not None and plain.mirror is None
     assert fused.mirror.t == fused.stores[0].nq >= 960
-    assert fused.nbytes() == plain.nbytes() + fused.mirror.nbytes()
+    assert fused.nbytes() == plain.nbytes() + fused.mirror.nbytes(fused.stores)
 
 
 @cuda

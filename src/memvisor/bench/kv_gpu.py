@@ -211,7 +211,7 @@ def time_cache_path(cfg: GpuBenchConfig, tokens: int, bits: int, steps: int = 16
         torch.cuda.synchronize()
         res["fused_ms" if fused else "torch_path_ms"] = (time.perf_counter() - t0) * 1e3 / steps
         if fused:
-            res["mirror_bytes"] = sum(c.mirror.nbytes() for c in cores)
+            res["mirror_bytes"] = sum(c.mirror.nbytes(c.stores) for c in cores)
             res["store_bytes"] = sum(c.nbytes() for c in cores) - res["mirror_bytes"]
         del cores, new
         torch.cuda.empty_cache()

@@ -85,7 +85,7 @@ class LayerCore:
     def nbytes(self) -> int:
         if self.stores is None:
             return 0
-        return sum(s.nbytes() for s in self.stores) + (self.mirror.nbytes() if self.mirror is not None else 0)
+        return sum(s.nbytes() for s in self.stores) + (self.mirror.nbytes(self.stores) if self.mirror is not None else 0)
 
     def lengths(self) -> list[int]:
         return [] if self.stores is None else [len(s) for s in self.stores]
@@ -116,10 +116,13 @@ class LayerCore:
         self.cum += Tq
         if self.passthrough:
             return self._update_passthrough(key_states, value_states)
-        pos = torch.arange(first, first + Tq, device=key_states.device)
+        self._pending = (Tq, first)
+        if self.mirror is not None and Tq == 1:  # fused decode: one copy into the heads' stacked residual
+            self.mirror.append(self.stores, key_states, value_states)
+            return None
+        pos = torch.arange(first, first + Tq, device=key_states.device) if self.stores[0].pos is not None else None
         for h, st in enumerate(self.stores):
             st.append(key_states[:, h], value_states[:, h], pos, flush=False)
-        self._pending = (Tq, first)
         return None
 
     def _update_passthrough(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -186,7 +189,7 @@ class LayerCore:
         pol = self.cfg.policy
         if pol is not None and pol.needs_queries:
             self._observe(pol, query)
-        before = self.nbytes()
+        before = self.nbytes() if self.observer is not None else 0
         if self.cfg.window is not None:
             self._drop_out_of_window()
         if self.cfg.channel is not None and self.stores[0].channels is None:

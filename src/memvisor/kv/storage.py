@@ -102,8 +102,19 @@ class HeadStore:
                 out["k_old"], out["v_old"] = self.k_old, self.v_old
         return out
 
+    def __setattr__(self, name: str, value) -> None:
+        # Every change of a stored tensor is an assignment (nothing is resized in place), so the bytes of all
+        # but the residual (which changes every decode step) are cached and dropped on any other assignment:
+        # the cache calls nbytes() twice per layer and decode step.
+        object.__setattr__(self, name, value)
+        if name not in ("k_res", "v_res", "_nbytes_rest"):
+            object.__setattr__(self, "_nbytes_rest", None)
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        if self._nbytes_rest is None:
+            self._nbytes_rest = sum(t.numel() * t.element_size() for name, t in self.tensors().items()
+                                    if name not in ("k_res", "v_res"))
+        return self._nbytes_rest + (self.k_res.numel() + self.v_res.numel()) * self.k_res.element_size()
 
     # ------------------------------------------------------------------ writing
     def append(self, k: Tensor, v: Tensor, pos: Tensor | None = None, flush: bool = True) -> None:

@@ -14,6 +14,12 @@ caches. It is updated when groups are quantized, by the new groups only (plus th
 tile), never the history.
 It is an extra copy: the HeadStores stay the cache's storage (every other path reads them), and the
 layer counts the mirror's bytes in ``nbytes()``.
+
+Decode steps append their token through :meth:`DecodeMirror.append`: the heads' full-precision residuals
+are views of one stacked buffer ``[B, H, cap, D]``, so a step costs one copy per tensor instead of a
+concatenation per head, and the kernel reads the buffer without stacking the heads (32 Llama layers: 576
+of a step's 672 CUDA kernels were those concatenations and stacks; 128 kernels now). A flush gives the heads
+fresh residual tensors; the next append stacks them into the buffer again.
 """
 
 from __future__ import annotations
@@ -58,9 +64,44 @@ class DecodeMirror:
         self.t = 0  # quantized tokens mirrored
         self.cap = 0
         self.bufs: dict[str, tuple[Tensor, int, int]] = {}
+        self.rk: Tensor | None = None  # stacked residual [B, H, cap, D]: the heads' k_res / v_res are views
+        self.rv: Tensor | None = None
+        self.views: list[tuple[Tensor, Tensor]] = []  # the (k_res, v_res) views handed to each head
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t, _, _ in self.bufs.values())
+    def nbytes(self, stores: list[HeadStore]) -> int:
+        """The planes buffers, plus the residual buffer's slots that the heads' views do not cover."""
+        n = sum(t.numel() * t.element_size() for t, _, _ in self.bufs.values())
+        if self.rk is not None:
+            spare = self.rk.shape[2] - (stores[0].nr if self._ours(stores) else 0)
+            n += 2 * spare * self.rk[:, :, :1].numel() * self.rk.element_size()
+        return n
+
+    def _ours(self, stores: list[HeadStore]) -> bool:
+        """Whether every head's residual is still the view this mirror handed it (a flush replaces it)."""
+        return len(self.views) == len(stores) and all(
+            st.k_res is k and st.v_res is v for st, (k, v) in zip(stores, self.views))
+
+    def append(self, stores: list[HeadStore], k: Tensor, v: Tensor) -> None:
+        """One decode step's token, k, v ``[B, H, 1, D]``, into every head's residual (what
+        ``HeadStore.append(..., flush=False)`` does per head), as one copy per tensor."""
+        n = stores[0].nr
+        ours = self.rk is not None and self._ours(stores)
+        if self.rk is None or n >= self.rk.shape[2]:
+            st0 = stores[0]
+            cap = n + 1 + self.q.group + self.q.residual  # a flush every G steps re-stacks before this fills
+            shape = (st0.B, len(stores), cap, st0.D)
+            self.rk = torch.empty(shape, dtype=st0.dtype, device=st0.device)
+            self.rv = torch.empty(shape, dtype=st0.dtype, device=st0.device)
+            ours = False
+        if not ours and n:  # the heads hold their own residual tensors (a flush, or the first step)
+            self.rk[:, :, :n].copy_(torch.stack([st.k_res for st in stores], 1))
+            self.rv[:, :, :n].copy_(torch.stack([st.v_res for st in stores], 1))
+        self.rk[:, :, n:n + 1].copy_(k)
+        self.rv[:, :, n:n + 1].copy_(v)
+        # one narrow and one unbind per tensor (per-head slicing cost ~5 us a call on the H200's host)
+        self.views = list(zip(self.rk.narrow(2, 0, n + 1).unbind(1), self.rv.narrow(2, 0, n + 1).unbind(1)))
+        for st, (k, v) in zip(stores, self.views):
+            st.k_res, st.v_res = k, v
 
     def sync(self, stores: list[HeadStore]) -> None:
         """Copy in the groups quantized since the last call (from each head's cache-layout tensors)."""
@@ -105,8 +146,12 @@ class DecodeMirror:
 
     def layer(self, stores: list[HeadStore]) -> PlanesLayer:
         """What the kernel reads now: the mirrored groups plus the heads' residual, stacked."""
-        k_res = torch.stack([st.k_res for st in stores], 1)
-        v_res = torch.stack([st.v_res for st in stores], 1)
+        if self.rk is not None and self._ours(stores):  # views of the stacked residual: no copy
+            n = stores[0].nr
+            k_res, v_res = self.rk[:, :, :n], self.rv[:, :, :n]
+        else:
+            k_res = torch.stack([st.k_res for st in stores], 1)
+            v_res = torch.stack([st.v_res for st in stores], 1)
         b = {name: t for name, (t, _, _) in self.bufs.items()}
         return PlanesLayer(self.q.bits, self.q.group, self.t, b["kw"], b["ks"], b["kz"], b["vw"], b["vsz"],
                            k_res, v_res)

@@ -22,6 +22,7 @@ imports it lazily.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -126,6 +127,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return 4 if _interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -261,7 +263,9 @@ def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float
     if layer.t_total == 0:
         raise KVLayoutError("cannot attend over an empty cache")
     tensors = (layer.kw, layer.ks, layer.kz, layer.vw, layer.vsz, layer.k_res, layer.v_res)
-    if not all(t.is_contiguous() for t in tensors) or not q.is_contiguous():
+    # the residual may be a token-range view of the cache's stacked residual buffer (cache_path.py)
+    if not (all(t.is_contiguous() for t in tensors[:5]) and _rows_ok(layer.k_res) and _rows_ok(layer.v_res)
+            and q.is_contiguous()):
         raise KVLayoutError("the Triton kernel needs contiguous query and cache tensors")
     if layer.k_res.dtype != q.dtype:
         raise KVLayoutError(f"residual dtype {layer.k_res.dtype} != query dtype {q.dtype}")
