@@ -1,6 +1,7 @@
 """Times are stored as fixed-width ISO-8601 UTC strings, so that string order is time order in SQL."""
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timezone
 
 from memvisor.errors import InvalidInput
@@ -36,6 +37,7 @@ def parse(stored: str) -> datetime:
     return datetime.strptime(stored, _FORMAT).replace(tzinfo=timezone.utc)
 
 
+@functools.lru_cache(maxsize=8192)  # context packing asks for the same dates many times
 def human_date(stored: str | None) -> str:
     """'8 May 2023': the day only (a prompt rarely needs the minute, and each digit costs a token)."""
     if not stored:
