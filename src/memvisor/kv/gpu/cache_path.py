@@ -55,6 +55,8 @@ class DecodeMirror:
     content copied once), zero-filled past the quantized tokens. Per buffer: name -> (tensor, token axis,
     entries per tile): ``kw, vw int16 [B, H, cap*G, D]``, ``ks, kz fp16 [B, H, cap*S, D]``,
     ``vsz fp16 [B, H, D/G, cap*S*G, 2]`` (planes.py; the kernel reads the first ``t`` tokens).
+    Residual: ``rk, rv [B, H, cap_r, D]`` in the model dtype, whose first ``nr`` token slots are the heads'
+    ``k_res`` / ``v_res`` between flushes (:meth:`append`).
     """
 
     def __init__(self, q: QuantConfig) -> None:
@@ -100,8 +102,8 @@ class DecodeMirror:
         self.rv[:, :, n:n + 1].copy_(v)
         # one narrow and one unbind per tensor (per-head slicing cost ~5 us a call on the H200's host)
         self.views = list(zip(self.rk.narrow(2, 0, n + 1).unbind(1), self.rv.narrow(2, 0, n + 1).unbind(1)))
-        for st, (k, v) in zip(stores, self.views):
-            st.k_res, st.v_res = k, v
+        for st, (kr, vr) in zip(stores, self.views):
+            st.k_res, st.v_res = kr, vr
 
     def sync(self, stores: list[HeadStore]) -> None:
         """Copy in the groups quantized since the last call (from each head's cache-layout tensors)."""
