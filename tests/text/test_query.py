@@ -16,6 +16,8 @@ def test_common_words_are_conjoined_rare_ones_stay_alternatives():
     assert fts_match(["garden", "kayak"], common={"garden"}) == '"kayak"'  # a lone common word beside rarer ones: out
     assert fts_match(["garden"], common={"garden"}) is None  # one common word alone: the dense half ranks it
     assert fts_match(["garden"]) == '"garden"'
+    assert fts_match(["kayak", "garden", "shed"], {"garden", "shed"}, conjoin_common=False) == '"kayak"'
+    assert fts_match(["garden", "shed"], {"garden", "shed"}, conjoin_common=False) is None
 
 
 def test_store_counts_postings_up_to_the_cap_and_pruned_query_skips_lone_common_words(memory):
@@ -25,6 +27,9 @@ def test_store_counts_postings_up_to_the_cap_and_pruned_query_skips_lone_common_
     store = memory.store
     assert store.common_terms(["garden", "shed", "kayak"], cap=3) == {"garden", "shed"}
     assert store.common_terms(["garden", "shed", "kayak"], cap=6) == set()
+    both = fts_match(["garden", "shed"], {"garden", "shed"})  # 4 rows hold both words
+    assert both == '("garden" AND "shed")'
+    assert store.matches_over(both, cap=3) and not store.matches_over(both, cap=4)
     words = ["garden", "shed", "kayak"]
     pruned = fts_match(words, store.common_terms(words, cap=3))
     hits = {store.rows([rid])[rid]["text"] for rid, _ in store.full_text(pruned, Filters(namespace="q"), 50)}

@@ -301,13 +301,12 @@ class SQLiteStore:
         """The words whose posting lists hold more than `cap` rows (over every namespace: what a query
         would have to score). Counting stops at cap + 1, so each check costs at most that many
         posting entries (well under a millisecond), never the whole list."""
-        out = set()
-        for word in words:
-            n = self.db.execute("SELECT count(*) FROM (SELECT 1 FROM items_fts WHERE items_fts MATCH ? LIMIT ?)",
-                                ('"' + word.replace('"', '""') + '"', cap + 1)).fetchone()[0]
-            if n > cap:
-                out.add(word)
-        return out
+        return {word for word in words if self.matches_over('"' + word.replace('"', '""') + '"', cap)}
+
+    def matches_over(self, match: str, cap: int = COMMON_POSTINGS) -> bool:
+        """Whether the FTS5 expression `match` admits more than `cap` rows, counting no further than cap + 1."""
+        return self.db.execute("SELECT count(*) FROM (SELECT 1 FROM items_fts WHERE items_fts MATCH ? LIMIT ?)",
+                               (match, cap + 1)).fetchone()[0] > cap
 
     def full_text(self, match: str, filters: Filters, limit: int,
                   context_weight: float = 0.5) -> list[tuple[int, float]]:

@@ -32,7 +32,7 @@ def terms(text: str) -> list[str]:
     return list(seen)
 
 
-def fts_match(words: str | list[str], common: Collection[str] = ()) -> str | None:
+def fts_match(words: str | list[str], common: Collection[str] = (), conjoin_common: bool = True) -> str | None:
     """An FTS5 MATCH expression over the query's content words (BM25 ranks by how many and how rare).
 
     `words`: the query text, or its words already from `terms()`. Without `common` the expression is
@@ -45,7 +45,9 @@ def fts_match(words: str | list[str], common: Collection[str] = ()) -> str | Non
     some common words are not scored; the dense half still finds them. A query of common words only
     keeps their conjunction; a query of one common word alone gets no full-text part (None): scoring
     its whole posting list was the p99 outlier at 100k (43k rows) and grows with the store, and the
-    dense half ranks a one-word query by itself.
+    dense half ranks a one-word query by itself. `conjoin_common=False` leaves the common words out
+    altogether: for when their conjunction is itself too common ("ines" AND "seville", where Ines lives,
+    cost 290 ms at 470k rows; `HybridRetriever` checks with `SQLiteStore.matches_over`).
     """
     words = terms(words) if isinstance(words, str) else list(words)
     if not words:
@@ -53,7 +55,7 @@ def fts_match(words: str | list[str], common: Collection[str] = ()) -> str | Non
     common_set = set(common)
     parts = [_quote(w) for w in words if w not in common_set]  # the rarer words, each enough to match
     frequent = [_quote(w) for w in words if w in common_set]
-    if len(frequent) > 1:
+    if len(frequent) > 1 and conjoin_common:
         parts.append("(" + " AND ".join(frequent) + ")")
     return " OR ".join(parts) or None
 

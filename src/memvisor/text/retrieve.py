@@ -89,7 +89,10 @@ class HybridRetriever:
         named = named_speaker(words, store.speakers(filters.namespace))
         by_rid: dict[int, Candidate] = {}
         fts_words = [w for w in words if w != (named or "").lower()]
-        match = fts_match(fts_words, store.common_terms(fts_words))
+        common = store.common_terms(fts_words)
+        match = fts_match(fts_words, common)
+        if len(common) > 1 and store.matches_over(fts_match([w for w in fts_words if w in common], common)):
+            match = fts_match(fts_words, common, conjoin_common=False)  # the conjunction is common too
         if match:
             text_hits = store.full_text(match, filters, pool, self.context_weight)
             rows = store.rows([rid for rid, _ in text_hits])
