@@ -171,7 +171,7 @@ class Memory:
             self.store.vector_index(batch[0].namespace)
             if progress:
                 progress(len(batch))
-        if len(items) >= BULK_WRITE and items:
+        if len(items) >= BULK_WRITE:
             self.store.save_index(items[0].namespace)
         return AddResult(written, added, len(written) - added)
 
