@@ -37,3 +37,18 @@ def test_store_counts_postings_up_to_the_cap_and_pruned_query_skips_lone_common_
     assert hits == {"I bought a kayak"} | {f"my garden shed number {i}" for i in range(4)}
     full = {store.rows([rid])[rid]["text"] for rid, _ in store.full_text(fts_match(words), Filters(namespace="q"), 50)}
     assert full == hits | {"the garden was green", "a shed by the lake"}
+
+
+def test_retriever_leaves_out_a_conjunction_of_common_words_that_is_common_too(memory):
+    """End to end at the real cap (2,000 rows): "garden" and "shed" are each in 2,100 rows and together
+    in all of them, so full text keeps only the rare word; the dense half still ranks everything."""
+    from memvisor.store.sqlite_store import COMMON_POSTINGS
+    from memvisor.text.retrieve import HybridRetriever
+
+    memory.add_many([f"garden shed note {i}" for i in range(COMMON_POSTINGS + 100)] + ["a red kayak"],
+                    namespace="q")
+    filters = Filters(namespace="q")
+    candidates = HybridRetriever().retrieve(memory.store, memory.embedder, "garden shed kayak", filters, 50)
+    in_full_text = {c.row["text"] for c in candidates if c.bm25_rank is not None}
+    assert in_full_text == {"a red kayak"}
+    assert sum(c.vector_rank is not None for c in candidates) == 50
