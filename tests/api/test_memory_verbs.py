@@ -139,3 +139,23 @@ def test_unknown_namespace_and_id(memory):
         memory.delete("deadbeef", namespace="app")
     with pytest.raises(InvalidInput, match="namespace must be"):
         memory.search("x", namespace="")
+
+
+def test_update_of_a_turn_embeds_it_as_ingest_did(memory, small_conversation):
+    """A turn's vector is computed with the previous turn of its session (its stored context also
+    holds the next turn, for full text only); an update must embed it the same way."""
+    import numpy as np
+
+    memory.ingest(small_conversation, namespace="chat")
+    turn = memory.search("Which islands is Ana hiking?", namespace="chat", k=1)[0].item
+    assert turn.sources == ["t4"]
+    memory.update(turn.id, namespace="chat", text="To Iceland, hiking the highlands in August.")
+    rid = memory.store.head_row("chat", turn.id)["rid"]
+    stored = memory.store.vectors_of([rid]).astype(np.float32)[0]
+    line = "Ana: To Iceland, hiking the highlands in August."
+    as_ingest, with_next = memory.embedder.encode([
+        f"Ben: Where are you going on holiday this summer?\n{line}",
+        f"Ben: Where are you going on holiday this summer?\nBen: My cello teacher says I should join "
+        f"an orchestra.\n{line}"])
+    assert stored @ as_ingest > 0.999
+    assert stored @ with_next < 0.99

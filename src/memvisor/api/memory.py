@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -206,9 +207,21 @@ class Memory:
         vector = None
         if text is not None:
             merged.metadata = metadata if metadata is not None else head.metadata
-            merged.context = self.store.head_row(namespace, memory_id)["context"]
+            merged.context = self._embedded_context(self.store.head_row(namespace, memory_id))
             vector = self.embedder.encode([_embedding_text(merged)])[0]
         return self.store.revise(namespace, memory_id, "update", changes, vector)
+
+    def _embedded_context(self, row: Any) -> str | None:
+        """The context a memory's vector is computed with: what `ingest` embedded for a conversation
+        turn (the previous turn of its session, as it reads now; its stored context holds the next
+        turn too, for full text only), the stored context otherwise."""
+        metadata = json.loads(row["metadata"] or "{}")
+        if "turn_id" not in metadata or row["thread"] is None or row["position"] is None:
+            return row["context"]
+        before = self.store.thread_rows(row["namespace"], row["thread"], row["position"] - 1,
+                                        row["position"] - 1, Filters(namespace=row["namespace"]))
+        same = [r for r in before if r["session_id"] == row["session_id"]]
+        return f"{same[0]['speaker']}: {same[0]['text']}" if same else None
 
     def invalidate(self, memory_id: str, *, namespace: str = "default", at: Any = None,
                    reason: str | None = None) -> MemoryItem:
