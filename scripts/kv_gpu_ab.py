@@ -24,19 +24,22 @@ import torch
 from memvisor.bench.kv_gpu import GpuBenchConfig, _bench, _kivi_attend, _kivi_layers, _step, copy_bandwidth
 from memvisor.kv.gpu import decode_attention_reference, quantize_layer, to_planes
 
+# the Gluon operand-swap kernel (gluon_kivi_swap.py, "swap-wWxV": W warps per program, V programs per SM)
+# against the planes kernel
 VARIANTS = {
     2: {
         "planes": dict(variant="planes"),
-        "planes-w3": dict(variant="planes", waves=3.0),
-        "planes-c64d128": dict(variant="planes", combine_block_s=64, combine_db=128),  # the combine before
+        "swap": dict(variant="swap"),
+        "swap-w1x7": dict(variant="swap", num_warps=1, waves=7.0),
+        "swap-reg-w1x8": dict(variant="swap", num_warps=1, waves=8.0, staged=False),
     },
     4: {
-        "tile": dict(variant="tile", block_n=64, num_warps=4, waves=4.0, num_stages=2, v_reshape=True),
         "planes": dict(variant="planes"),
-        "planes-r200w5": dict(variant="planes", maxnreg=200, waves=5.0),
-        "planes-c64d128": dict(variant="planes", combine_block_s=64, combine_db=128),
+        "swap": dict(variant="swap"),
+        "swap-w1x7": dict(variant="swap", num_warps=1, waves=7.0),
     },
 }
+PLANES = ("planes", "swap")  # variants that read the planes layout
 
 
 def errors(cfg: GpuBenchConfig, tokens: int = 4096 + 45) -> dict:
@@ -51,7 +54,7 @@ def errors(cfg: GpuBenchConfig, tokens: int = 4096 + 45) -> dict:
         planes = to_planes(layer)
         for name, kw in variants.items():
             try:  # a variant that fails to compile is reported, not fatal
-                got = _kivi_attend(q, planes if kw["variant"] == "planes" else layer, kw).double()
+                got = _kivi_attend(q, planes if kw["variant"] in PLANES else layer, kw).double()
                 out[f"kivi{bits}/{name}"] = float((got - ref).norm() / ref.norm())
             except Exception as exc:  # noqa: BLE001
                 out[f"kivi{bits}/{name}"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -115,12 +118,12 @@ def main() -> None:
             planes = [to_planes(x) for x in layers]
             for _ in range(args.reps):
                 for name, kw in variants.items():
-                    caches = planes if kw["variant"] == "planes" else layers
+                    caches = planes if kw["variant"] in PLANES else layers
                     if isinstance(res["errors"].get(f"kivi{bits}/{name}"), str):
                         continue  # it did not run
                     fn = _step(q_layers, caches, lambda q, c, kw=kw: _kivi_attend(q, c, kw))
                     row.setdefault(f"kivi{bits}/{name}", []).append(_bench(fn) * 1e3)
-                    if kw["variant"] == "planes" and name == "planes":
+                    if name in ("planes", "swap"):
                         one = _step(q_layers, [caches[0]] * len(caches), lambda q, c, kw=kw: _kivi_attend(q, c, kw))
                         row.setdefault(f"kivi{bits}/{name}/l2", []).append(_bench(one) * 1e3)
             row[f"kivi{bits}/bytes"] = sum(x.nbytes() for x in planes)

@@ -5,7 +5,8 @@ Compute on a CUDA card (the profiles behind BENCHMARKS.md kv-gpu, "Where the tim
         --section WarpStateStats --section SchedulerStats python scripts/kv_gpu_profile_layer.py 2
     ncu ... --section SourceCounters --page source --print-source sass python scripts/kv_gpu_profile_layer.py 2
 
-Argument: the code width, 2 or 4.
+Arguments: the code width, 2 or 4; ``swap`` for the Gluon operand-swap kernel (gluon_kivi_swap.py, its
+default settings; ``-k regex:_swap_split`` under ncu).
 """
 
 import sys
@@ -13,13 +14,14 @@ import sys
 import torch
 
 from memvisor.kv.gpu import random_layer, to_planes
-from memvisor.kv.gpu.triton_decode import planes_decode_attention
+from memvisor.kv.gpu.triton_decode import planes_decode_attention, swap_decode_attention
 
 bits = int(sys.argv[1])
+attend = swap_decode_attention if sys.argv[2:3] == ["swap"] else planes_decode_attention
 g = torch.Generator(device="cuda").manual_seed(0)
 layer = to_planes(random_layer(1, 8, 32768 - 32, 128, bits, 32, 32, torch.bfloat16, "cuda", g))
 q = torch.randn(1, 32, 128, device="cuda").bfloat16()
 for _ in range(6):
-    planes_decode_attention(q, layer)
+    attend(q, layer)
 torch.cuda.synchronize()
 print("done", bits)

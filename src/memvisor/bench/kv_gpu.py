@@ -51,7 +51,7 @@ class GpuBenchConfig:
         for st, wv, kw in ((2, 4.0, {}), (2, 4.0, dict(combine_db=16, combine_warps=2)),
                            (2, 4.0, dict(combine_warps=2)), (2, 4.0, dict(combine_block_s=64, combine_db=128)),
                            (2, 5.0, dict(maxnreg=200)), (3, 3.0, {}))
-    ])
+    ] + [dict(variant="swap")])  # the Gluon operand-swap kernel (gluon_kivi_swap.py), its own split plan
     dense_configs: list[dict] = field(default_factory=lambda: [
         dict(block_n=bn, num_warps=w, waves=wv, num_stages=2) for bn, w in ((64, 4), (128, 8)) for wv in (2.0, 4.0)
     ])
@@ -100,7 +100,7 @@ def check_kernel(cfg: GpuBenchConfig, kivi_kw: dict, dense_kw: dict, tokens: int
         layer = quantize_layer(k.float(), v.float(), bits, cfg.group, cfg.residual)
         layer.k_res, layer.v_res = layer.k_res.bfloat16().contiguous(), layer.v_res.bfloat16().contiguous()
         ref = decode_attention_reference(q, layer).double()
-        got = _kivi_attend(q, to_planes(layer) if kivi_kw[bits].get("variant") == "planes" else layer,
+        got = _kivi_attend(q, to_planes(layer) if kivi_kw[bits].get("variant") in ("planes", "swap") else layer,
                            kivi_kw[bits]).double()
         out[f"kivi{bits}_vs_reference"] = float((got - ref).norm() / ref.norm())
     ref = dense_decode_attention(q, k, v)
@@ -125,8 +125,10 @@ def _kivi_layers(cfg: GpuBenchConfig, tokens: int, bits: int, planes: bool = Fal
 
 def _kivi_attend(q: torch.Tensor, layer, kw: dict) -> torch.Tensor:
     """The KIVI kernel that ``kw["variant"]`` names, with the rest of ``kw`` as its settings."""
-    from memvisor.kv.gpu.triton_decode import kivi_decode_attention, planes_decode_attention
+    from memvisor.kv.gpu.triton_decode import kivi_decode_attention, planes_decode_attention, swap_decode_attention
 
+    if kw.get("variant") == "swap":
+        return swap_decode_attention(q, layer, **{k: v for k, v in kw.items() if k != "variant"})
     if kw.get("variant") == "planes":
         return planes_decode_attention(q, layer, **{k: v for k, v in kw.items() if k != "variant"})
     return kivi_decode_attention(q, layer, **kw)
@@ -280,7 +282,7 @@ def run_gpu_bench(cfg: GpuBenchConfig, log: Callable[[str], None] = print) -> di
         torch.cuda.empty_cache()
         fp16_best = min(entry["bf16_sdpa"]["us_per_step"], entry["bf16_triton"]["us_per_step"])
         for bits in cfg.bits:
-            layers = _kivi_layers(cfg, tokens, bits, tuned[bits].get("variant") == "planes")
+            layers = _kivi_layers(cfg, tokens, bits, tuned[bits].get("variant") in ("planes", "swap"))
             nbytes = sum(layer.nbytes() for layer in layers) + io_bytes
             ms = _bench(_step(q_layers, layers, lambda q, c: _kivi_attend(q, c, tuned[bits])))
             entry[f"kivi{bits}"] = {

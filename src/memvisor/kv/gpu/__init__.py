@@ -42,8 +42,9 @@ def decode_attention(q: torch.Tensor, layer: KiviLayer | PlanesLayer, sm_scale: 
                      use_triton: bool | None = None) -> torch.Tensor:
     """One decode step's attention over a quantized layer: ``[B, Hq, D]`` in q's dtype.
 
-    A :class:`PlanesLayer` (2- or 4-bit codes repacked for the fast kernel, see planes.py) runs the
-    planes kernel and needs CUDA + Triton; a :class:`KiviLayer` runs the cache-layout kernel on
+    A :class:`PlanesLayer` (2- or 4-bit codes repacked for the fast kernels, see planes.py) runs the
+    Gluon operand-swap kernel (group 32, up to 4 query heads per kv head, head_dim 64-256) or else the
+    planes kernel, and needs CUDA + Triton; a :class:`KiviLayer` runs the cache-layout kernel on
     CUDA or the block-by-block torch reference elsewhere.
 
     ``use_triton``: None = automatic (CUDA + Triton), True = require the kernel (raises
@@ -53,9 +54,18 @@ def decode_attention(q: torch.Tensor, layer: KiviLayer | PlanesLayer, sm_scale: 
     if want:
         if not (q.is_cuda and triton_available()):
             raise TritonUnavailableError("the fused kernel needs Triton and a CUDA tensor")
-        from memvisor.kv.gpu.triton_decode import kivi_decode_attention, planes_decode_attention
+        from memvisor.kv.gpu.triton_decode import (
+            kivi_decode_attention,
+            planes_decode_attention,
+            swap_decode_attention,
+            swap_supported,
+        )
 
         if isinstance(layer, PlanesLayer):
+            # the Gluon operand-swap kernel where it applies (faster on H100 at 8k-64k tokens, both widths:
+            # BENCHMARKS.md kv-gpu), else the Triton planes kernel
+            if swap_supported(q, layer):
+                return swap_decode_attention(q, layer, sm_scale)
             return planes_decode_attention(q, layer, sm_scale)
         return kivi_decode_attention(q, layer, sm_scale)
     if isinstance(layer, PlanesLayer):

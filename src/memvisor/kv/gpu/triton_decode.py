@@ -285,6 +285,78 @@ def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float
     return _combine(op, lp, q, n_rows, combine_block_s, combine_db, combine_warps)
 
 
+# programs of the swap kernel that fit on one SM at once (H100/H200, staged, sm_90 build): 28 KB of shared memory
+# per 1-warp program for 2-bit codes (7 per SM), 22.5 KB and 168 registers for 4-bit ones (9)
+_SWAP_RESIDENT = {(2, 128, 1): 7, (4, 128, 1): 9}
+
+
+def _swap_plan(bh: int, units: int, sm_count: int, resident: int) -> tuple[int, int]:
+    """(splits, units per split) for the swap kernel: every program resident at once (at most ``resident`` per
+    SM), about 4 programs per SM or more where the work allows (fewer leave the SM waiting on memory), and
+    among those the fewest units on the busiest SM (programs spread evenly), ties to more units per program
+    (the next unit's copy overlaps the current one's work). H100, 2-bit at 32k tokens: 4 units x 512
+    programs ran in 576 us per step, 3 x 688 in 688 (busiest SM: 16 against 18 units)."""
+    if units <= 0:
+        return 0, 1
+    plans = []
+    for ups in range(1, units + 1):
+        n_split = -(-units // ups)
+        programs = bh * n_split
+        if programs <= resident * sm_count:
+            plans.append((-(-programs // sm_count) * ups, -ups, n_split, programs))
+    if not plans:  # more kv heads than resident programs: one split each
+        return 1, units
+    busy = [p for p in plans if p[3] >= 3.5 * sm_count] or [max(plans, key=lambda p: p[3])]
+    _, neg_ups, n_split, _ = min(busy)
+    return n_split, -neg_ups
+
+
+def swap_supported(q: torch.Tensor, layer: PlanesLayer) -> bool:
+    """Whether the Gluon operand-swap kernel (gluon_kivi_swap.py) takes this layer: group 32, at most 4 query
+    heads per kv head, head_dim 64, 128 or 256."""
+    return layer.group == 32 and q.shape[1] // layer.k_res.shape[1] <= 4 and layer.k_res.shape[3] in (64, 128, 256)
+
+
+def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float | None = None, *,
+                          num_warps: int = 1, waves: float | None = None, staged: bool = True,
+                          maxnreg: int | None = None) -> torch.Tensor:
+    """:func:`planes_decode_attention` through the Gluon kernel with tokens on the matrix product's M side
+    (gluon_kivi_swap.py): same inputs and result. ``waves``: programs of ``num_warps`` warps per SM (None: the
+    balanced plan of :func:`_swap_plan`);
+    ``staged``: each warp copies its next unit (code words, scales, zero points) into shared memory while it
+    computes the current one; else it loads a unit's words into registers and its scales group by group."""
+    from memvisor.kv.gpu.gluon_kivi_swap import _swap_split_kernel
+
+    b, hkv, t_r, d = layer.k_res.shape
+    groups = _check(q, hkv, d, b)
+    if not swap_supported(q, layer):
+        raise KVLayoutError("the swap kernel needs group 32, <= 4 query heads per kv head, head_dim 64/128/256")
+    if layer.t_total == 0:
+        raise KVLayoutError("cannot attend over an empty cache")
+    tensors = (layer.kw, layer.ks, layer.kz, layer.vw, layer.vsz, layer.k_res, layer.v_res)
+    if not (all(t.is_contiguous() for t in tensors[:5]) and _rows_ok(layer.k_res) and _rows_ok(layer.v_res)
+            and q.is_contiguous()):
+        raise KVLayoutError("the kernel needs contiguous query and cache tensors")
+    if layer.k_res.dtype != q.dtype:
+        raise KVLayoutError(f"residual dtype {layer.k_res.dtype} != query dtype {q.dtype}")
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    n_units = 2 * -(-layer.t_quant // (SLOTS[layer.bits] * 32))  # two units of 16 slots per tile
+    if waves is None:
+        n_split, ups = _swap_plan(b * hkv, n_units, _sm_count(q.device), _SWAP_RESIDENT.get((layer.bits, d, num_warps), 4))
+    else:
+        n_split, ups = _split_plan(b * hkv, n_units, 1, _sm_count(q.device), waves)
+    n_rows = n_split + 1
+    op = torch.empty((b * q.shape[1], n_rows, d), device=q.device, dtype=torch.float32)
+    lp = torch.empty((b * q.shape[1], n_rows), device=q.device, dtype=torch.float32)
+    # no quantized tokens: the strides of empty tensors may be odd, and no program reads them
+    strides = (layer.kw.stride(1), layer.ks.stride(1), layer.vsz.stride(1)) if layer.t_quant else (0, 0, 0)
+    _swap_split_kernel[(b * hkv, n_rows)](
+        q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, ups, *strides, layer.vsz.shape[-2],
+        layer.k_res.stride(1), layer.v_res.stride(1),
+        GROUPS=groups, D=d, BITS=layer.bits, STAGED=staged, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return _combine(op, lp, q, n_rows)
+
+
 def dense_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
                                   *, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
                                   waves: float = 2.0) -> torch.Tensor:

@@ -1,0 +1,636 @@
+"""Decode split kernel over the planes layout (planes.py) written in Gluon, with the operands swapped:
+tokens on the M side of ``mma.sync.m16n8k16`` and the query heads of a KV group on its N = 8 side.
+
+Why Gluon: Triton's ``tl.dot`` needs N >= 16, so the swap in Triton (round 2, BENCHMARKS ``kv-gpu``) still
+padded 4 query heads to 16 columns. Gluon exposes ``mma_v2`` (m16n8k16) and explicit register layouts, so
+the 4 heads fill 8 columns, twice: columns ``n = 4 x + h`` hold head ``h`` for ``x = 0, 1``.
+
+Program: ``W`` warps, kv head ``bh``, tokens ``[s * tps, (s + 1) * tps)``. Each warp is independent until the
+end (every tensor has a leading warp dimension) and takes units of ``16`` token slots of a planes tile
+(``S = 16 // BITS`` key groups of ``G = 32`` tokens: one unit is ``16 S`` tokens), the units of the range in
+turn. At the end the warps' online-softmax states merge in shared memory and the program writes one
+partial ``[GROUPS, D]`` plus its log2-sum-exp, which the existing combine launch merges.
+
+Per unit and group ``j`` (bit field ``j`` of the words; subnormal codes as in triton_kivi_planes.py):
+
+- Keys: ``S^T [16 tokens, 8] = codes_j [16, D] . (q * ks_j) [D, 8]`` plus the zero-point term ``q . kz_j``,
+  added by a K=16 product of a one-hot matrix (ones of 2^-24) with the tile's zero-point terms split into
+  fp16 hi + lo. Scores carry 2^-24 (the subnormal codes); the softmax's exponent takes it back.
+- Values: ``out^T [D, 8] += codes_j^T [D, 16] . (p * vs) [16, 8]``. The value scale is per (token, channel
+  group of 32): a 16-row block of ``out^T`` lies in one channel group, and columns ``4 x + h`` of the
+  probabilities carry the scale of channel group ``2 pair + x``, so one B operand serves two channel groups
+  (the other group's columns of a block are discarded). ``pair`` is a batch index of the product.
+- Zero points and row sums: ``[16, 8] += Z_j [16, 16 tokens] . p [16, 8]``, rows of ``Z_j``: the value zero
+  points of each channel group, then a row of ones (the softmax's normaliser).
+
+Loads: the channel order inside the products is permuted (a product may take its K (or M) index in any
+order, the same on both operands) so that each thread reads 16-byte (keys) and 8-byte (values) runs of
+the planes layout straight from global memory: physical channel ``c = (D/4) i + 4 s + 2 t + e`` is logical
+``k = 16 s + 8 t + 2 i + e`` (keys), and token slot ``4 i + 2 t + e`` is product index ``8 t + 2 i + e``
+(i = lane % 4). The loads are made in a layout over the physical index and relabelled by
+reshape/permute, which moves no data.
+
+Shapes (for one program): q ``[GROUPS, D]`` (model dtype), kw/vw ``int16 [n_tiles G, D]``, ks/kz
+``fp16 [n_tiles S, D]``, vsz ``fp16 [D/G, n_tiles S G, 2]``, residual ``[T_r, D]`` (model dtype); outputs
+``OP fp32 [B Hq, n_rows, D]`` (normalised partial), ``LP fp32 [B Hq, n_rows]`` (log2-sum-exp).
+Supported: G = 32, GROUPS <= 4, D in {64, 128, 256}, BITS in {2, 4}; other shapes use the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+
+from memvisor.kv.gpu.planes import VALUE_EXP
+
+VEXP = gl.constexpr(VALUE_EXP)
+TWO24 = gl.constexpr(16777216.0)
+DEAD = gl.constexpr(-30000.0)  # score (log2 units) of a group past the range: exp2 of it is 0
+
+
+def _and_asm(bits: int, jj: int) -> str:
+    return f"and.b32 $0, $1, {hex((((1 << bits) - 1) << (bits * jj)) * 0x10001)};"
+
+
+AND_ASM = gl.constexpr(tuple(_and_asm(2, jj) for jj in range(5)) + tuple(_and_asm(4, jj) for jj in range(5)))
+SHR_ASM = gl.constexpr(("shr.b32 $0, $1, 10;", "shr.b32 $0, $1, 8;"))
+
+
+@gluon.constexpr_function
+def _log2(n):
+    return n.bit_length() - 1
+
+
+@gluon.constexpr_function
+def mma_layout(W):
+    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
+
+
+@gluon.constexpr_function
+def op_layout(W, idx):
+    return gl.DotOperandLayout(idx, mma_layout(W), 2)
+
+
+@gluon.constexpr_function
+def _warps(W):
+    return [[1 << b, 0, 0] for b in range(_log2(W))]
+
+
+@gluon.constexpr_function
+def keys_phys(W, D):
+    """[W, 16 rows, D physical channels]: thread (lane l) holds rows l//4 and l//4 + 8, channels
+    (D/4)(l%4) + [0, D/4) (contiguous: 16-byte loads)."""
+    regs = [[0, 0, 1 << b] for b in range(_log2(D // 4))] + [[0, 8, 0]]
+    lanes = [[0, 0, D // 4], [0, 0, D // 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
+    return gl.DistributedLinearLayout(regs, lanes, _warps(W), [], [W, 16, D])
+
+
+@gluon.constexpr_function
+def bop_phys(W, D, N):
+    """[W, D physical channels, N columns]: the B operand's threads, channels as in keys_phys."""
+    regs = [[0, 1 << b, 0] for b in range(_log2(D // 4))] + [[0, 0, 8 << b] for b in range(_log2(N // 8))]
+    lanes = [[0, D // 4, 0], [0, D // 2, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]]
+    return gl.DistributedLinearLayout(regs, lanes, _warps(W), [], [W, D, N])
+
+
+@gluon.constexpr_function
+def vals_phys(W, NP):
+    """[W NP, 16 token slots, 64 channels of a pair of channel groups]: thread l holds slots 4(l%4) + [0, 4),
+    channels 32 x + 4 (l//4) + [0, 4) for x = 0, 1 (8-byte loads). Batch b = pair * W + warp."""
+    regs = [[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 0, 32]] + [[W << b, 0, 0] for b in range(_log2(NP))]
+    lanes = [[0, 4, 0], [0, 8, 0], [0, 0, 4], [0, 0, 8], [0, 0, 16]]
+    return gl.DistributedLinearLayout(regs, lanes, _warps(W), [], [W * NP, 16, 64])
+
+
+@gluon.constexpr_function
+def sz_phys(W, R, N):
+    """[W R, 4 slot quads, N, 8 = 4 slots x (scale, zero)]: thread l holds quad l%4 (16 contiguous bytes) of
+    column l//4 (and + 8 for N = 16)."""
+    regs = [[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4]] + [[0, 0, 8 << b, 0] for b in range(_log2(N // 8))] + [
+        [W << b, 0, 0, 0] for b in range(_log2(R))]
+    lanes = [[0, 1, 0, 0], [0, 2, 0, 0], [0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0]]
+    warps = [[1 << b, 0, 0, 0] for b in range(_log2(W))]
+    return gl.DistributedLinearLayout(regs, lanes, warps, [], [W * R, 4, N, 8])
+
+
+@gluon.constexpr_function
+def copy_layout(W, R, E):
+    """[R, E] fp16 rows copied to shared memory 16 bytes per thread by W warps."""
+    te = min(32, E // 8)
+    return gl.BlockedLayout([1, 8], [32 // te, te], [W, 1], [1, 0])
+
+
+@gluon.constexpr_function
+def sz_smem_layout(W, NP):
+    """[W, NGV 32]: a group's (scale, zero) pairs read from shared memory, element ``32 (2 pair + x) + 8 i + e``
+    held where sz_phys wants it, replicated over the lanes of the 4 heads (lanes 2 and 3)."""
+    regs = [[0, 1], [0, 2], [0, 4]] + [[0, 64 << b] for b in range(_log2(NP))]
+    lanes = [[0, 8], [0, 16], [0, 0], [0, 0], [0, 32]]
+    return gl.DistributedLinearLayout(regs, lanes, _warps2(W), [], [W, NP * 64])
+
+
+@gluon.constexpr_function
+def _warps2(W):
+    return [[1 << b, 0] for b in range(_log2(W))]
+
+
+@gluon.constexpr_function
+def sz6_layout(W, NP):
+    """[W, NP, 2 (x), 4 (h), 4 slot quads, 8]: sz_smem_layout with the heads as a dimension."""
+    regs = [[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 2], [0, 0, 0, 0, 0, 4]] + [
+        [0, 1 << b, 0, 0, 0, 0] for b in range(_log2(NP))]
+    lanes = [[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 2, 0], [0, 0, 0, 1, 0, 0], [0, 0, 0, 2, 0, 0], [0, 0, 1, 0, 0, 0]]
+    warps = [[1 << b, 0, 0, 0, 0, 0] for b in range(_log2(W))]
+    return gl.DistributedLinearLayout(regs, lanes, warps, [], [W, NP, 2, 4, 4, 8])
+
+
+@gluon.constexpr_function
+def keys_smem_layout(W, D):
+    """[W 16 rows (warp, physical slot), D]: keys_phys over shared memory, rows still in slot order (the
+    relabelling to product rows follows)."""
+    regs = [[0, 1 << b] for b in range(_log2(D // 4))] + [[2, 0]]
+    lanes = [[0, D // 4], [0, D // 2], [1, 0], [4, 0], [8, 0]]
+    return gl.DistributedLinearLayout(regs, lanes, [[16 << b, 0] for b in range(_log2(W))], [], [W * 16, D])
+
+
+@gluon.constexpr_function
+def vals_smem_layout(W, NP):
+    """[W 16 rows, NP 64]: vals_phys over shared memory."""
+    regs = [[0, 1], [0, 2], [1, 0], [2, 0], [0, 32]] + [[0, 64 << b] for b in range(_log2(NP))]
+    lanes = [[4, 0], [8, 0], [0, 4], [0, 8], [0, 16]]
+    return gl.DistributedLinearLayout(regs, lanes, [[16 << b, 0] for b in range(_log2(W))], [], [W * 16, NP * 64])
+
+
+@gluon.constexpr_function
+def kz_smem_layout(W, D, S):
+    """[S W rows (group j, warp w), D]: the zero points as bop_phys(W, D, 16) wants them (columns g % S)."""
+    regs = [[0, 1 << b] for b in range(_log2(D // 4))]
+    lanes = [[0, D // 4], [0, D // 2]] + [[W << b, 0] if (1 << b) < S else [0, 0] for b in range(3)]
+    return gl.DistributedLinearLayout(regs, lanes, _warps2(W), [], [S * W, D])
+
+
+@gluon.jit
+def _chan_perm_rows(x, D: gl.constexpr):
+    """[B, R, D physical] -> [B, R, D logical] (k = 16 s + 8 t + 2 i + e for c = (D/4) i + 4 s + 2 t + e)."""
+    B: gl.constexpr = x.shape[0]
+    R: gl.constexpr = x.shape[1]
+    return x.reshape([B, R, 4, D // 16, 2, 2]).permute((0, 1, 3, 4, 2, 5)).reshape([B, R, D])
+
+
+@gluon.jit
+def _chan_perm_cols(x, D: gl.constexpr):
+    """[B, D physical, N] -> [B, D logical, N]."""
+    B: gl.constexpr = x.shape[0]
+    N: gl.constexpr = x.shape[2]
+    return x.reshape([B, 4, D // 16, 2, 2, N]).permute((0, 2, 3, 1, 4, 5)).reshape([B, D, N])
+
+
+@gluon.jit
+def _slot_perm(x):
+    """[B, 16 slots, N] -> [B, 16 product index, N]: slot 4 i + 2 t + e is index 8 t + 2 i + e."""
+    B: gl.constexpr = x.shape[0]
+    N: gl.constexpr = x.shape[2]
+    return x.reshape([B, 2, 2, 2, 2, N]).permute((0, 3, 1, 2, 4, 5)).reshape([B, 16, N])
+
+
+@gluon.jit
+def _sigma(r):
+    """Token slot of product index r (0..15): the inverse of _slot_perm's relabelling."""
+    return (r % 2) + 4 * ((r // 2) % 4) + 2 * (r // 8)
+
+
+@gluon.jit
+def _codes(w, w_hi, J: gl.constexpr, BITS: gl.constexpr):
+    SPLIT: gl.constexpr = 10 // BITS
+    JJ: gl.constexpr = J if J < SPLIT else J - SPLIT
+    src = w if J < SPLIT else w_hi
+    return gl.inline_asm_elementwise(AND_ASM[(BITS // 2 - 1) * 5 + JJ], "=r,r", [src], dtype=gl.float16,
+                                     is_pure=True, pack=2)
+
+
+@gluon.jit
+def _shr(w, BITS: gl.constexpr):
+    return gl.inline_asm_elementwise(SHR_ASM[BITS // 2 - 1], "=r,r", [w], dtype=gl.int16, is_pure=True, pack=2)
+
+
+@gluon.jit
+def _hmul2(a, b):
+    return gl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.float16,
+                                     is_pure=True, pack=2)
+
+
+@gluon.jit
+def _arange3(n: gl.constexpr, dim: gl.constexpr, layout: gl.constexpr):
+    """arange(n) along dimension ``dim`` of a rank-3 ``layout``, expanded to rank 3."""
+    if dim == 0:
+        return gl.arange(0, n, gl.SliceLayout(1, gl.SliceLayout(2, layout)))[:, None, None]
+    elif dim == 1:
+        return gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(2, layout)))[None, :, None]
+    else:
+        return gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(1, layout)))[None, None, :]
+
+
+@gluon.jit
+def _arange4(n: gl.constexpr, dim: gl.constexpr, layout: gl.constexpr):
+    if dim == 0:
+        return gl.arange(0, n, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, layout))))[:, None, None, None]
+    elif dim == 1:
+        return gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, layout))))[None, :, None, None]
+    elif dim == 2:
+        return gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, layout))))[None, None, :, None]
+    else:
+        return gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, layout))))[None, None, None, :]
+
+
+@gluon.jit
+def _dup_batch(x, NP: gl.constexpr):
+    """[W, ...] -> [NP W, ...]: the same tensor for every pair (batch b = pair * W + warp)."""
+    W: gl.constexpr = x.shape[0]
+    K: gl.constexpr = x.shape[1]
+    N: gl.constexpr = x.shape[2]
+    y = x
+    if NP >= 2:
+        y = gl.join(y, y).permute((3, 0, 1, 2)).reshape([2 * W, K, N])
+    if NP == 4:
+        y = gl.join(y, y).permute((3, 0, 1, 2)).reshape([4 * W, K, N])
+    return y
+
+
+@gluon.jit
+def _unit(u, u_hi, HALVES: gl.constexpr = 2):
+    """Tile and half (16-slot unit) of unit ``u``, clamped into the range (a unit past it is read, then masked)."""
+    uc = gl.minimum(u, u_hi - 1)
+    return uc // HALVES, uc % HALVES
+
+
+@gluon.jit
+def _load_vals(VW, base, u_lo, it, u_hi, limit, D: gl.constexpr, NP: gl.constexpr, W: gl.constexpr,
+               G: gl.constexpr, A_L: gl.constexpr, HALVES: gl.constexpr):
+    """Value rows of each warp's unit as the A operand ``[W NP, 64 channels, 16 slots]`` (words or residual)."""
+    VP: gl.constexpr = vals_phys(W, NP)
+    b = _arange3(W * NP, 0, VP)
+    tile, half = _unit(u_lo + it * W + b % W, u_hi, HALVES)
+    row = tile * G + 16 * half + _arange3(16, 1, VP)
+    ch = _arange3(64, 2, VP)
+    x = gl.load(VW + base + row * D + 64 * (b // W) + ch, mask=(row < limit) & (ch < 64), other=0)
+    return _vals_relabel(x, W, NP, A_L)
+
+
+@gluon.jit
+def _vals_relabel(x, W: gl.constexpr, NP: gl.constexpr, A_L: gl.constexpr):
+    """[W NP, 16 slots, 64 channels] (vals_phys) -> the A operand [W NP, 64 rows m, 16]: m = 32 x + 8 r + q for
+    channel 32 x + 4 q + r, product index 8 t + 2 i + e for slot 4 i + 2 t + e."""
+    x = x.reshape([W * NP, 2, 2, 2, 2, 2, 8, 4]).permute((0, 5, 7, 6, 3, 1, 2, 4)).reshape([W * NP, 64, 16])
+    return gl.convert_layout(x, A_L)
+
+
+@gluon.jit
+def _load_keys(KW, base, u_lo, it, u_hi, limit, D: gl.constexpr, W: gl.constexpr, G: gl.constexpr,
+               A_L: gl.constexpr, HALVES: gl.constexpr):
+    """Key rows of each warp's unit as the A operand ``[W, 16 slots, D]`` (words or residual)."""
+    KP: gl.constexpr = keys_phys(W, D)
+    tile, half = _unit(u_lo + it * W + _arange3(W, 0, KP), u_hi, HALVES)
+    row = tile * G + 16 * half + _sigma(_arange3(16, 1, KP))
+    c = _arange3(D, 2, KP)
+    x = gl.load(KW + base + row * D + c, mask=(row < limit) & (c < D), other=0)
+    return gl.convert_layout(_chan_perm_rows(x, D), A_L)
+
+
+@gluon.jit
+def _bop_rows(PTR, row, D: gl.constexpr, W: gl.constexpr, B_L: gl.constexpr):
+    """fp16 row ``row[w]`` of ``[*, D]`` broadcast over the 8 columns: the B operand ``[W, D, 8]``."""
+    BP: gl.constexpr = bop_phys(W, D, 8)
+    x = gl.load(PTR + row * D + _arange3(D, 1, BP) + 0 * _arange3(8, 2, BP))  # lanes of the 8 columns: one address
+    return gl.convert_layout(_chan_perm_cols(x, D), B_L)
+
+
+@gluon.jit
+def _scales(VSZ, base, t_pad, j, NGV: gl.constexpr, NP: gl.constexpr, W: gl.constexpr,
+            G: gl.constexpr, S: gl.constexpr, u_lo, it, u_hi, B_L: gl.constexpr):
+    """Value (scale, zero) of group j's 16 slots as B-operand factors ``[W NP, 16, 8]``: column ``4 x + h``
+    of batch ``pair W + w`` holds channel group ``2 pair + x``."""
+    SZ: gl.constexpr = sz_phys(W, NP, 8)
+    b = _arange4(W * NP, 0, SZ)
+    tile, half = _unit(u_lo + it * W + b % W, u_hi)
+    n = _arange4(8, 2, SZ)
+    cg = gl.minimum(2 * (b // W) + n // 4, NGV - 1)
+    tok = tile * (S * G) + j * G + 16 * half + 4 * _arange4(4, 1, SZ)
+    x = gl.load(VSZ + base + cg * (2 * t_pad) + 2 * tok + _arange4(8, 3, SZ))
+    vs, vz = gl.split(x.reshape([W * NP, 4, 8, 4, 2]))
+    vs = _slot_perm(vs.permute((0, 1, 3, 2)).reshape([W * NP, 16, 8]))
+    vz = _slot_perm(vz.permute((0, 1, 3, 2)).reshape([W * NP, 16, 8]))
+    return gl.convert_layout(vs, B_L), gl.convert_layout(vz, B_L)
+
+
+@gluon.jit
+def _ks_smem(ks_smem, J: gl.constexpr, D: gl.constexpr, W: gl.constexpr, B_L: gl.constexpr):
+    """Group J's key scales from shared memory as the B operand ``[W, D, 8]`` (broadcast over columns)."""
+    BP: gl.constexpr = bop_phys(W, D, 8)
+    x, _ = gl.broadcast(ks_smem.slice(J * W, W).load(gl.SliceLayout(2, BP))[:, :, None],
+                        gl.zeros([W, D, 8], gl.float16, BP))
+    return gl.convert_layout(_chan_perm_cols(x, D), B_L)
+
+
+@gluon.jit
+def _scales_smem(vs_smem, J: gl.constexpr, NP: gl.constexpr, W: gl.constexpr, B_L: gl.constexpr):
+    """Group J's value (scale, zero) factors from shared memory, as :func:`_scales` gives them."""
+    L6: gl.constexpr = sz6_layout(W, NP)
+    y = vs_smem.slice(J * W, W).load(sz_smem_layout(W, NP)).reshape([W, NP, 2, 4, 8])
+    y, _ = gl.broadcast(gl.convert_layout(y, gl.SliceLayout(3, L6))[:, :, :, None, :, :],
+                        gl.zeros([W, NP, 2, 4, 4, 8], gl.float16, L6))
+    x = y.permute((1, 0, 4, 2, 3, 5)).reshape([NP * W, 4, 8, 8])
+    vs, vz = gl.split(x.reshape([W * NP, 4, 8, 4, 2]))
+    vs = _slot_perm(vs.permute((0, 1, 3, 2)).reshape([W * NP, 16, 8]))
+    vz = _slot_perm(vz.permute((0, 1, 3, 2)).reshape([W * NP, 16, 8]))
+    return gl.convert_layout(vs, B_L), gl.convert_layout(vz, B_L)
+
+
+@gluon.jit
+def _stage_unit(kw_b, vw_b, kz_b, ks_b, vs_b, KW, KZ, KS, VW, VSZ, kw_base, ks_base, vsz_base, t_pad,
+                u_lo, it, u_hi, live, D: gl.constexpr, NGV: gl.constexpr, W: gl.constexpr, G: gl.constexpr,
+                S: gl.constexpr):
+    """Start copying everything each warp's unit ``u_lo + it W + w`` reads into one buffer set (one asynchronous
+    group; nothing is copied when ``live`` is false): code words (row ``16 w + slot``), and per group j (row
+    ``j W + w``) key zero points, key scales and value (scale, zero) pairs."""
+    n = gl.where(live, 1, 0)
+    CW: gl.constexpr = copy_layout(W, W * 16, D)
+    r = gl.arange(0, W * 16, gl.SliceLayout(1, CW))[:, None]
+    c = gl.arange(0, D, gl.SliceLayout(0, CW))[None, :]
+    tile, half = _unit(u_lo + it * W + r // 16, u_hi)
+    off = kw_base + (tile * G + 16 * half + r % 16) * D + c
+    async_copy.async_copy_global_to_shared(kw_b, KW + off, mask=r < n * (W * 16))
+    async_copy.async_copy_global_to_shared(vw_b, VW + off, mask=r < n * (W * 16))
+    CK: gl.constexpr = copy_layout(W, S * W, D)
+    r = gl.arange(0, S * W, gl.SliceLayout(1, CK))[:, None]
+    c = gl.arange(0, D, gl.SliceLayout(0, CK))[None, :]
+    tile, half = _unit(u_lo + it * W + r % W, u_hi)
+    off = ks_base + (tile * S + r // W) * D + c
+    async_copy.async_copy_global_to_shared(kz_b, KZ + off, mask=r < n * (S * W))
+    async_copy.async_copy_global_to_shared(ks_b, KS + off, mask=r < n * (S * W))
+    CV: gl.constexpr = copy_layout(W, S * W, NGV * 32)
+    r = gl.arange(0, S * W, gl.SliceLayout(1, CV))[:, None]
+    tile, half = _unit(u_lo + it * W + r % W, u_hi)
+    e = gl.arange(0, NGV * 32, gl.SliceLayout(0, CV))[None, :]
+    tok = tile * (S * G) + (r // W) * G + 16 * half
+    async_copy.async_copy_global_to_shared(vs_b, VSZ + vsz_base + (e // 32) * (2 * t_pad) + 2 * tok + e % 32,
+                                           mask=r < n * (S * W))
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _words_smem(kw_b, vw_b, D: gl.constexpr, NP: gl.constexpr, W: gl.constexpr, A_L: gl.constexpr):
+    """The staged code words as the keys' ``[W, 16, D]`` and the values' ``[W NP, 64, 16]`` A operands."""
+    k = kw_b.load(keys_smem_layout(W, D))
+    k = k.reshape([W, 2, 2, 2, 2, D]).permute((0, 3, 1, 2, 4, 5)).reshape([W, 16, D])  # rows: product order
+    v = vw_b.load(vals_smem_layout(W, NP)).reshape([W, 16, NP, 64]).permute((2, 0, 1, 3)).reshape([NP * W, 16, 64])
+    return gl.convert_layout(_chan_perm_rows(k, D), A_L), _vals_relabel(v, W, NP, A_L)
+
+
+@gluon.jit
+def _kz_smem(kz_b, D: gl.constexpr, W: gl.constexpr, S: gl.constexpr, B_L: gl.constexpr):
+    """The staged key zero points as the B operand ``[W, D, 16]`` of :func:`_zero_terms` (column g: group g % S)."""
+    x = kz_b.load(kz_smem_layout(W, D, S)).reshape([S, W, D]).permute((1, 2, 0))  # [W, D, S]
+    x = gl.join(x, x)
+    if S == 4:
+        x = gl.join(x, x).permute((0, 1, 4, 3, 2))
+    else:
+        x = x.permute((0, 1, 3, 2))
+    return gl.convert_layout(_chan_perm_cols(x.reshape([W, D, 16]), D), B_L)
+
+
+@gluon.jit
+def _transpose_p(p, B_L: gl.constexpr):
+    """Probabilities ``[W, 16 tokens, 8]`` from the accumulator layout to the B operand's (tokens on K)."""
+    return gl.convert_layout(p, B_L)
+
+
+@gluon.jit
+def _softmax_step(s0, s1, s2, s3, m_i, acc, lacc, zacc, NP: gl.constexpr, MMA: gl.constexpr):
+    """One online-softmax step over 4 groups' scores ``[W, 16, 8]`` (times 2^-24, log2 units): new max, the
+    accumulators rescaled, and the 4 probability tiles."""
+    smax = gl.max(gl.maximum(gl.maximum(s0, s1), gl.maximum(s2, s3)), axis=1)
+    m_new = gl.maximum(m_i, smax * TWO24)
+    alpha = gl.exp2(m_i - m_new)
+    a3 = alpha[:, None, :]
+    lacc = lacc * a3
+    ab = gl.convert_layout(_dup_batch(a3, NP), MMA)
+    acc = acc * ab
+    zacc = zacc * ab
+    mm = m_new[:, None, :]
+    return (m_new, acc, lacc, zacc, gl.exp2(s0 * TWO24 - mm), gl.exp2(s1 * TWO24 - mm), gl.exp2(s2 * TWO24 - mm),
+            gl.exp2(s3 * TWO24 - mm))
+
+
+@gluon.jit
+def _group_values(p, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad, u_lo, it, u_hi, vs_smem,
+                  J: gl.constexpr, NGV: gl.constexpr, NP: gl.constexpr, W: gl.constexpr, G: gl.constexpr,
+                  S: gl.constexpr, BITS: gl.constexpr, MMA: gl.constexpr, B_L: gl.constexpr, SMEM: gl.constexpr):
+    """Group J's probabilities ``[W, 16, 8]`` into the value accumulator, the zero-point sums and the row sums."""
+    pb = _transpose_p(p.to(gl.float16), B_L)
+    lacc = mma_v2(ones, pb, lacc)
+    if SMEM:
+        vs, vz = _scales_smem(vs_smem, J, NP, W, B_L)
+    else:
+        vs, vz = _scales(VSZ, vsz_base, t_pad, J, NGV, NP, W, G, S, u_lo, it, u_hi, B_L)
+    pbd = gl.convert_layout(_dup_batch(pb, NP), B_L)
+    onesd = gl.convert_layout(_dup_batch(ones, NP), ones.type.layout)
+    zacc = mma_v2(onesd, _hmul2(pbd, vz), zacc)
+    acc = mma_v2(_codes(vw, vw_hi, J, BITS), _hmul2(pbd, vs), acc)
+    return acc, lacc, zacc
+
+
+@gluon.jit
+def _group_scores(kw, kw_hi, qb, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J: gl.constexpr, D: gl.constexpr,
+                  W: gl.constexpr, S: gl.constexpr, BITS: gl.constexpr, MMA: gl.constexpr, A_L: gl.constexpr,
+                  B_L: gl.constexpr, SMEM: gl.constexpr):
+    """Scores ``[W, 16 tokens, 8]`` of group J of each warp's unit, log2 units times 2^-24."""
+    if SMEM:
+        ks = _ks_smem(ks_smem, J, D, W, B_L)  # already divided by the field's power of two
+    else:
+        BP: gl.constexpr = bop_phys(W, D, 8)
+        tile, half = _unit(u_lo + it * W + _arange3(W, 0, BP), u_hi)
+        ks = _bop_rows(KS + ks_base, tile * S + J, D, W, B_L)
+    k16 = _arange3(16, 2, A_L)
+    onehot = gl.where((k16 % S == J) & (k16 < 2 * S), 2.0 ** -24, 0.0).to(gl.float16) + gl.zeros(
+        [W, 16, 16], gl.float16, A_L)
+    s = mma_v2(onehot, zb, gl.zeros([W, 16, 8], gl.float32, MMA))
+    return mma_v2(_codes(kw, kw_hi, J, BITS), _hmul2(qb, ks), s)
+
+
+@gluon.jit
+def _kz_global(KZ, kz_base, u_lo, it, u_hi, D: gl.constexpr, W: gl.constexpr, S: gl.constexpr, B_L: gl.constexpr):
+    """The unit's tile's key zero points as the B operand ``[W, D, 16]`` (column g: group g % S)."""
+    BP: gl.constexpr = bop_phys(W, D, 16)
+    tile, half = _unit(u_lo + it * W + _arange3(W, 0, BP), u_hi)
+    kz = gl.load(KZ + kz_base + (tile * S + _arange3(16, 2, BP) % S) * D + _arange3(D, 1, BP))
+    return gl.convert_layout(_chan_perm_cols(kz, D), B_L)
+
+
+@gluon.jit
+def _zero_terms(qa, kzb, u_lo, it, u_hi, T_q, W: gl.constexpr, G: gl.constexpr, S: gl.constexpr,
+                MMA: gl.constexpr, B_L: gl.constexpr):
+    """``q . kz_g`` of the unit's tile groups as the B operand ``[W, 16, 8]`` of the one-hot product: row g < S
+    the fp16 high part of group g's term (DEAD for a group past the quantized tokens or a unit past the
+    range), row S + g the low part."""
+    z = mma_v2(qa, kzb, gl.zeros([W, 16, 16], gl.float32, MMA))  # [W, 8 heads (twice), 16 groups]
+    hi = z.to(gl.float16)
+    lo = (z - hi.to(gl.float32)).to(gl.float16)
+    gz = _arange3(16, 2, MMA)
+    u = u_lo + it * W + _arange3(W, 0, MMA)
+    tz, hz = _unit(u, u_hi)
+    dead = ((tz * S + gz % S) * G >= T_q) | (u >= u_hi)
+    zsel = gl.where(gz < S, gl.where(dead, DEAD, hi), gl.where(gz < 2 * S, gl.where(dead, 0.0, lo), 0.0)).to(gl.float16)
+    # rows 0-7 of z (heads) transposed: [W, 16 groups, 8 heads], which is the B operand's layout
+    zt, _ = gl.split(zsel.reshape([W, 2, 8, 16]).permute((0, 3, 2, 1)))
+    return gl.convert_layout(zt, B_L)
+
+
+@gluon.jit
+def _epilogue(OP, LP, pid_bh, pid_s, n_rows, m_i, acc, lacc, zacc, out_scale, GROUPS: gl.constexpr,
+              D: gl.constexpr, NP: gl.constexpr, W: gl.constexpr, MMA: gl.constexpr):
+    """Merge the warps' states and store the program's partial: ``OP[row, s, c]`` normalised, ``LP[row, s]``.
+
+    acc ``[W NP, 64, 8]`` (batch ``pair W + w``, row ``m = 32 x + 8 r + q`` = channel ``64 pair + 32 x + 4 q +
+    r``, column ``4 x' + h``: kept where x' = x), lacc / zacc rows all equal (products with a ones matrix).
+    A warp whose max is DEAD saw no token of the range and is left out."""
+    m_all = gl.max(m_i, axis=0)  # [8]
+    sc = gl.where(m_i > DEAD / 2, gl.exp2(m_i - m_all[None, :]), 0.0)  # [W, 8]
+    l_all = gl.sum(gl.max(lacc, axis=1) * sc, axis=0)  # [8]
+    scb = gl.convert_layout(_dup_batch(sc[:, None, :], NP), MMA)  # [W NP, 1, 8]
+    zrow = gl.max(zacc, axis=1)[:, None, :]
+    o = (acc * out_scale + zrow) * scb
+    o = gl.sum(o.reshape([NP, W, 64, 8]), axis=1)  # [NP, 64, 8]
+    OL: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 4, 8], [1, W, 1], [2, 1, 0])
+    o = gl.convert_layout(o, OL)
+    l_o = gl.convert_layout(l_all, gl.SliceLayout(0, gl.SliceLayout(1, OL)))
+    p = gl.arange(0, NP, gl.SliceLayout(1, gl.SliceLayout(2, OL)))[:, None, None]
+    m = gl.arange(0, 64, gl.SliceLayout(0, gl.SliceLayout(2, OL)))[None, :, None]
+    n = gl.arange(0, 8, gl.SliceLayout(0, gl.SliceLayout(1, OL)))[None, None, :]
+    x = m // 32
+    c = 64 * p + 32 * x + 4 * (m % 8) + (m // 8) % 4
+    h = n % 4
+    rows = pid_bh * GROUPS + h
+    l_safe = gl.where(l_o > 0, l_o, 1.0)[None, None, :]
+    gl.store(OP + (rows * n_rows + pid_s) * D + c, o / l_safe, mask=(n // 4 == x) & (h < GROUPS))
+    nl = gl.arange(0, 8, gl.SliceLayout(0, gl.SliceLayout(1, OL)))
+    m_o = gl.convert_layout(m_all, gl.SliceLayout(0, gl.SliceLayout(1, OL)))
+    lse = gl.where(l_o > 0, m_o + gl.log2(gl.where(l_o > 0, l_o, 1.0)), float("-inf"))
+    gl.store(LP + (pid_bh * GROUPS + nl) * n_rows + pid_s, lse, mask=nl < GROUPS)
+
+
+@gluon.jit
+def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
+                       T_q, T_r, ups, skw_bh, sks_bh, svsz_bh, t_pad, skr_bh, svr_bh,
+                       GROUPS: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, STAGED: gl.constexpr):
+    W: gl.constexpr = gl.num_warps()
+    G: gl.constexpr = 32
+    S: gl.constexpr = 16 // BITS
+    NGV: gl.constexpr = D // G
+    NP: gl.constexpr = D // 64
+    MMA: gl.constexpr = mma_layout(W)
+    A_L: gl.constexpr = op_layout(W, 0)
+    B_L: gl.constexpr = op_layout(W, 1)
+    pid_bh = gl.program_id(0)
+    pid_s = gl.program_id(1)
+    n_rows = gl.num_programs(1)
+    ones = gl.full([W, 16, 16], 1.0, gl.float16, A_L)
+    # the query as the keys' B operand [W, D, 8] (column n: head n % 4) and as an A operand [W, 16, D] (row n)
+    BP: gl.constexpr = bop_phys(W, D, 8)
+    nb = _arange3(8, 2, BP) % 4 + 0 * _arange3(W, 0, BP)
+    qb = gl.load(Q + (pid_bh * GROUPS + nb) * D + _arange3(D, 1, BP), mask=nb < GROUPS, other=0.0)
+    KP: gl.constexpr = keys_phys(W, D)
+    na = _arange3(16, 1, KP) % 4 + 0 * _arange3(W, 0, KP)
+    qa = gl.load(Q + (pid_bh * GROUPS + na) * D + _arange3(D, 2, KP), mask=na < GROUPS, other=0.0)
+    m_i = gl.full([W, 8], DEAD, gl.float32, gl.SliceLayout(1, MMA))
+    acc = gl.zeros([W * NP, 64, 8], gl.float32, MMA)
+    lacc = gl.zeros([W, 16, 8], gl.float32, MMA)
+    zacc = gl.zeros([W * NP, 16, 8], gl.float32, MMA)
+    if pid_s < n_rows - 1:
+        qs = gl.convert_layout(_chan_perm_cols((qb.to(gl.float32) * sm_scale_log2).to(gl.float16), D), B_L)
+        qz = gl.convert_layout(_chan_perm_rows((qa.to(gl.float32) * sm_scale_log2).to(gl.float16), D), A_L)
+        TILE: gl.constexpr = S * G
+        u_lo = pid_s * ups  # units of 16 slots (2 per tile)
+        u_hi = gl.minimum(u_lo + ups, 2 * ((T_q + TILE - 1) // TILE))
+        n_it = (u_hi - u_lo + W - 1) // W
+        kw_base = pid_bh * skw_bh
+        ks_base = pid_bh * sks_bh
+        vsz_base = pid_bh * svsz_bh
+        if STAGED:  # two buffer sets: unit it + 1 copies in while unit it is computed
+            WL: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])  # 16-byte chunks XOR row: no conflicts
+            SL: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+            kw_s = gl.allocate_shared_memory(gl.int16, [2, W * 16, D], WL)
+            vw_s = gl.allocate_shared_memory(gl.int16, [2, W * 16, D], WL)
+            kz_s = gl.allocate_shared_memory(gl.float16, [2, S * W, D], WL)
+            ks_s = gl.allocate_shared_memory(gl.float16, [2, S * W, D], SL)
+            vs_s = gl.allocate_shared_memory(gl.float16, [2, S * W, NGV * 32], SL)
+            _stage_unit(kw_s.index(0), vw_s.index(0), kz_s.index(0), ks_s.index(0), vs_s.index(0), KW, KZ, KS, VW,
+                        VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo, 0, u_hi, n_it > 0, D, NGV, W, G, S)
+        for it in range(0, n_it):
+            if STAGED:
+                st = it % 2
+                gl.thread_barrier()  # every read of the other buffer set (unit it - 1) is done
+                _stage_unit(kw_s.index(1 - st), vw_s.index(1 - st), kz_s.index(1 - st), ks_s.index(1 - st),
+                            vs_s.index(1 - st), KW, KZ, KS, VW, VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo, it + 1,
+                            u_hi, it + 1 < n_it, D, NGV, W, G, S)
+                async_copy.wait_group(1)
+                gl.thread_barrier()
+                kw, vw = _words_smem(kw_s.index(st), vw_s.index(st), D, NP, W, A_L)
+                kzb = _kz_smem(kz_s.index(st), D, W, S, B_L)
+                ks_smem = ks_s.index(st)
+                vs_smem = vs_s.index(st)
+            else:
+                kw = _load_keys(KW, kw_base, u_lo, it, u_hi, 1 << 30, D, W, G, A_L, 2)
+                vw = _load_vals(VW, kw_base, u_lo, it, u_hi, 1 << 30, D, NP, W, G, A_L, 2)
+                kzb = _kz_global(KZ, ks_base, u_lo, it, u_hi, D, W, S, B_L)
+                ks_smem = 0
+                vs_smem = 0
+            # fields from bit 10 up are read from the words shifted once; shifted where first needed (fewer
+            # live registers: the unshifted words die after their last low field)
+            kw_hi = kw
+            vw_hi = vw
+            zb = _zero_terms(qz, kzb, u_lo, it, u_hi, T_q, W, G, S, MMA, B_L)
+            for J0 in gl.static_range(0, S, 4):
+                if J0 + 4 > 10 // BITS and J0 <= 10 // BITS:
+                    kw_hi = _shr(kw, BITS)
+                    vw_hi = _shr(vw, BITS)
+                s0 = _group_scores(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0, D, W, S, BITS, MMA, A_L, B_L, STAGED)
+                s1 = _group_scores(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0 + 1, D, W, S, BITS, MMA, A_L,
+                                   B_L, STAGED)
+                s2 = _group_scores(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0 + 2, D, W, S, BITS, MMA, A_L,
+                                   B_L, STAGED)
+                s3 = _group_scores(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0 + 3, D, W, S, BITS, MMA, A_L,
+                                   B_L, STAGED)
+                m_i, acc, lacc, zacc, p0, p1, p2, p3 = _softmax_step(s0, s1, s2, s3, m_i, acc, lacc, zacc, NP, MMA)
+                acc, lacc, zacc = _group_values(p0, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad, u_lo, it,
+                                                u_hi, vs_smem, J0, NGV, NP, W, G, S, BITS, MMA, B_L, STAGED)
+                acc, lacc, zacc = _group_values(p1, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad, u_lo, it,
+                                                u_hi, vs_smem, J0 + 1, NGV, NP, W, G, S, BITS, MMA, B_L, STAGED)
+                acc, lacc, zacc = _group_values(p2, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad, u_lo, it,
+                                                u_hi, vs_smem, J0 + 2, NGV, NP, W, G, S, BITS, MMA, B_L, STAGED)
+                acc, lacc, zacc = _group_values(p3, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad, u_lo, it,
+                                                u_hi, vs_smem, J0 + 3, NGV, NP, W, G, S, BITS, MMA, B_L, STAGED)
+        _epilogue(OP, LP, pid_bh, pid_s, n_rows, m_i, acc, lacc, zacc, 2.0 ** (24 - VEXP), GROUPS, D, NP, W, MMA)
+    else:
+        # the full-precision residual, 16 tokens per warp and step: the same products in the model dtype
+        dt = qb.dtype
+        qr = gl.convert_layout(_chan_perm_cols(qb, D), B_L)
+        onesr = ones.to(dt)
+        u_hi = (T_r + 15) // 16
+        for it in range(0, (u_hi + W - 1) // W):
+            # a 16-token chunk is a "tile" of 16 rows and one unit
+            kr = _load_keys(KR, pid_bh * skr_bh, 0, it, u_hi, T_r, D, W, 16, A_L, 1)
+            vr = _load_vals(VR, pid_bh * svr_bh, 0, it, u_hi, T_r, D, NP, W, 16, A_L, 1)
+            s = mma_v2(kr, qr, gl.zeros([W, 16, 8], gl.float32, MMA)) * sm_scale_log2
+            tok = (it * W + _arange3(W, 0, MMA)) * 16 + _sigma(_arange3(16, 1, MMA))
+            s = gl.where(tok < T_r, s, DEAD)
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            alpha = gl.exp2(m_i - m_new)[:, None, :]
+            lacc = lacc * alpha
+            acc = acc * gl.convert_layout(_dup_batch(alpha, NP), MMA)
+            m_i = m_new
+            pb = _transpose_p(gl.exp2(s - m_new[:, None, :]).to(dt), B_L)
+            lacc = mma_v2(onesr, pb, lacc)
+            acc = mma_v2(vr, gl.convert_layout(_dup_batch(pb, NP), B_L), acc)
+        _epilogue(OP, LP, pid_bh, pid_s, n_rows, m_i, acc, lacc, zacc, 1.0, GROUPS, D, NP, W, MMA)
