@@ -5,32 +5,35 @@ Why Gluon: Triton's ``tl.dot`` needs N >= 16, so the swap in Triton (round 2, BE
 padded 4 query heads to 16 columns. Gluon exposes ``mma_v2`` (m16n8k16) and explicit register layouts, so
 the 4 heads fill 8 columns, twice: columns ``n = 4 x + h`` hold head ``h`` for ``x = 0, 1``.
 
-Program: ``W`` warps, kv head ``bh``, tokens ``[s * tps, (s + 1) * tps)``. Each warp is independent until the
-end (every tensor has a leading warp dimension) and takes units of ``16`` token slots of a planes tile
-(``S = 16 // BITS`` key groups of ``G = 32`` tokens: one unit is ``16 S`` tokens), the units of the range in
-turn. At the end the warps' online-softmax states merge in shared memory and the program writes one
-partial ``[GROUPS, D]`` plus its log2-sum-exp, which the existing combine launch merges.
+Work: a unit is 16 token slots of a planes tile (``S = 16 // BITS`` key groups of ``G = 32`` tokens, so
+``16 S`` tokens; 2 units per tile). Program ``(bh, s)`` has ``W`` warps and units ``[s ups, (s + 1) ups)`` of
+kv head ``bh``; each warp takes every W-th unit and is independent until the end (every tensor has a leading
+warp dimension), where the warps' online-softmax states merge and the program writes one partial
+``[GROUPS, D]`` plus its log2-sum-exp for the existing combine launch. The last program of each kv head
+takes the full-precision residual with the same products in the model dtype.
+
+Staged (the default): each warp copies its next unit (code words, key zero points and scales, value scales
+and zeros: 12 KB for 2-bit codes, D = 128) into shared memory with ``cp.async`` while it computes the current
+one, so a unit costs one memory round trip, overlapped. Unstaged: words into registers, scales per group.
 
 Per unit and group ``j`` (bit field ``j`` of the words; subnormal codes as in triton_kivi_planes.py):
 
 - Keys: ``S^T [16 tokens, 8] = codes_j [16, D] . (q * ks_j) [D, 8]`` plus the zero-point term ``q . kz_j``,
   added by a K=16 product of a one-hot matrix (ones of 2^-24) with the tile's zero-point terms split into
-  fp16 hi + lo. Scores carry 2^-24 (the subnormal codes); the softmax's exponent takes it back.
-- Values: ``out^T [D, 8] += codes_j^T [D, 16] . (p * vs) [16, 8]``. The value scale is per (token, channel
-  group of 32): a 16-row block of ``out^T`` lies in one channel group, and columns ``4 x + h`` of the
-  probabilities carry the scale of channel group ``2 pair + x``, so one B operand serves two channel groups
-  (the other group's columns of a block are discarded). ``pair`` is a batch index of the product.
-- Zero points and row sums: ``[16, 8] += Z_j [16, 16 tokens] . p [16, 8]``, rows of ``Z_j``: the value zero
-  points of each channel group, then a row of ones (the softmax's normaliser).
+  fp16 hi + lo (those come from one product ``q [16, D] . kz^T [D, 16]`` per unit). Scores carry 2^-24 (the
+  subnormal codes); the softmax's exponent takes it back. One online-softmax step per 4 groups.
+- Values: ``out^T [64, 8] += codes_j^T [64, 16] . (p * vs) [16, 8]`` per pair of channel groups (a batch
+  index of the product). The value scale is per (token, channel group of 32): a 16-row block of ``out^T``
+  lies in one channel group, and columns ``4 x + h`` carry the scale of group ``2 pair + x``, so one B
+  operand serves both groups of the pair (the other group's columns of a block are discarded).
+- Zero points and row sums: ``ones [16, 16] . (p * vz)`` and ``ones . p`` (all rows equal), so no
+  cross-lane reduction is needed in the loop.
+- The probabilities move from the score product's accumulator layout (tokens on rows) to the value
+  product's B operand layout (tokens on K) with one layout conversion per group.
 
-Loads: the channel order inside the products is permuted (a product may take its K (or M) index in any
-order, the same on both operands) so that each thread reads 16-byte (keys) and 8-byte (values) runs of
-the planes layout straight from global memory: physical channel ``c = (D/4) i + 4 s + 2 t + e`` is logical
-``k = 16 s + 8 t + 2 i + e`` (keys), and token slot ``4 i + 2 t + e`` is product index ``8 t + 2 i + e``
-(i = lane % 4). The loads are made in a layout over the physical index and relabelled by
-reshape/permute, which moves no data.
+Layouts and the channel/slot orders that make every load 8 or 16 bytes wide: gluon_swap_layouts.py.
 
-Shapes (for one program): q ``[GROUPS, D]`` (model dtype), kw/vw ``int16 [n_tiles G, D]``, ks/kz
+Shapes (one program): q ``[GROUPS, D]`` (model dtype), kw/vw ``int16 [n_tiles G, D]``, ks/kz
 ``fp16 [n_tiles S, D]``, vsz ``fp16 [D/G, n_tiles S G, 2]``, residual ``[T_r, D]`` (model dtype); outputs
 ``OP fp32 [B Hq, n_rows, D]`` (normalised partial), ``LP fp32 [B Hq, n_rows]`` (log2-sum-exp).
 Supported: G = 32, GROUPS <= 4, D in {64, 128, 256}, BITS in {2, 4}; other shapes use the Triton kernel.
@@ -43,6 +46,28 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+from memvisor.kv.gpu.gluon_swap_layouts import (
+    _arange3,
+    _arange4,
+    _chan_perm_cols,
+    _chan_perm_rows,
+    _dup_batch,
+    _sigma,
+    _slot_perm,
+    _vals_relabel,
+    bop_phys,
+    copy_layout,
+    keys_phys,
+    keys_smem_layout,
+    kz_smem_layout,
+    mma_layout,
+    op_layout,
+    sz6_layout,
+    sz_phys,
+    sz_smem_layout,
+    vals_phys,
+    vals_smem_layout,
+)
 from memvisor.kv.gpu.planes import VALUE_EXP
 
 VEXP = gl.constexpr(VALUE_EXP)
@@ -56,149 +81,6 @@ def _and_asm(bits: int, jj: int) -> str:
 
 AND_ASM = gl.constexpr(tuple(_and_asm(2, jj) for jj in range(5)) + tuple(_and_asm(4, jj) for jj in range(5)))
 SHR_ASM = gl.constexpr(("shr.b32 $0, $1, 10;", "shr.b32 $0, $1, 8;"))
-
-
-@gluon.constexpr_function
-def _log2(n):
-    return n.bit_length() - 1
-
-
-@gluon.constexpr_function
-def mma_layout(W):
-    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
-
-
-@gluon.constexpr_function
-def op_layout(W, idx):
-    return gl.DotOperandLayout(idx, mma_layout(W), 2)
-
-
-@gluon.constexpr_function
-def _warps(W):
-    return [[1 << b, 0, 0] for b in range(_log2(W))]
-
-
-@gluon.constexpr_function
-def keys_phys(W, D):
-    """[W, 16 rows, D physical channels]: thread (lane l) holds rows l//4 and l//4 + 8, channels
-    (D/4)(l%4) + [0, D/4) (contiguous: 16-byte loads)."""
-    regs = [[0, 0, 1 << b] for b in range(_log2(D // 4))] + [[0, 8, 0]]
-    lanes = [[0, 0, D // 4], [0, 0, D // 2], [0, 1, 0], [0, 2, 0], [0, 4, 0]]
-    return gl.DistributedLinearLayout(regs, lanes, _warps(W), [], [W, 16, D])
-
-
-@gluon.constexpr_function
-def bop_phys(W, D, N):
-    """[W, D physical channels, N columns]: the B operand's threads, channels as in keys_phys."""
-    regs = [[0, 1 << b, 0] for b in range(_log2(D // 4))] + [[0, 0, 8 << b] for b in range(_log2(N // 8))]
-    lanes = [[0, D // 4, 0], [0, D // 2, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]]
-    return gl.DistributedLinearLayout(regs, lanes, _warps(W), [], [W, D, N])
-
-
-@gluon.constexpr_function
-def vals_phys(W, NP):
-    """[W NP, 16 token slots, 64 channels of a pair of channel groups]: thread l holds slots 4(l%4) + [0, 4),
-    channels 32 x + 4 (l//4) + [0, 4) for x = 0, 1 (8-byte loads). Batch b = pair * W + warp."""
-    regs = [[0, 0, 1], [0, 0, 2], [0, 1, 0], [0, 2, 0], [0, 0, 32]] + [[W << b, 0, 0] for b in range(_log2(NP))]
-    lanes = [[0, 4, 0], [0, 8, 0], [0, 0, 4], [0, 0, 8], [0, 0, 16]]
-    return gl.DistributedLinearLayout(regs, lanes, _warps(W), [], [W * NP, 16, 64])
-
-
-@gluon.constexpr_function
-def sz_phys(W, R, N):
-    """[W R, 4 slot quads, N, 8 = 4 slots x (scale, zero)]: thread l holds quad l%4 (16 contiguous bytes) of
-    column l//4 (and + 8 for N = 16)."""
-    regs = [[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4]] + [[0, 0, 8 << b, 0] for b in range(_log2(N // 8))] + [
-        [W << b, 0, 0, 0] for b in range(_log2(R))]
-    lanes = [[0, 1, 0, 0], [0, 2, 0, 0], [0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 4, 0]]
-    warps = [[1 << b, 0, 0, 0] for b in range(_log2(W))]
-    return gl.DistributedLinearLayout(regs, lanes, warps, [], [W * R, 4, N, 8])
-
-
-@gluon.constexpr_function
-def copy_layout(W, R, E):
-    """[R, E] fp16 rows copied to shared memory 16 bytes per thread by W warps."""
-    te = min(32, E // 8)
-    return gl.BlockedLayout([1, 8], [32 // te, te], [W, 1], [1, 0])
-
-
-@gluon.constexpr_function
-def sz_smem_layout(W, NP):
-    """[W, NGV 32]: a group's (scale, zero) pairs read from shared memory, element ``32 (2 pair + x) + 8 i + e``
-    held where sz_phys wants it, replicated over the lanes of the 4 heads (lanes 2 and 3)."""
-    regs = [[0, 1], [0, 2], [0, 4]] + [[0, 64 << b] for b in range(_log2(NP))]
-    lanes = [[0, 8], [0, 16], [0, 0], [0, 0], [0, 32]]
-    return gl.DistributedLinearLayout(regs, lanes, _warps2(W), [], [W, NP * 64])
-
-
-@gluon.constexpr_function
-def _warps2(W):
-    return [[1 << b, 0] for b in range(_log2(W))]
-
-
-@gluon.constexpr_function
-def sz6_layout(W, NP):
-    """[W, NP, 2 (x), 4 (h), 4 slot quads, 8]: sz_smem_layout with the heads as a dimension."""
-    regs = [[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 2], [0, 0, 0, 0, 0, 4]] + [
-        [0, 1 << b, 0, 0, 0, 0] for b in range(_log2(NP))]
-    lanes = [[0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 2, 0], [0, 0, 0, 1, 0, 0], [0, 0, 0, 2, 0, 0], [0, 0, 1, 0, 0, 0]]
-    warps = [[1 << b, 0, 0, 0, 0, 0] for b in range(_log2(W))]
-    return gl.DistributedLinearLayout(regs, lanes, warps, [], [W, NP, 2, 4, 4, 8])
-
-
-@gluon.constexpr_function
-def keys_smem_layout(W, D):
-    """[W 16 rows (warp, physical slot), D]: keys_phys over shared memory, rows still in slot order (the
-    relabelling to product rows follows)."""
-    regs = [[0, 1 << b] for b in range(_log2(D // 4))] + [[2, 0]]
-    lanes = [[0, D // 4], [0, D // 2], [1, 0], [4, 0], [8, 0]]
-    return gl.DistributedLinearLayout(regs, lanes, [[16 << b, 0] for b in range(_log2(W))], [], [W * 16, D])
-
-
-@gluon.constexpr_function
-def vals_smem_layout(W, NP):
-    """[W 16 rows, NP 64]: vals_phys over shared memory."""
-    regs = [[0, 1], [0, 2], [1, 0], [2, 0], [0, 32]] + [[0, 64 << b] for b in range(_log2(NP))]
-    lanes = [[4, 0], [8, 0], [0, 4], [0, 8], [0, 16]]
-    return gl.DistributedLinearLayout(regs, lanes, [[16 << b, 0] for b in range(_log2(W))], [], [W * 16, NP * 64])
-
-
-@gluon.constexpr_function
-def kz_smem_layout(W, D, S):
-    """[S W rows (group j, warp w), D]: the zero points as bop_phys(W, D, 16) wants them (columns g % S)."""
-    regs = [[0, 1 << b] for b in range(_log2(D // 4))]
-    lanes = [[0, D // 4], [0, D // 2]] + [[W << b, 0] if (1 << b) < S else [0, 0] for b in range(3)]
-    return gl.DistributedLinearLayout(regs, lanes, _warps2(W), [], [S * W, D])
-
-
-@gluon.jit
-def _chan_perm_rows(x, D: gl.constexpr):
-    """[B, R, D physical] -> [B, R, D logical] (k = 16 s + 8 t + 2 i + e for c = (D/4) i + 4 s + 2 t + e)."""
-    B: gl.constexpr = x.shape[0]
-    R: gl.constexpr = x.shape[1]
-    return x.reshape([B, R, 4, D // 16, 2, 2]).permute((0, 1, 3, 4, 2, 5)).reshape([B, R, D])
-
-
-@gluon.jit
-def _chan_perm_cols(x, D: gl.constexpr):
-    """[B, D physical, N] -> [B, D logical, N]."""
-    B: gl.constexpr = x.shape[0]
-    N: gl.constexpr = x.shape[2]
-    return x.reshape([B, 4, D // 16, 2, 2, N]).permute((0, 2, 3, 1, 4, 5)).reshape([B, D, N])
-
-
-@gluon.jit
-def _slot_perm(x):
-    """[B, 16 slots, N] -> [B, 16 product index, N]: slot 4 i + 2 t + e is index 8 t + 2 i + e."""
-    B: gl.constexpr = x.shape[0]
-    N: gl.constexpr = x.shape[2]
-    return x.reshape([B, 2, 2, 2, 2, N]).permute((0, 3, 1, 2, 4, 5)).reshape([B, 16, N])
-
-
-@gluon.jit
-def _sigma(r):
-    """Token slot of product index r (0..15): the inverse of _slot_perm's relabelling."""
-    return (r % 2) + 4 * ((r // 2) % 4) + 2 * (r // 8)
 
 
 @gluon.jit
@@ -222,43 +104,6 @@ def _hmul2(a, b):
 
 
 @gluon.jit
-def _arange3(n: gl.constexpr, dim: gl.constexpr, layout: gl.constexpr):
-    """arange(n) along dimension ``dim`` of a rank-3 ``layout``, expanded to rank 3."""
-    if dim == 0:
-        return gl.arange(0, n, gl.SliceLayout(1, gl.SliceLayout(2, layout)))[:, None, None]
-    elif dim == 1:
-        return gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(2, layout)))[None, :, None]
-    else:
-        return gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(1, layout)))[None, None, :]
-
-
-@gluon.jit
-def _arange4(n: gl.constexpr, dim: gl.constexpr, layout: gl.constexpr):
-    if dim == 0:
-        return gl.arange(0, n, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, layout))))[:, None, None, None]
-    elif dim == 1:
-        return gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, layout))))[None, :, None, None]
-    elif dim == 2:
-        return gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, layout))))[None, None, :, None]
-    else:
-        return gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, layout))))[None, None, None, :]
-
-
-@gluon.jit
-def _dup_batch(x, NP: gl.constexpr):
-    """[W, ...] -> [NP W, ...]: the same tensor for every pair (batch b = pair * W + warp)."""
-    W: gl.constexpr = x.shape[0]
-    K: gl.constexpr = x.shape[1]
-    N: gl.constexpr = x.shape[2]
-    y = x
-    if NP >= 2:
-        y = gl.join(y, y).permute((3, 0, 1, 2)).reshape([2 * W, K, N])
-    if NP == 4:
-        y = gl.join(y, y).permute((3, 0, 1, 2)).reshape([4 * W, K, N])
-    return y
-
-
-@gluon.jit
 def _unit(u, u_hi, HALVES: gl.constexpr = 2):
     """Tile and half (16-slot unit) of unit ``u``, clamped into the range (a unit past it is read, then masked)."""
     uc = gl.minimum(u, u_hi - 1)
@@ -276,14 +121,6 @@ def _load_vals(VW, base, u_lo, it, u_hi, limit, D: gl.constexpr, NP: gl.constexp
     ch = _arange3(64, 2, VP)
     x = gl.load(VW + base + row * D + 64 * (b // W) + ch, mask=(row < limit) & (ch < 64), other=0)
     return _vals_relabel(x, W, NP, A_L)
-
-
-@gluon.jit
-def _vals_relabel(x, W: gl.constexpr, NP: gl.constexpr, A_L: gl.constexpr):
-    """[W NP, 16 slots, 64 channels] (vals_phys) -> the A operand [W NP, 64 rows m, 16]: m = 32 x + 8 r + q for
-    channel 32 x + 4 q + r, product index 8 t + 2 i + e for slot 4 i + 2 t + e."""
-    x = x.reshape([W * NP, 2, 2, 2, 2, 2, 8, 4]).permute((0, 5, 7, 6, 3, 1, 2, 4)).reshape([W * NP, 64, 16])
-    return gl.convert_layout(x, A_L)
 
 
 @gluon.jit
