@@ -7,8 +7,8 @@ one step of all layers captured in a CUDA graph, median of replays with the L2 f
 timed ``--reps`` times, interleaved with the others, so drift of the card shows as spread; the bf16
 baselines (SDPA, the Triton split kernel) are timed beside them. Also: each variant's relative error
 against the torch reference on fresh data, the combine launch alone (32 layers) at each length, and the
-default planes settings over ONE layer's cache 32 times (``/l2``: after the first pass that layer, 25 MB
-for KIVI-2 at 32k, sits in the 50 MB L2, so the first tiles arrive without waiting on DRAM).
+default planes and swap settings over ONE layer's cache 32 times (``/l2``: after the first pass that layer,
+25 MB for KIVI-2 at 32k, sits in the 50 MB L2, so the first tiles arrive without waiting on DRAM).
 Prints a table and writes ``ab.json``.
 """
 

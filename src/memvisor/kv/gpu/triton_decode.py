@@ -13,8 +13,9 @@ Flash-decoding in two launches:
 Bytes read per step = the quantized cache's real bytes (codes + scales + zeros + residual) + q,
 which is what makes it faster than the bf16 cache: decode attention is memory-bound.
 
-Split kernels: ``planes_decode_attention`` (2- and 4-bit caches repacked as planes.py says; the fast one,
-triton_kivi_planes.py), ``kivi_decode_attention`` over the cache layout (2 and 4 bit; "tile" and
+Split kernels: ``swap_decode_attention`` (the planes layout through the Gluon kernel of gluon_kivi_swap.py,
+tokens on the matrix product's M side: the fastest, for group 32 and up to 4 query heads per kv head),
+``planes_decode_attention`` (2- and 4-bit caches repacked as planes.py says; triton_kivi_planes.py), ``kivi_decode_attention`` over the cache layout (2 and 4 bit; "tile" and
 "factored" in triton_kivi_rep.py, "dequant" here), and ``dense_decode_attention_triton`` over a
 plain bf16/fp16 cache (the baseline). Importing this module needs Triton; :mod:`memvisor.kv.gpu`
 imports it lazily.
