@@ -288,8 +288,9 @@ def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float
 
 # programs of the swap kernel that fit on one SM at once (H100/H200, staged, sm_90 build), by (bits, head_dim,
 # warps): 28 KB of shared memory per 1-warp program for 2-bit codes at head_dim 128 (7 per SM), 22.5 KB and 168
-# registers for 4-bit ones (9), 57 KB at head_dim 256 (3); other shapes assume 4 (a wrong guess costs speed only)
-_SWAP_RESIDENT = {(2, 128, 1): 7, (4, 128, 1): 9, (2, 256, 1): 3, (4, 256, 1): 3}
+# registers for 4-bit ones (9), 57 and 45 KB at head_dim 256 (3, 4); other shapes assume 4 (a wrong guess costs
+# speed only)
+_SWAP_RESIDENT = {(2, 128, 1): 7, (4, 128, 1): 9, (2, 256, 1): 3, (4, 256, 1): 4}
 
 
 def _swap_plan(bh: int, units: int, sm_count: int, resident: int) -> tuple[int, int]:
