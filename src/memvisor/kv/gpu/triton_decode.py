@@ -316,8 +316,19 @@ def _swap_plan(bh: int, units: int, sm_count: int, resident: int) -> tuple[int, 
 
 def swap_supported(q: torch.Tensor, layer: PlanesLayer) -> bool:
     """Whether the Gluon operand-swap kernel (gluon_kivi_swap.py) takes this layer: group 32, at most 4 query
-    heads per kv head, head_dim 64, 128 or 256."""
-    return layer.group == 32 and q.shape[1] // layer.k_res.shape[1] <= 4 and layer.k_res.shape[3] in (64, 128, 256)
+    heads per kv head, head_dim 64, 128 or 256, on a card with mma.sync m16n8k16 and cp.async (sm_80 or newer)
+    and a Triton that ships Gluon (3.6 is the tested release); elsewhere the planes kernel runs."""
+    return (layer.group == 32 and q.shape[1] // layer.k_res.shape[1] <= 4 and layer.k_res.shape[3] in (64, 128, 256)
+            and torch.cuda.get_device_capability(q.device) >= (8, 0) and _gluon_available())
+
+
+@functools.lru_cache(maxsize=1)
+def _gluon_available() -> bool:
+    try:
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float | None = None, *,
