@@ -1,5 +1,5 @@
-"""add_many writes in batches while the next batch is embedded in a worker thread: each memory must
-still get its own text's vector, and a failure must stop the write after the last committed batch."""
+"""add_many writes in batches of one transaction each: each memory must get its own text's vector, and a
+failure must stop the write after the last committed batch."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +37,7 @@ def stored_vectors(m: Memory, items) -> np.ndarray:
 
 def test_each_memory_gets_its_own_texts_vector_across_batches(tmp_path):
     with Memory(tmp_path / "home") as m:
-        result = m.add_many(TEXTS, batch_size=3)  # 4 batches: 3 of them embedded ahead
+        result = m.add_many(TEXTS, batch_size=3)  # 4 batches
         assert [it.text for it in result.items] == TEXTS
         alone = m.embedder.encode(TEXTS)
         cos = (stored_vectors(m, result.items) * alone).sum(1)

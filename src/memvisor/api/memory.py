@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -154,37 +153,25 @@ class Memory:
 
     def _write(self, items: list[NewItem], batch_size: int, progress: Progress | None,
                embedded_context: list[str | None] | None = None) -> "AddResult":
-        """`embedded_context`: per item, the context to embed when it is not the indexed one.
-
-        Each batch is one transaction. While batch i is written (SQLite, FTS5, the ANN index), batch
-        i + 1 is embedded in a worker thread: the embedder spends its time in torch, which releases the
-        GIL, so the writes (about a tenth of a bulk write) hide behind it. A failure in either stops
-        the write after the last committed batch, as before."""
-        def texts(start: int) -> list[str]:
-            batch = items[start:start + batch_size]
-            if embedded_context is None:
-                return [_embedding_text(i) for i in batch]
-            return [_embedding_text(dataclasses.replace(i, context=c))
-                    for i, c in zip(batch, embedded_context[start:start + batch_size])]
-
+        """`embedded_context`: per item, the context to embed when it is not the indexed one."""
         written: list[MemoryItem] = []
         added = 0
-        # One batch (a single add) gains nothing from a second thread: embed it in this one.
-        with ThreadPoolExecutor(1, "memvisor-embed") if len(items) > batch_size else _InThread() as pool:
-            pending = pool.submit(self.embedder.encode, texts(0)) if items else None
-            for start in range(0, len(items), batch_size):
-                vectors = pending.result()
-                if start + batch_size < len(items):
-                    pending = pool.submit(self.embedder.encode, texts(start + batch_size))
-                batch = items[start:start + batch_size]
-                for item, created in self.store.add_items(batch, vectors):
-                    written.append(item)
-                    added += created
-                # The ANN index follows each batch: building it lazily at the first search cost 40 s at
-                # 100k memories (and minutes at 1M) in that search, and the bulk write's rate hid it.
-                self.store.vector_index(batch[0].namespace)
-                if progress:
-                    progress(len(batch))
+        for start in range(0, len(items), batch_size):
+            batch = items[start:start + batch_size]
+            if embedded_context is not None:
+                batch_texts = [_embedding_text(dataclasses.replace(i, context=c))
+                               for i, c in zip(batch, embedded_context[start:start + batch_size])]
+            else:
+                batch_texts = [_embedding_text(i) for i in batch]
+            vectors = self.embedder.encode(batch_texts)
+            for item, created in self.store.add_items(batch, vectors):
+                written.append(item)
+                added += created
+            # The ANN index follows each batch: building it lazily at the first search cost 40 s at
+            # 100k memories (and minutes at 1M) in that search, and the bulk write's rate hid it.
+            self.store.vector_index(batch[0].namespace)
+            if progress:
+                progress(len(batch))
         if len(items) >= BULK_WRITE:
             self.store.save_index(items[0].namespace)
         return AddResult(written, added, len(written) - added)
@@ -306,24 +293,6 @@ class AddResult:
 
 def _turn_line(turn: Any) -> str:
     return f"{turn.speaker}: {turn.text}"
-
-
-class _InThread:
-    """The slice of ThreadPoolExecutor's interface `_write` uses, running each call at submit."""
-
-    def __enter__(self) -> "_InThread":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        done: Future = Future()
-        try:
-            done.set_result(fn(*args))
-        except BaseException as e:  # surfaces at .result(), as a pool's would
-            done.set_exception(e)
-        return done
 
 
 def _embedding_text(item: NewItem) -> str:
