@@ -52,3 +52,28 @@ def test_retriever_leaves_out_a_conjunction_of_common_words_that_is_common_too(m
     in_full_text = {c.row["text"] for c in candidates if c.bm25_rank is not None}
     assert in_full_text == {"a red kayak"}
     assert sum(c.vector_rank is not None for c in candidates) == 50
+
+
+def test_store_finds_words_in_more_than_half_of_the_rows_from_three_windows(memory):
+    texts = [f"alpha {'gamma' if i % 4 == 0 else 'beta'} row {i}" for i in range(40)]
+    memory.add_many(texts, namespace="q")
+    store = memory.store
+    # alpha in every row, beta in 3 of 4, gamma in 1 of 4, delta in none
+    assert store.ubiquitous_terms(["alpha", "beta", "gamma", "delta"], window=4, windows=4) == {"alpha", "beta"}
+    assert store.ubiquitous_terms(["alpha"], window=11, windows=4) == set()  # fewer than 4 windows of rows
+
+
+def test_retriever_leaves_out_a_word_in_most_rows_at_the_real_window(memory):
+    """"ines" is in every row but one (zero BM25 weight, the longest posting list); "garden" and "shed" are
+    each in a third: the full-text query keeps their conjunction without "ines", and finds the same rows."""
+    from memvisor.text.retrieve import HybridRetriever, full_text_match
+
+    rows = [f"ines {kind} {i}" for i in range(2100) for kind in ("garden note", "shed memo", "filler")]
+    memory.add_many(rows + [f"ines garden shed item {i}" for i in range(5)] + ["a red kayak"], namespace="q")
+    words = ["ines", "garden", "shed", "kayak"]
+    assert full_text_match(memory.store, words) == '"kayak" OR ("garden" AND "shed")'
+    assert fts_match(words, {"ines", "garden", "shed"}) == '"kayak" OR ("ines" AND "garden" AND "shed")'
+    candidates = HybridRetriever().retrieve(memory.store, memory.embedder, "ines garden shed kayak",
+                                            Filters(namespace="q"), 50)
+    in_full_text = {c.row["text"] for c in candidates if c.bm25_rank is not None}
+    assert in_full_text == {"a red kayak"} | {f"ines garden shed item {i}" for i in range(5)}

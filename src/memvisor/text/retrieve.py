@@ -88,11 +88,7 @@ class HybridRetriever:
         words = terms(query)
         named = named_speaker(words, store.speakers(filters.namespace))
         by_rid: dict[int, Candidate] = {}
-        fts_words = [w for w in words if w != (named or "").lower()]
-        common = store.common_terms(fts_words)
-        match = fts_match(fts_words, common)
-        if len(common) > 1 and store.matches_over(fts_match([w for w in fts_words if w in common], common)):
-            match = fts_match(fts_words, common, conjoin_common=False)  # the conjunction is common too
+        match = full_text_match(store, [w for w in words if w != (named or "").lower()])
         if match:
             text_hits = store.full_text(match, filters, pool, self.context_weight)
             rows = store.rows([rid for rid, _ in text_hits])
@@ -122,6 +118,19 @@ class HybridRetriever:
             if named and c.row["speaker"] == named:
                 c.speaker_boost = self.speaker_weight
             c.score = c.fused + c.time_boost + c.speaker_boost
+
+
+def full_text_match(store: SQLiteStore, words: list[str]) -> str | None:
+    """The FTS5 expression for a query's content words, priced for the store (text/query.py `fts_match`):
+    words in more than half of the rows are left out (zero BM25 weight, the longest posting lists);
+    other common words match only together, and not at all when that conjunction is common too."""
+    common = store.common_terms(words)
+    ubiquitous = store.ubiquitous_terms(sorted(common))
+    words = [w for w in words if w not in ubiquitous]
+    common -= ubiquitous
+    if len(common) > 1 and store.matches_over(fts_match([w for w in words if w in common], common)):
+        return fts_match(words, common, conjoin_common=False)  # the conjunction is common too
+    return fts_match(words, common)
 
 
 def named_speaker(query_words: list[str], speakers: frozenset[str]) -> str | None:
