@@ -47,7 +47,8 @@ def fts_match(words: str | list[str], common: Collection[str] = (), conjoin_comm
     its whole posting list was the p99 outlier at 100k (43k rows) and grows with the store, and the
     dense half ranks a one-word query by itself. `conjoin_common=False` leaves the common words out
     altogether: for when their conjunction is itself too common ("ines" AND "seville", where Ines lives,
-    cost 290 ms at 470k rows; `HybridRetriever` checks with `SQLiteStore.matches_over`).
+    cost 290 ms at 470k rows; `HybridRetriever` checks with `SQLiteStore.matches_over`). Words in more
+    than half of the rows are removed before this (`retrieve.full_text_match`).
     """
     words = terms(words) if isinstance(words, str) else list(words)
     if not words:
