@@ -54,7 +54,7 @@ def test_retriever_leaves_out_a_conjunction_of_common_words_that_is_common_too(m
     assert sum(c.vector_rank is not None for c in candidates) == 50
 
 
-def test_store_finds_words_in_more_than_half_of_the_rows_from_three_windows(memory):
+def test_store_finds_words_in_more_than_half_of_the_rows_from_spread_windows(memory):
     texts = [f"alpha {'gamma' if i % 4 == 0 else 'beta'} row {i}" for i in range(40)]
     memory.add_many(texts, namespace="q")
     store = memory.store
