@@ -5,12 +5,9 @@ import pytest
 import torch
 
 from memvisor.kv.gpu import decode_attention_reference, quantize_layer, triton_available
+from tests.kv.planes_cases import planes_case, rel_error
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -23,29 +20,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     (3, 16, 4, 128, 96),          # quantized tokens without residual (R=0 below)
 ])
 def test_swap_kernel_matches_reference(shape, bits):
-    from memvisor.kv.gpu.planes import to_planes
     from memvisor.kv.gpu.triton_decode import swap_decode_attention
 
-    b, hq, hkv, d, t = shape
-    g = torch.Generator(device="cuda").manual_seed(hash(shape) % 1000 + bits + 7)
-    # keys of one sign and large values: scores spread far, value scales far from 1 (subnormal codes)
-    k = torch.randn(b, hkv, t, d, device="cuda", generator=g) * 2 + 0.5
-    v = torch.randn(b, hkv, t, d, device="cuda", generator=g) * 4
-    residual = 0 if t == 96 else 32
-    layer = quantize_layer(k.bfloat16().float(), v.bfloat16().float(), bits, 32, residual)
-    layer.k_res = layer.k_res.bfloat16().contiguous()
-    layer.v_res = layer.v_res.bfloat16().contiguous()
-    planes = to_planes(layer)
-    q = torch.randn(b, hq, d, device="cuda", generator=g).bfloat16()
-    want = decode_attention_reference(q, layer)
+    planes, q, want = planes_case(shape, bits, hash(shape) % 1000 + bits + 7)
     variants = [dict()]
-    if t == 20000:  # warps per program, programs per SM (splits of other sizes), loads without shared memory
+    if shape[4] == 20000:  # warps per program, programs per SM (splits of other sizes), loads without shared memory
         variants += [dict(num_warps=2, waves=3.0), dict(num_warps=8, waves=1.0, staged=False), dict(waves=5.0),
                      dict(num_warps=4, waves=16.0, staged=False), dict(staged=False)]
     for kw in variants:
         got = swap_decode_attention(q, planes, **kw)
         assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
-        assert _rel(got, want) < 1e-2, (kw, _rel(got, want))
+        assert rel_error(got, want) < 1e-2, (kw, rel_error(got, want))
 
 
 def test_swap_kernel_fp16_query():
@@ -59,4 +44,4 @@ def test_swap_kernel_fp16_query():
     layer.k_res, layer.v_res = layer.k_res.half().contiguous(), layer.v_res.half().contiguous()
     q = torch.randn(1, 8, 128, device="cuda").half()
     got = swap_decode_attention(q, to_planes(layer))
-    assert _rel(got, decode_attention_reference(q, layer)) < 1e-2
+    assert rel_error(got, decode_attention_reference(q, layer)) < 1e-2

@@ -10,12 +10,9 @@ from memvisor.kv.gpu import (
     quantize_layer,
     triton_available,
 )
+from tests.kv.planes_cases import planes_case, rel_error
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs CUDA and Triton")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -47,8 +44,8 @@ def test_kernel_matches_reference(bits, shape):
     for kw in variants:
         got = kivi_decode_attention(q, layer, **kw)
         assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
-        assert _rel(got, want) < 1e-2, (kw, _rel(got, want))
-    assert _rel(decode_attention(q, layer), want) < 1e-2
+        assert rel_error(got, want) < 1e-2, (kw, rel_error(got, want))
+    assert rel_error(decode_attention(q, layer), want) < 1e-2
 
 
 def test_dense_triton_baseline_matches_float64():
@@ -57,7 +54,7 @@ def test_dense_triton_baseline_matches_float64():
     k = torch.randn(1, 8, 5000, 128, device="cuda").bfloat16()
     v = torch.randn(1, 8, 5000, 128, device="cuda").bfloat16()
     q = torch.randn(1, 32, 128, device="cuda").bfloat16()
-    assert _rel(dense_decode_attention_triton(q, k, v), dense_decode_attention(q, k, v)) < 1e-2
+    assert rel_error(dense_decode_attention_triton(q, k, v), dense_decode_attention(q, k, v)) < 1e-2
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -70,27 +67,15 @@ def test_dense_triton_baseline_matches_float64():
     (3, 16, 4, 128, 96),          # quantized tokens without residual (R=0 below)
 ])
 def test_planes_kernel_matches_reference(shape, bits):
-    from memvisor.kv.gpu.planes import to_planes
     from memvisor.kv.gpu.triton_decode import planes_decode_attention
 
-    b, hq, hkv, d, t = shape
-    g = torch.Generator(device="cuda").manual_seed(hash(shape) % 1000 + bits)
-    # keys of one sign and large values: scores spread far, value scales far from 1 (subnormal codes)
-    k = torch.randn(b, hkv, t, d, device="cuda", generator=g) * 2 + 0.5
-    v = torch.randn(b, hkv, t, d, device="cuda", generator=g) * 4
-    residual = 0 if t == 96 else 32
-    layer = quantize_layer(k.bfloat16().float(), v.bfloat16().float(), bits, 32, residual)
-    layer.k_res = layer.k_res.bfloat16().contiguous()
-    layer.v_res = layer.v_res.bfloat16().contiguous()
-    planes = to_planes(layer)
-    q = torch.randn(b, hq, d, device="cuda", generator=g).bfloat16()
-    want = decode_attention_reference(q, layer)
+    planes, q, want = planes_case(shape, bits, hash(shape) % 1000 + bits)
     variants = [dict()]
-    if t == 20000:  # other settings (each a compile) on one shape: splits, warps, stages, the combine's chunks
+    if shape[4] == 20000:  # other settings (each a compile) on one shape: splits, warps, stages, the combine's chunks
         variants += [dict(num_warps=4, waves=1.0), dict(num_stages=3, waves=8.0), dict(maxnreg=232, num_stages=1),
                      dict(combine_block_s=16, combine_db=128, combine_warps=2)]
     for kw in variants:
         got = planes_decode_attention(q, planes, **kw)
         assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
-        assert _rel(got, want) < 1e-2, (kw, _rel(got, want))
-    assert _rel(decode_attention(q, planes), want) < 1e-2
+        assert rel_error(got, want) < 1e-2, (kw, rel_error(got, want))
+    assert rel_error(decode_attention(q, planes), want) < 1e-2
