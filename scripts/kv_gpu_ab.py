@@ -32,11 +32,20 @@ VARIANTS = {
         "swap": dict(variant="swap"),
         "swap-w1x7": dict(variant="swap", num_warps=1, waves=7.0),
         "swap-reg-w1x8": dict(variant="swap", num_warps=1, waves=8.0, staged=False),
+        # session 6: programs of 2 or 4 warps with the same 4 units per warp (half / a quarter of the partials
+        # for the combine); the next unit's copy started before waiting for the current one (the default until
+        # session 6)
+        "swap-w2x2": dict(variant="swap", num_warps=2, waves=2.0),
+        "swap-w4x1": dict(variant="swap", num_warps=4, waves=1.0),
+        "swap-early": dict(variant="swap", late_copy=False),
     },
     4: {
         "planes": dict(variant="planes"),
         "swap": dict(variant="swap"),
         "swap-w1x7": dict(variant="swap", num_warps=1, waves=7.0),
+        "swap-w4x1": dict(variant="swap", num_warps=4, waves=1.0),
+        "swap-x8": dict(variant="swap", waves=8.0),  # 1024 programs of 4 units at 32k (8 per SM)
+        "swap-early": dict(variant="swap", late_copy=False),
     },
 }
 PLANES = ("planes", "swap")  # variants that read the planes layout
@@ -71,12 +80,43 @@ def combine_only(cfg: GpuBenchConfig, tokens: int) -> dict:
     qs = [torch.randn(1, cfg.q_heads, cfg.head_dim, device="cuda").bfloat16() for _ in range(cfg.layers)]
     ops = [torch.randn(cfg.q_heads, n_rows, cfg.head_dim, device="cuda") for _ in range(cfg.layers)]
     lps = [torch.randn(cfg.q_heads, n_rows, device="cuda") for _ in range(cfg.layers)]
-    for bs, db in ((64, 128), (None, None), (None, 16)):
-        def run(bs=bs, db=db):
+    for bs, db, w in ((64, 128, 4), (None, None, 4), (None, 16, 4), (None, None, 1), (None, 16, 1),
+                      (None, None, 2), (None, 64, 2)):
+        def run(bs=bs, db=db, w=w):
             for q, op, lp in zip(qs, ops, lps):
-                _combine(op, lp, q, n_rows, bs, db)
-        res[f"block_s={bs} db={db}"] = _bench(run) * 1e3
+                _combine(op, lp, q, n_rows, bs, db, w)
+        res[f"block_s={bs} db={db} warps={w}"] = _bench(run) * 1e3
     return res
+
+
+def breakdown(cfg: GpuBenchConfig, q_layers: list, tokens: int, bits: int, kw: dict) -> dict:
+    """µs per step (32 layers) of the swap kernel's step, its split launches alone (the combine replaced by a
+    no-op) and its combine launches alone, over 32 caches (L2 flushed), so the combine's share is measured."""
+    from memvisor.kv.gpu import triton_decode as td
+
+    planes = [to_planes(x) for x in _kivi_layers(cfg, tokens, bits)]
+    out = {"step": _bench(_step(q_layers, planes, lambda q, c: _kivi_attend(q, c, kw))) * 1e3}
+    saved, seen = td._combine, {}
+
+    def no_combine(op, lp, q, n_rows, *a, **k):
+        seen["n_rows"] = n_rows
+        return q
+
+    td._combine = no_combine
+    try:
+        out["split_only"] = _bench(_step(q_layers, planes, lambda q, c: _kivi_attend(q, c, kw))) * 1e3
+    finally:
+        td._combine = saved
+    n_rows = seen["n_rows"]
+    ops = [torch.randn(cfg.q_heads, n_rows, cfg.head_dim, device="cuda") for _ in range(cfg.layers)]
+    lps = [torch.randn(cfg.q_heads, n_rows, device="cuda") for _ in range(cfg.layers)]
+
+    def comb():
+        for q, op, lp in zip(q_layers, ops, lps):
+            saved(op, lp, q, n_rows)
+    out["combine_only"] = _bench(comb) * 1e3
+    out["n_rows"] = n_rows
+    return out
 
 
 def main() -> None:
@@ -84,7 +124,14 @@ def main() -> None:
     ap.add_argument("--lengths", default="1024,8192,32768,65536")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
+    ap.add_argument("--breakdown", action="store_true", help="also time the swap step's split and combine apart")
     args = ap.parse_args()
+    if args.only:
+        keep = set(args.only.split(","))
+        for variants in VARIANTS.values():
+            for name in [n for n in variants if n not in keep]:
+                del variants[name]
     cfg = GpuBenchConfig()
     args.out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(0)
@@ -130,6 +177,12 @@ def main() -> None:
             del layers, planes
             torch.cuda.empty_cache()
         row["combine_only"] = combine_only(cfg, tokens)
+        if args.breakdown:
+            for bits, variants in VARIANTS.items():
+                for name in [n for n in variants if n.startswith("swap")]:
+                    key = f"breakdown_kivi{bits}/{name}"
+                    row[key] = breakdown(cfg, q_layers, tokens, bits, variants[name])
+                    print(f"{tokens:>6} kivi{bits} {name} breakdown (us/step): {row[key]}", flush=True)
         res["rows"][tokens] = row
         best = min(min(row["bf16_sdpa"]), min(row["bf16_triton"]))
         print(f"--- {tokens} tokens: bf16 sdpa {row['bf16_sdpa']} triton {row['bf16_triton']}", flush=True)

@@ -26,7 +26,8 @@ def test_swap_kernel_matches_reference(shape, bits):
     variants = [dict()]
     if shape[4] == 20000:  # warps per program, programs per SM (splits of other sizes), loads without shared memory
         variants += [dict(num_warps=2, waves=3.0), dict(num_warps=8, waves=1.0, staged=False), dict(waves=5.0),
-                     dict(num_warps=4, waves=16.0, staged=False), dict(staged=False)]
+                     dict(num_warps=4, waves=16.0, staged=False), dict(staged=False), dict(late_copy=False),
+                     dict(late_copy=False, num_warps=2, waves=3.0)]
     for kw in variants:
         got = swap_decode_attention(q, planes, **kw)
         assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()

@@ -360,7 +360,8 @@ def _epilogue(OP, LP, pid_bh, pid_s, n_rows, m_i, acc, lacc, zacc, out_scale, GR
 @gluon.jit
 def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
                        T_q, T_r, ups, skw_bh, sks_bh, svsz_bh, t_pad, skr_bh, svr_bh,
-                       GROUPS: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, STAGED: gl.constexpr):
+                       GROUPS: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, STAGED: gl.constexpr,
+                       LATE: gl.constexpr = True):
     W: gl.constexpr = gl.num_warps()
     G: gl.constexpr = 32
     S: gl.constexpr = 16 // BITS
@@ -407,12 +408,19 @@ def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
         for it in range(0, n_it):
             if STAGED:
                 st = it % 2
-                gl.thread_barrier()  # every read of the other buffer set (unit it - 1) is done
-                _stage_unit(kw_s.index(1 - st), vw_s.index(1 - st), kz_s.index(1 - st), ks_s.index(1 - st),
-                            vs_s.index(1 - st), KW, KZ, KS, VW, VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo, it + 1,
-                            u_hi, it + 1 < n_it, D, NGV, W, G, S)
-                async_copy.wait_group(1)
-                gl.thread_barrier()
+                if LATE:  # wait for unit it, then start unit it + 1's copy
+                    async_copy.wait_group(0)
+                    gl.thread_barrier()  # unit it visible to every lane; every read of unit it - 1's set is done
+                    _stage_unit(kw_s.index(1 - st), vw_s.index(1 - st), kz_s.index(1 - st), ks_s.index(1 - st),
+                                vs_s.index(1 - st), KW, KZ, KS, VW, VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo,
+                                it + 1, u_hi, it + 1 < n_it, D, NGV, W, G, S)
+                else:  # start unit it + 1's copy, then wait for unit it
+                    gl.thread_barrier()  # every read of the other buffer set (unit it - 1) is done
+                    _stage_unit(kw_s.index(1 - st), vw_s.index(1 - st), kz_s.index(1 - st), ks_s.index(1 - st),
+                                vs_s.index(1 - st), KW, KZ, KS, VW, VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo,
+                                it + 1, u_hi, it + 1 < n_it, D, NGV, W, G, S)
+                    async_copy.wait_group(1)
+                    gl.thread_barrier()
                 kw, vw = _words_smem(kw_s.index(st), vw_s.index(st), D, NP, W, A_L)
                 kzb = _kz_smem(kz_s.index(st), D, W, S, B_L)
                 ks_smem = ks_s.index(st)

@@ -81,12 +81,14 @@ def _combine_kernel(OP, LP, O, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr, D
     for s0 in range(0, n_rows, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         s_mask = offs_s < n_rows
+        # the partials are loaded before the maximum of their log-sum-exps is reduced: both loads are then in
+        # flight together (loaded after it, they waited for that reduction's barrier: two memory round trips)
+        o = tl.load(OP + (row * n_rows + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
         lse = tl.load(LP + row * n_rows + offs_s, mask=s_mask, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(lse, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-empty chunk so far: no NaN
         alpha = tl.exp2(m - m_ref)
         w = tl.exp2(lse - m_ref)
-        o = tl.load(OP + (row * n_rows + offs_s)[:, None] * D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
         acc = acc * alpha + tl.sum(o * w[:, None], 0)
         l = l * alpha + tl.sum(w, 0)
         m = m_new

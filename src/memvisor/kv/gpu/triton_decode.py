@@ -290,6 +290,9 @@ def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float
 # warps): 28 KB of shared memory per 1-warp program for 2-bit codes at head_dim 128 (7 per SM), 22.5 KB and 168
 # registers for 4-bit ones (9), 57 and 45 KB at head_dim 256 (3, 4); other shapes assume 4 (a wrong guess costs
 # speed only)
+# warps per program of the swap kernel's combine launch (H100, 32 layers at 32k tokens, 65 partials per row:
+# 94 us per step with 1 warp, 100 with 4; scripts/kv_gpu_ab.py)
+_SWAP_COMBINE_WARPS = 1
 _SWAP_RESIDENT = {(2, 128, 1): 7, (4, 128, 1): 9, (2, 256, 1): 3, (4, 256, 1): 4}
 
 
@@ -333,12 +336,16 @@ def _gluon_available() -> bool:
 
 def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float | None = None, *,
                           num_warps: int = 1, waves: float | None = None, staged: bool = True,
-                          maxnreg: int | None = None) -> torch.Tensor:
+                          maxnreg: int | None = None, late_copy: bool | None = None) -> torch.Tensor:
     """:func:`planes_decode_attention` through the Gluon kernel with tokens on the matrix product's M side
     (gluon_kivi_swap.py): same inputs and result. ``waves``: programs of ``num_warps`` warps per SM (None: the
     balanced plan of :func:`_swap_plan`);
     ``staged``: each warp copies its next unit (code words, scales, zero points) into shared memory while it
-    computes the current one; else it loads a unit's words into registers and its scales group by group."""
+    computes the current one; else it loads a unit's words into registers and its scales group by group;
+    ``late_copy``: a warp starts the next unit's copy once the current unit has landed, not before waiting for
+    it (at the start of a launch every warp then waits for 1 unit's bytes, not 2). None: for 2-bit codes only
+    (H100, 32k tokens, µs per step: KIVI-2 561.5 late against 567.5, KIVI-4 728.5 against 716.9;
+    BENCHMARKS.md kv-gpu, session 6)."""
     from memvisor.kv.gpu.gluon_kivi_swap import _swap_split_kernel
 
     b, hkv, t_r, d = layer.k_res.shape
@@ -367,8 +374,9 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
     _swap_split_kernel[(b * hkv, n_rows)](
         q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, ups, *strides, layer.vsz.shape[-2],
         layer.k_res.stride(1), layer.v_res.stride(1),
-        GROUPS=groups, D=d, BITS=layer.bits, STAGED=staged, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
-    return _combine(op, lp, q, n_rows)
+        GROUPS=groups, D=d, BITS=layer.bits, STAGED=staged, LATE=layer.bits == 2 if late_copy is None else late_copy,
+        num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return _combine(op, lp, q, n_rows, num_warps=_SWAP_COMBINE_WARPS)
 
 
 def dense_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
