@@ -110,6 +110,18 @@ def sz6_layout(W, NP):
 
 
 @gluon.constexpr_function
+def out_layout(W, NP):
+    """[NP, 2 (x), 8 (column n), 8 (q), 4 (r)]: the value accumulator (mma_layout, rows m = 32 x + 8 r + q) with
+    its registers reordered so that a thread's 4 channels ``32 x + 4 q + r`` of a column are its first 4
+    registers (16-byte stores); the same threads hold the same elements (no data moves). Warps: replicated
+    (the warps' states are summed before)."""
+    regs = [[0, 0, 0, 0, 1], [0, 0, 0, 0, 2], [0, 0, 1, 0, 0], [0, 1, 0, 0, 0]] + [
+        [1 << b, 0, 0, 0, 0] for b in range(_log2(NP))]
+    lanes = [[0, 0, 2, 0, 0], [0, 0, 4, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 0, 4, 0]]
+    return gl.DistributedLinearLayout(regs, lanes, [[0, 0, 0, 0, 0]] * _log2(W), [], [NP, 2, 8, 8, 4])
+
+
+@gluon.constexpr_function
 def keys_smem_layout(W, D):
     """[W 16 rows (warp, physical slot), D]: keys_phys over shared memory, rows still in slot order (the
     relabelling to product rows follows)."""
@@ -185,6 +197,26 @@ def _arange4(n: gl.constexpr, dim: gl.constexpr, layout: gl.constexpr):
         return gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, layout))))[None, None, :, None]
     else:
         return gl.arange(0, n, gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, layout))))[None, None, None, :]
+
+
+@gluon.jit
+def _arange5(n: gl.constexpr, dim: gl.constexpr, layout: gl.constexpr):
+    """arange(n) along dimension ``dim`` of a rank-5 ``layout``, expanded to rank 5."""
+    if dim == 0:
+        L: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, layout))))
+        return gl.arange(0, n, L)[:, None, None, None, None]
+    elif dim == 1:
+        L: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, gl.SliceLayout(4, layout))))
+        return gl.arange(0, n, L)[None, :, None, None, None]
+    elif dim == 2:
+        L: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, gl.SliceLayout(4, layout))))
+        return gl.arange(0, n, L)[None, None, :, None, None]
+    elif dim == 3:
+        L: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(4, layout))))
+        return gl.arange(0, n, L)[None, None, None, :, None]
+    else:
+        L: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, layout))))
+        return gl.arange(0, n, L)[None, None, None, None, :]
 
 
 @gluon.jit
