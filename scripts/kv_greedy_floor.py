@@ -21,21 +21,9 @@ import torch
 from transformers import DynamicCache
 
 from memvisor.bench.kv_metrics import KVPeakTracker
-from memvisor.bench.kv_peers import Method, _full_prefill, plain_method
+from memvisor.bench.kv_peers import Method, _full_prefill, lossless_blocked_method, plain_method
 from memvisor.bench.kv_run import KvBenchConfig, aggregate, build_prompts, run_one
 from memvisor.kv import load_local_model
-
-
-def blocked_prefill(block: int):
-    def prefill(model, ids, cache, key):
-        logits = None
-        for start in range(0, ids.shape[1], block):
-            part = ids[:, start:start + block]
-            pos = torch.arange(start, start + part.shape[1]).unsqueeze(0)
-            logits = model(input_ids=part, position_ids=pos, use_cache=True, logits_to_keep=1,
-                           **{key: cache}).logits
-        return logits
-    return prefill
 
 
 def main() -> None:
@@ -55,7 +43,7 @@ def main() -> None:
     prompts = build_prompts(tok, cfg)
     refs = [run_one(model, tok, plain_method(model.config), p, None, cfg.gen_tokens, tracker) for p in prompts]
     rows = {}
-    blocked = Method("blocked-512", lambda: DynamicCache(config=model.config), blocked_prefill(512))
+    blocked = lossless_blocked_method(model.config, 512)  # also `memvisor bench kv`'s floor row
     rows[blocked.name] = [run_one(model, tok, blocked, p, r, cfg.gen_tokens, tracker) for p, r in zip(prompts, refs)]
     model.set_attn_implementation("eager")
     eager = Method("eager", lambda: DynamicCache(config=model.config), _full_prefill)

@@ -32,6 +32,9 @@ def test_bench_kv_writes_results_in_the_issue_shape(tmp_path):
         data["uncompressed"]["full"]["bytes_per_token"])
     assert 0 <= fig["top1"] <= 1 and fig["kl"] >= 0 and fig["prefill_peak_bytes"] > 0
     assert set(data["sweep"]["methods"]) >= {"uncompressed", "kivi2+snapkv"}
+    floor = data["uncompressed"]["blocked-512"]  # the lossless floor: every key and value kept
+    assert floor["ratio"] == 1.0 and floor["bits_per_element"] == 16.0 and 0 <= floor["greedy_agreement"] <= 1
+    assert "blocked-512 prefill (lossless: the floor)" in (out / "table.md").read_text()
     assert "memvisor: kivi2+snapkv" in (out / "table.md").read_text()
     from memvisor.kv.cache import RECIPES
 

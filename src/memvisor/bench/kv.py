@@ -38,6 +38,8 @@ def register(bench_app: typer.Typer) -> None:
         lengths: str | None = typer.Option(None, "--lengths",
                                            help="input lengths for the peak-memory sweep (default 2k..context)"),
         sweep: bool = typer.Option(True, "--sweep/--no-sweep", help="peak memory against input length"),
+        floor: bool = typer.Option(True, "--floor/--no-floor",
+                                   help="also a lossless cache prefilled in blocks: the fidelity rounding alone costs"),
         seed: int = typer.Option(0, "--seed"),
         threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
     ) -> None:
@@ -48,7 +50,7 @@ def register(bench_app: typer.Typer) -> None:
             model=model, out=out, budgets=[float(x) for x in _split_csv(budgets) or []] or None,
             methods=_split_csv(methods), peers=_split_csv(peers), tokens=tokens, samples=samples,
             gen_tokens=gen_tokens, lengths=[int(x) for x in _split_csv(lengths) or []] or None, seed=seed,
-            threads=threads, sweep=sweep,
+            threads=threads, sweep=sweep, floor=floor,
         )
         try:
             run_kv_bench(cfg, log=typer.echo)

@@ -71,6 +71,29 @@ def plain_method(model_config: Any = None) -> Method:
     return Method("uncompressed", lambda: DynamicCache(config=model_config), _full_prefill)
 
 
+def blocked_prefill(block: int) -> Callable[[Any, torch.Tensor, Any, str], Any]:
+    """A prefill of ``block`` tokens per forward into whatever cache it is given (no compression)."""
+    def prefill(model: Any, ids: torch.Tensor, cache: Any, key: str) -> Any:
+        logits = None
+        for start in range(0, ids.shape[1], block):
+            part = ids[:, start:start + block]
+            pos = torch.arange(start, start + part.shape[1]).unsqueeze(0)
+            logits = model(input_ids=part, position_ids=pos, use_cache=True, logits_to_keep=1,
+                           **{key: cache}).logits
+        return logits
+    return prefill
+
+
+def lossless_blocked_method(model_config: Any = None, block: int = 512) -> Method:
+    """The reference's own cache, every bf16 key and value kept, prefilled ``block`` tokens at a time:
+    only the order of float sums differs from the reference. Its fidelity is the floor that rounding
+    alone sets for every method (BENCHMARKS.md kv: free-running greedy agreement 0.28 on SmolLM2)."""
+    from transformers import DynamicCache
+
+    return Method(f"blocked-{block}", lambda: DynamicCache(config=model_config), blocked_prefill(block),
+                  {"block": block})
+
+
 def kvpress_method(name: str, compression_ratio: float, model_config: Any = None) -> Method:
     if name not in KVPRESS_PRESSES:
         raise ValueError(f"unknown kvpress peer {name!r}; known: {sorted(KVPRESS_PRESSES)}")

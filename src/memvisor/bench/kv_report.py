@@ -28,6 +28,8 @@ def _cell(fig: dict, key: str, fmt: str) -> str:
 
 def _rows(results: dict) -> list[tuple[str, str, str, dict]]:
     rows = [("-", "uncompressed", "full", results["uncompressed"]["full"])]
+    rows += [("-", f"uncompressed, {name} prefill (lossless: the floor)", name, fig)
+             for name, fig in results["uncompressed"].items() if name != "full"]
     budgets = sorted({b for g in ("methods", "peers") for m in results[g].values() for b in m},
                      key=lambda b: (b == "native", float(b[:-1]) if b.endswith("x") else 0.0))
     for b in budgets:

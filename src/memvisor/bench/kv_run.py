@@ -29,7 +29,7 @@ from memvisor.bench.kv_methods import DEFAULT_METHODS, memvisor_method
 from memvisor.bench.kv_metrics import KVPeakTracker, RSSPeak, cache_bytes, fidelity, greedy_agreement, stored_elements
 from memvisor.bench.kv_needles import answer_found, make_task, task_kinds
 from memvisor.bench.kv_peers import (ALL_PEERS, KVPRESS_PRESSES, QUANTO_PEERS, Method, PeerUnavailable, kvpress_method,
-                                     peers_available, plain_method, quanto_method)
+                                     lossless_blocked_method, peers_available, plain_method, quanto_method)
 
 DEFAULT_BUDGETS = [2.0, 4.0, 8.0]
 DEFAULT_LENGTHS = {"smollm2": [2048, 4096, 8192], "gemma3": [2048, 4096, 8192, 16384]}
@@ -52,6 +52,7 @@ class KvBenchConfig:
     threads: int = 2
     sweep_budget_ratio: float = 8.0
     sweep: bool = True
+    floor: bool = True  # also run a lossless cache prefilled in blocks: the fidelity rounding alone costs
     extra: dict = field(default_factory=dict)
 
 
@@ -253,6 +254,11 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
                  "reference_needle_hits": [r["needle_hit"] for r in refs]},
     }
     log(f"uncompressed: {_brief(results['uncompressed']['full'])}")
+    if cfg.floor:
+        lossless = lossless_blocked_method(model.config)
+        runs = [run_one(model, tok, lossless, p, rf, cfg.gen_tokens, tracker) for p, rf in zip(prompts, refs)]
+        results["uncompressed"][lossless.name] = aggregate(runs, refs)
+        log(f"uncompressed, {lossless.name} (lossless floor): {_brief(results['uncompressed'][lossless.name])}")
 
     def record(group: str, name: str, bkey: str, method: Method) -> None:
         # A peer that crashes on this model (kvpress ExpectedAttention calls Gemma 3's rotary embedding
