@@ -60,8 +60,9 @@ class HybridRetriever:
     score = w_bm25 / (rrf_k + bm25_rank) + w_vec / (rrf_k + vector_rank)      (ranks from 1)
             + recency_weight * 2^(-age / half_life)                              (age vs the newest candidate)
             + speaker_weight * [the memory's speaker is the one person the query names]
-    A named speaker's name is left out of the full-text query and of the dense one (`dense_text`): in a
-    conversation it matches the other side's greetings ("Hey Caroline!"), not what Caroline said. Knobs
+    The one named speaker's name is left out of the full-text query, and every named speaker's of the
+    dense one (`dense_text`): in a conversation a name matches the other side's greetings ("Hey
+    Caroline!"), not what Caroline said. Knobs
     are set once for all data (tuned on the LoCoMo development set, never per conversation or question).
     Evidence recall@1024 (categories 1-4) by (rrf_k, speaker_weight): (60, 0.01) 0.819, (20, 0.03) 0.833,
     (10, 0.05) 0.832, (5, 0.08) 0.834, (20, 0.05) 0.842 but adversarial questions (category 5, which often
