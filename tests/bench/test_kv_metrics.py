@@ -44,6 +44,10 @@ def test_fidelity_and_greedy_agreement():
     f = fidelity(ref, other)
     assert f["top1"] == pytest.approx(5 / 6) and f["kl"] > 0.01
     assert greedy_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 0.75
+    # with an end-of-sequence id the reference's answer ends there (included): what follows is not compared
+    assert greedy_agreement([1, 2, 0, 4, 5], [1, 2, 0, 9, 9], stop=frozenset({0})) == 1.0
+    assert greedy_agreement([1, 2, 0, 4, 5], [1, 9, 7, 4, 5], stop=frozenset({0})) == 1 / 3
+    assert greedy_agreement([1, 2, 3], [1, 2, 9], stop=frozenset({0})) == 2 / 3  # no stop: every position
 
 
 def test_peak_tracker_sees_a_layer_before_a_later_hook_shrinks_it():

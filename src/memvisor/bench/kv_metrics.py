@@ -5,7 +5,8 @@
   inner tensors): what stays allocated, whatever a method claims.
 - :func:`stored_elements`: K and V elements the cache represents (tokens kept x heads x head_dim x 2).
 - :func:`fidelity`: teacher-forced top-1 agreement and mean per-token KL(P_full || P_method) over
-  the reference continuation, and free-running greedy agreement.
+  the reference continuation; :func:`greedy_agreement`: free-running greedy agreement up to the
+  reference's end of sequence.
 - :class:`KVPeakTracker`: highest cache bytes seen right after any attention module ran (forward
   hooks registered before a peer's own, so a layer a peer is about to compress is seen in full).
 - :class:`RSSPeak`: peak resident memory of the process during a block (sampled, psutil).
@@ -92,12 +93,16 @@ def fidelity(ref_logits: torch.Tensor, logits: torch.Tensor) -> dict:
     return {"top1": top1, "kl": kl.mean().item()}
 
 
-def greedy_agreement(ref_tokens: list[int], tokens: list[int]) -> float:
-    """Fraction of positions where a free-running greedy continuation equals the reference one."""
-    n = len(ref_tokens)
-    if n == 0:
+def greedy_agreement(ref_tokens: list[int], tokens: list[int], stop: frozenset[int] = frozenset()) -> float:
+    """Fraction of the reference's positions where a free-running greedy continuation equals it.
+
+    ``stop``: end-of-sequence ids. The reference then ends at its first stop token (included), as
+    ``generate`` would end it: what follows an end of turn is not an answer anyone reads, and its
+    near-uniform next-token choices flip on any rounding (NOTES, KV session 6)."""
+    end = next((i + 1 for i, t in enumerate(ref_tokens) if t in stop), len(ref_tokens))
+    if end == 0:
         return float("nan")
-    return sum(1 for a, b in zip(ref_tokens, tokens) if a == b) / n
+    return sum(1 for a, b in zip(ref_tokens[:end], tokens[:end]) if a == b) / end
 
 
 class KVPeakTracker:

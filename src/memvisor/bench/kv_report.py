@@ -12,6 +12,7 @@ from pathlib import Path
 
 COLUMNS = [("ratio", "ratio", "{:.2f}x"), ("bytes_per_token", "B/token", "{:.0f}"), ("bits_per_element", "bits/elem",
            "{:.2f}"), ("top1", "top-1", "{:.3f}"), ("kl", "KL", "{:.3f}"), ("greedy_agreement", "greedy", "{:.3f}"),
+           ("greedy_agreement_all", "greedy (all)", "{:.3f}"),
            ("needle_retention", "needle ret.", "{:.2f}"), ("needle_accuracy", "needle acc.", "{:.2f}"),
            ("prefill_peak_bytes", "peak KV MiB", "{:.1f}"), ("prefill_s", "prefill s", "{:.1f}"),
            ("decode_tokens_per_s", "decode tok/s", "{:.1f}")]

@@ -5,8 +5,10 @@ reference: its greedy continuation of ``gen_tokens`` tokens after the question a
 along it. Every method then (1) prefills the context into its own cache (timed; peak KV bytes and
 peak RSS recorded), (2) runs the question uncompressed on top, (3) on a copy of that state,
 teacher-forces the reference continuation in one forward (top-1 agreement, mean KL per token),
-(4) decodes greedily ``gen_tokens`` tokens (agreement with the reference, tokens/s, and whether the
-needle's value is in the first 24 tokens). Bytes are measured after the context (before the
+(4) decodes greedily ``gen_tokens`` tokens (tokens/s, whether the needle's value is in the first 24
+tokens, and agreement with the reference: ``greedy_agreement`` over the reference's answer, up to its
+end-of-sequence token as ``generate`` would stop; ``greedy_agreement_all`` over all ``gen_tokens``
+positions, past that end too). Bytes are measured after the context (before the
 question): ``bytes_per_token`` = real bytes / context tokens, ``ratio`` = the uncompressed bf16
 cache's bytes / the method's, ``bits_per_element`` = 8 x bytes / K+V elements actually stored.
 ``needle_retention`` = hits / the uncompressed model's hits over the same tasks.
@@ -33,8 +35,8 @@ from memvisor.bench.kv_peers import (ALL_PEERS, KVPRESS_PRESSES, QUANTO_PEERS, M
 
 DEFAULT_BUDGETS = [2.0, 4.0, 8.0]
 DEFAULT_LENGTHS = {"smollm2": [2048, 4096, 8192], "gemma3": [2048, 4096, 8192, 16384]}
-FIGURES = ["bits_per_element", "bytes_per_token", "ratio", "greedy_agreement", "top1", "kl", "needle_retention",
-           "needle_accuracy", "prefill_peak_bytes", "prefill_peak_rss_bytes", "prefill_s", "decode_tokens_per_s"]
+FIGURES = ["bits_per_element", "bytes_per_token", "ratio", "greedy_agreement", "greedy_agreement_all", "top1", "kl",
+           "needle_retention", "needle_accuracy", "prefill_peak_bytes", "prefill_peak_rss_bytes", "prefill_s", "decode_tokens_per_s"]
 
 
 @dataclass
@@ -145,8 +147,16 @@ def run_one(model: Any, tok: Any, method: Method, prompt: Prompt, ref: dict | No
     if ref is None:
         out["logits"] = torch.stack(logits)
     else:
-        out["greedy_agreement"] = greedy_agreement(ref["tokens"], toks)
+        out["greedy_agreement"] = greedy_agreement(ref["tokens"], toks, stop_tokens(model, tok))
+        out["greedy_agreement_all"] = greedy_agreement(ref["tokens"], toks)  # every position, past the end too
     return out
+
+
+def stop_tokens(model: Any, tok: Any) -> frozenset[int]:
+    """The ids that end a generation: the model's generation config's and the tokenizer's end of sequence."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = list(ids) if isinstance(ids, (list, tuple)) else [ids]
+    return frozenset(int(i) for i in [*ids, tok.eos_token_id] if i is not None)
 
 
 def aggregate(runs: list[dict], refs: list[dict]) -> dict:
@@ -165,6 +175,7 @@ def aggregate(runs: list[dict], refs: list[dict]) -> dict:
         "bytes_per_token": bytes_ / tokens,
         "ratio": ref_bytes / bytes_ if bytes_ else None,
         "greedy_agreement": mean("greedy_agreement"),
+        "greedy_agreement_all": mean("greedy_agreement_all"),
         "top1": mean("top1"),
         "kl": mean("kl"),
         "needle_retention": hits / ref_hits if ref_hits else None,
