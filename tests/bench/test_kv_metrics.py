@@ -129,3 +129,26 @@ def test_auto_method_runs_the_planned_recipe():
     with pytest.raises(ValueError):
         memvisor_method("auto", cfg, 200_000)
     assert memvisor_method("kivi2+span", cfg, 200_000, context_tokens=512).new_cache().spec.context_tokens == 512
+
+
+def test_lossless_floor_prefills_in_blocks_and_keeps_every_token():
+    """The floor row's cache: the same keys, values and last logits as one full prefill, every token kept."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memvisor.bench.kv_peers import lossless_blocked_method, plain_method
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, vocab_size=100)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 100, (1, 30))
+    full, floor = plain_method(cfg), lossless_blocked_method(cfg, block=8)
+    assert floor.name == "blocked-8"
+    with torch.no_grad():
+        ref_cache, cache = full.new_cache(), floor.new_cache()
+        ref_logits = full.prefill(model, ids, ref_cache, "past_key_values")
+        logits = floor.prefill(model, ids, cache, "past_key_values")
+    assert cache.get_seq_length() == 30
+    for a, b in zip(ref_cache.layers, cache.layers):
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+    assert torch.allclose(ref_logits[0, -1], logits[0, -1], atol=1e-4)
