@@ -38,6 +38,15 @@ VARIANTS = {
         "swap-w2x2": dict(variant="swap", num_warps=2, waves=2.0),
         "swap-w4x1": dict(variant="swap", num_warps=4, waves=1.0),
         "swap-early": dict(variant="swap", late_copy=False),
+        # session 7: programmatic dependent launches (pdl.py; "swap" uses them where available): off; where the
+        # split / combine launch lets the next one start ("s" start, "m" middle, "x" exit: PDL_TRIGGERS in
+        # triton_decode.py)
+        "swap-nopdl": dict(variant="swap", pdl=False),
+        "swap-pdl-sx": dict(variant="swap", pdl_split_trigger="start", pdl_combine_trigger="exit"),
+        "swap-pdl-mx": dict(variant="swap", pdl_split_trigger="middle", pdl_combine_trigger="exit"),
+        "swap-pdl-sm": dict(variant="swap", pdl_split_trigger="start", pdl_combine_trigger="middle"),
+        "swap-pdl-mm": dict(variant="swap", pdl_split_trigger="middle", pdl_combine_trigger="middle"),
+        "swap-pdl-ms": dict(variant="swap", pdl_split_trigger="middle", pdl_combine_trigger="start"),
     },
     4: {
         "planes": dict(variant="planes"),
@@ -46,6 +55,12 @@ VARIANTS = {
         "swap-w4x1": dict(variant="swap", num_warps=4, waves=1.0),
         "swap-x8": dict(variant="swap", waves=8.0),  # 1024 programs of 4 units at 32k (8 per SM)
         "swap-early": dict(variant="swap", late_copy=False),
+        "swap-nopdl": dict(variant="swap", pdl=False),
+        "swap-pdl-sx": dict(variant="swap", pdl_split_trigger="start", pdl_combine_trigger="exit"),
+        "swap-pdl-mx": dict(variant="swap", pdl_split_trigger="middle", pdl_combine_trigger="exit"),
+        "swap-pdl-sm": dict(variant="swap", pdl_split_trigger="start", pdl_combine_trigger="middle"),
+        "swap-pdl-mm": dict(variant="swap", pdl_split_trigger="middle", pdl_combine_trigger="middle"),
+        "swap-pdl-ms": dict(variant="swap", pdl_split_trigger="middle", pdl_combine_trigger="start"),
     },
 }
 PLANES = ("planes", "swap")  # variants that read the planes layout

@@ -27,7 +27,8 @@ def test_swap_kernel_matches_reference(shape, bits):
     if shape[4] == 20000:  # warps per program, programs per SM (splits of other sizes), loads without shared memory
         variants += [dict(num_warps=2, waves=3.0), dict(num_warps=8, waves=1.0, staged=False), dict(waves=5.0),
                      dict(num_warps=4, waves=16.0, staged=False), dict(staged=False), dict(late_copy=False),
-                     dict(late_copy=False, num_warps=2, waves=3.0)]
+                     dict(late_copy=False, num_warps=2, waves=3.0), dict(pdl=False), dict(pdl_split_trigger="middle"),
+                     dict(pdl_split_trigger="exit", pdl_combine_trigger="start"), dict(pdl_combine_trigger="middle")]
     for kw in variants:
         got = swap_decode_attention(q, planes, **kw)
         assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
@@ -46,3 +47,39 @@ def test_swap_kernel_fp16_query():
     q = torch.randn(1, 8, 128, device="cuda").half()
     got = swap_decode_attention(q, to_planes(layer))
     assert rel_error(got, decode_attention_reference(q, layer)) < 1e-2
+
+
+def test_swap_kernel_in_a_graph_waits_for_the_query_writer():
+    """Programmatic dependent launches (pdl.py) in a CUDA graph: each layer's query is copied into ONE buffer by
+    the kernel just before that layer's launches, so a split or combine launch that read the query or wrote its
+    partials before the kernels before it ended would give another layer's answer."""
+    from memvisor.kv.gpu.pdl import pdl_available
+    from memvisor.kv.gpu.triton_decode import swap_decode_attention
+
+    cases = [planes_case((1, 32, 8, 128, 3000 + 300 * i), 2, 50 + i) for i in range(4)]
+    q_buf = torch.empty_like(cases[0][1])
+    outs = [torch.empty_like(q_buf) for _ in cases]
+
+    def step():
+        for (planes, q, _), out in zip(cases, outs):
+            q_buf.copy_(q)
+            out.copy_(swap_decode_attention(q_buf, planes))
+
+    step()  # compile outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        step()
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(stream)
+    for out in outs:
+        out.zero_()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    for (_, _, want), out in zip(cases, outs):
+        assert rel_error(out, want) < 1e-2
+    assert pdl_available(q_buf.device) == (torch.cuda.get_device_capability() >= (9, 0))

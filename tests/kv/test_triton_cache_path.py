@@ -177,3 +177,19 @@ def test_llama_decodes_through_the_kernel(quant):
     assert all(c.mirror is not None and c.mirror.t == c.stores[0].nq for c in caches[0].cores)
     assert all(c.mirror is None for c in caches[1].cores)
     assert _rel(logits[0], logits[1]) < 2e-2, _rel(logits[0], logits[1])
+
+
+def test_pdl_only_where_the_card_and_triton_have_it():
+    """Programmatic dependent launch (pdl.py): sm_90+ with Triton's launch_pdl option, never in the interpreter;
+    on the CPU it is unavailable and an explicit request fails loudly instead of falling back silently."""
+    from memvisor.kv.gpu.pdl import pdl_supported, resolve_pdl
+
+    opts = {"num_warps", "launch_pdl"}
+    assert pdl_supported((9, 0), opts) and pdl_supported((10, 0), opts)
+    assert not pdl_supported((8, 9), opts)
+    assert not pdl_supported((9, 0), {"num_warps"})
+    assert not pdl_supported((9, 0), opts, interpreting=True)
+    cpu = torch.device("cpu")
+    assert resolve_pdl(None, cpu) is False and resolve_pdl(False, cpu) is False
+    with pytest.raises(RuntimeError):
+        resolve_pdl(True, cpu)

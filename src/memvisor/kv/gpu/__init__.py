@@ -39,7 +39,7 @@ def triton_available() -> bool:
 
 
 def decode_attention(q: torch.Tensor, layer: KiviLayer | PlanesLayer, sm_scale: float | None = None,
-                     use_triton: bool | None = None) -> torch.Tensor:
+                     use_triton: bool | None = None, pdl: bool | None = None) -> torch.Tensor:
     """One decode step's attention over a quantized layer: ``[B, Hq, D]`` in q's dtype.
 
     A :class:`PlanesLayer` (2- or 4-bit codes repacked for the fast kernels, see planes.py) runs the
@@ -49,6 +49,8 @@ def decode_attention(q: torch.Tensor, layer: KiviLayer | PlanesLayer, sm_scale: 
 
     ``use_triton``: None = automatic (CUDA + Triton), True = require the kernel (raises
     ``TritonUnavailableError`` if it cannot run), False = torch reference.
+    ``pdl``: the swap kernel's programmatic dependent launch (pdl.py; None = where available). Its first planes
+    are read before the kernels before it end: pass False when those kernels wrote the planes.
     """
     want = use_triton if use_triton is not None else (q.is_cuda and triton_available())
     if want:
@@ -65,7 +67,7 @@ def decode_attention(q: torch.Tensor, layer: KiviLayer | PlanesLayer, sm_scale: 
             # the Gluon operand-swap kernel where it applies (faster on H100 at 8k-64k tokens, both widths:
             # BENCHMARKS.md kv-gpu), else the Triton planes kernel
             if swap_supported(q, layer):
-                return swap_decode_attention(q, layer, sm_scale)
+                return swap_decode_attention(q, layer, sm_scale, pdl=pdl)
             return planes_decode_attention(q, layer, sm_scale)
         return kivi_decode_attention(q, layer, sm_scale)
     if isinstance(layer, PlanesLayer):

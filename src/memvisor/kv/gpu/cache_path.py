@@ -105,15 +105,16 @@ class DecodeMirror:
         for st, (kr, vr) in zip(stores, self.views):
             st.k_res, st.v_res = kr, vr
 
-    def sync(self, stores: list[HeadStore]) -> None:
-        """Copy in the groups quantized since the last call (from each head's cache-layout tensors)."""
+    def sync(self, stores: list[HeadStore]) -> bool:
+        """Copy in the groups quantized since the last call (from each head's cache-layout tensors); whether
+        anything was copied (then the copies may still be in flight when the kernel starts)."""
         n = stores[0].nq
         if any(st.nq != n for st in stores):
             raise RuntimeError("heads of an append-only layer differ in quantized tokens")
         if n < self.t:  # the layer was emptied and refilled: start over
             self.t = 0
         if n == self.t and self.bufs:
-            return
+            return False
         G, per = self.q.group, 8 // self.q.bits
         t0 = self.t // self.tile * self.tile  # rewrite a part-filled tile
         ranges = (("k_codes", t0 // per, n // per), ("k_scale", t0 // G, n // G), ("k_zero", t0 // G, n // G),
@@ -127,6 +128,7 @@ class DecodeMirror:
             buf, axis, per_tile = self.bufs[name]
             buf.narrow(axis, t0 * per_tile // self.tile, x.shape[axis]).copy_(x)
         self.t = n
+        return True
 
     def _grow(self, tiles: int, like: dict[str, Tensor]) -> None:
         if tiles <= self.cap and self.bufs:
@@ -162,6 +164,9 @@ class DecodeMirror:
         """query [B, Hq, 1, D] -> attention output [B, 1, Hq, D] in the query dtype, through the kernel."""
         from memvisor.kv.gpu import decode_attention
 
-        self.sync(stores)
-        out = decode_attention(query[:, :, 0].contiguous(), self.layer(stores), sm_scale=scaling, use_triton=True)
+        wrote = self.sync(stores)
+        # the kernel copies its first planes before the kernels just before it end (a programmatic dependent
+        # launch, pdl.py): not in a step whose copies above wrote them
+        out = decode_attention(query[:, :, 0].contiguous(), self.layer(stores), sm_scale=scaling, use_triton=True,
+                               pdl=False if wrote else None)
         return out.unsqueeze(1)

@@ -34,6 +34,8 @@ Per unit and group ``j`` (bit field ``j`` of the words; subnormal codes as in tr
   product's B operand layout (tokens on K) with one layout conversion per group.
 
 Layouts and the channel/slot orders that make every load 8 or 16 bytes wide: gluon_swap_layouts.py.
+Programmatic dependent launch (``PDL``, pdl.py): the first unit's copy starts before the kernels before this one
+have ended; q, the residual and the partials are read or written after ``griddepcontrol.wait``.
 
 Shapes (one program): q ``[GROUPS, D]`` (model dtype), kw/vw ``int16 [n_tiles G, D]``, ks/kz
 ``fp16 [n_tiles S, D]``, vsz ``fp16 [D/G, n_tiles S G, 2]``, residual ``[T_r, D]`` (model dtype); outputs
@@ -48,6 +50,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+from memvisor.kv.gpu.gdc import gl_gdc_launch_dependents, gl_gdc_wait
 from memvisor.kv.gpu.gluon_swap_layouts import (
     _arange3,
     _arange4,
@@ -329,6 +332,19 @@ def _zero_terms(qa, kzb, u_lo, it, u_hi, T_q, W: gl.constexpr, G: gl.constexpr, 
 
 
 @gluon.jit
+def _load_q(Q, pid_bh, GROUPS: gl.constexpr, D: gl.constexpr, W: gl.constexpr):
+    """The kv head's query heads as the keys' B operand ``[W, D, 8]`` (column n: head n % 4) and as an A operand
+    ``[W, 16, D]`` (row n: head n % 4), in physical channel order, model dtype."""
+    BP: gl.constexpr = bop_phys(W, D, 8)
+    nb = _arange3(8, 2, BP) % 4 + 0 * _arange3(W, 0, BP)
+    qb = gl.load(Q + (pid_bh * GROUPS + nb) * D + _arange3(D, 1, BP), mask=nb < GROUPS, other=0.0)
+    KP: gl.constexpr = keys_phys(W, D)
+    na = _arange3(16, 1, KP) % 4 + 0 * _arange3(W, 0, KP)
+    qa = gl.load(Q + (pid_bh * GROUPS + na) * D + _arange3(D, 2, KP), mask=na < GROUPS, other=0.0)
+    return qb, qa
+
+
+@gluon.jit
 def _epilogue(OP, LP, pid_bh, pid_s, n_rows, m_i, acc, lacc, zacc, out_scale, GROUPS: gl.constexpr,
               D: gl.constexpr, NP: gl.constexpr, W: gl.constexpr, MMA: gl.constexpr):
     """Merge the warps' states and store the program's partial: ``OP[row, s, c]`` normalised, ``LP[row, s]``.
@@ -365,7 +381,11 @@ def _epilogue(OP, LP, pid_bh, pid_s, n_rows, m_i, acc, lacc, zacc, out_scale, GR
 def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
                        T_q, T_r, ups, skw_bh, sks_bh, svsz_bh, t_pad, skr_bh, svr_bh,
                        GROUPS: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, STAGED: gl.constexpr,
-                       LATE: gl.constexpr = True):
+                       LATE: gl.constexpr = True, PDL: gl.constexpr = False, PDL_TRIGGER: gl.constexpr = 1):
+    """``PDL``: launched as a programmatic dependent launch (pdl.py): the first unit's copy (codes and scales,
+    written at earlier steps) starts before ``griddepcontrol.wait``; everything the kernels just before may
+    write (q, the residual, the partials) is read or written after it. ``PDL_TRIGGER``: the next launch (the
+    combine) may start once every program has reached its start (0), the end of its loop (1) or its exit (2)."""
     W: gl.constexpr = gl.num_warps()
     G: gl.constexpr = 32
     S: gl.constexpr = 16 // BITS
@@ -377,21 +397,14 @@ def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
     pid_bh = gl.program_id(0)
     pid_s = gl.program_id(1)
     n_rows = gl.num_programs(1)
+    if PDL and PDL_TRIGGER == 0:
+        gl_gdc_launch_dependents()
     ones = gl.full([W, 16, 16], 1.0, gl.float16, A_L)
-    # the query as the keys' B operand [W, D, 8] (column n: head n % 4) and as an A operand [W, 16, D] (row n)
-    BP: gl.constexpr = bop_phys(W, D, 8)
-    nb = _arange3(8, 2, BP) % 4 + 0 * _arange3(W, 0, BP)
-    qb = gl.load(Q + (pid_bh * GROUPS + nb) * D + _arange3(D, 1, BP), mask=nb < GROUPS, other=0.0)
-    KP: gl.constexpr = keys_phys(W, D)
-    na = _arange3(16, 1, KP) % 4 + 0 * _arange3(W, 0, KP)
-    qa = gl.load(Q + (pid_bh * GROUPS + na) * D + _arange3(D, 2, KP), mask=na < GROUPS, other=0.0)
     m_i = gl.full([W, 8], DEAD, gl.float32, gl.SliceLayout(1, MMA))
     acc = gl.zeros([W * NP, 64, 8], gl.float32, MMA)
     lacc = gl.zeros([W, 16, 8], gl.float32, MMA)
     zacc = gl.zeros([W * NP, 16, 8], gl.float32, MMA)
     if pid_s < n_rows - 1:
-        qs = gl.convert_layout(_chan_perm_cols((qb.to(gl.float32) * sm_scale_log2).to(gl.float16), D), B_L)
-        qz = gl.convert_layout(_chan_perm_rows((qa.to(gl.float32) * sm_scale_log2).to(gl.float16), D), A_L)
         TILE: gl.constexpr = S * G
         u_lo = pid_s * ups  # units of 16 slots (2 per tile)
         u_hi = gl.minimum(u_lo + ups, 2 * ((T_q + TILE - 1) // TILE))
@@ -409,6 +422,11 @@ def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
             vs_s = gl.allocate_shared_memory(gl.float16, [2, S * W, NGV * 32], SL)
             _stage_unit(kw_s.index(0), vw_s.index(0), kz_s.index(0), ks_s.index(0), vs_s.index(0), KW, KZ, KS, VW,
                         VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo, 0, u_hi, n_it > 0, D, NGV, W, G, S)
+        if PDL:  # q is written by the kernels before this one
+            gl_gdc_wait()
+        qb, qa = _load_q(Q, pid_bh, GROUPS, D, W)
+        qs = gl.convert_layout(_chan_perm_cols((qb.to(gl.float32) * sm_scale_log2).to(gl.float16), D), B_L)
+        qz = gl.convert_layout(_chan_perm_rows((qa.to(gl.float32) * sm_scale_log2).to(gl.float16), D), A_L)
         for it in range(0, n_it):
             if STAGED:
                 st = it % 2
@@ -460,9 +478,14 @@ def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
                                                 u_hi, vs_smem, J0 + 2, NGV, NP, W, G, S, BITS, MMA, B_L, STAGED)
                 acc, lacc, zacc = _group_values(p3, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad, u_lo, it,
                                                 u_hi, vs_smem, J0 + 3, NGV, NP, W, G, S, BITS, MMA, B_L, STAGED)
+        if PDL and PDL_TRIGGER == 1:
+            gl_gdc_launch_dependents()
         _epilogue(OP, LP, pid_bh, pid_s, n_rows, m_i, acc, lacc, zacc, 2.0 ** (24 - VEXP), GROUPS, D, NP, W, MMA)
     else:
         # the full-precision residual, 16 tokens per warp and step: the same products in the model dtype
+        if PDL:  # q and the residual are written by the kernels before this one
+            gl_gdc_wait()
+        qb, qa = _load_q(Q, pid_bh, GROUPS, D, W)
         dt = qb.dtype
         qr = gl.convert_layout(_chan_perm_cols(qb, D), B_L)
         onesr = ones.to(dt)
@@ -482,4 +505,6 @@ def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
             pb = _transpose_p(gl.exp2(s - m_new[:, None, :]).to(dt), B_L)
             lacc = mma_v2(onesr, pb, lacc)
             acc = mma_v2(vr, gl.convert_layout(_dup_batch(pb, NP), B_L), acc)
+        if PDL and PDL_TRIGGER == 1:
+            gl_gdc_launch_dependents()
         _epilogue(OP, LP, pid_bh, pid_s, n_rows, m_i, acc, lacc, zacc, 1.0, GROUPS, D, NP, W, MMA)

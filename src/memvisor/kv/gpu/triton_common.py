@@ -6,6 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from memvisor.kv.gpu.gdc import tl_gdc_launch_dependents, tl_gdc_wait
+
 
 @triton.jit
 def _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2):
@@ -71,8 +73,19 @@ def _store_replicated(OP, LP, acc, z, l_i, m_i, pid_bh, pid_s, n_rows, h, jv, r_
 
 
 @triton.jit
-def _combine_kernel(OP, LP, O, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr, DB: tl.constexpr):
-    """Program (row, c): channels [c * DB, (c + 1) * DB) of one query row, merged over its n_rows partials."""
+def _combine_kernel(OP, LP, O, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr, DB: tl.constexpr,
+                    PDL: tl.constexpr = False, PDL_TRIGGER: tl.constexpr = 2):
+    """Program (row, c): channels [c * DB, (c + 1) * DB) of one query row, merged over its n_rows partials.
+    ``PDL``: launched as a programmatic dependent launch (pdl.py): it waits for the split launch before reading
+    the partials; ``PDL_TRIGGER``: the next launch may start once every program has reached its start (0), the
+    end of that wait (1: the split launch has ended) or its exit (2) (the next launch waits for this one before it
+    reads anything this one writes)."""
+    if PDL:
+        if PDL_TRIGGER == 0:
+            tl_gdc_launch_dependents()
+        tl_gdc_wait()
+        if PDL_TRIGGER == 1:
+            tl_gdc_launch_dependents()
     row = tl.program_id(0)
     offs_d = tl.program_id(1) * DB + tl.arange(0, DB)
     m = float("-inf")

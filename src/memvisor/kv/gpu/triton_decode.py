@@ -154,18 +154,35 @@ def _rows_ok(t: torch.Tensor) -> bool:
 
 
 def _combine(op: torch.Tensor, lp: torch.Tensor, q: torch.Tensor, n_rows: int, block_s: int | None = None,
-             db: int | None = None, num_warps: int = 4) -> torch.Tensor:
+             db: int | None = None, num_warps: int = 4, pdl: bool = False, pdl_trigger: str = "exit") -> torch.Tensor:
     """Merge the partials ``op [B*Hq, n_rows, D]`` (log2-sum-exp ``lp``) into ``[B, Hq, D]``: one program per
     query row and ``db`` channels (default 32: four times the programs of one per row, so each one's
     loads are short), ``block_s`` partials per loop step (default all, up to 128: one load round).
     H100, 32 layers at 32k tokens (65 partials per row): 236 us per step with 64 partials per step and
-    one program per row, 106 with these defaults (scripts/kv_gpu_ab.py)."""
+    one program per row, 106 with these defaults (scripts/kv_gpu_ab.py). ``pdl``: a programmatic dependent
+    launch (pdl.py; the caller checks it is available), ``pdl_trigger``: when the next launch may start
+    (:data:`PDL_TRIGGERS`)."""
     b, hq, d = q.shape
     out = torch.empty_like(q)
     block_s = block_s or max(16, min(128, triton.next_power_of_2(n_rows)))
     db = min(db or 32, d)
-    _combine_kernel[(b * hq, d // db)](op, lp, out, n_rows, D=d, BLOCK_S=block_s, DB=db, num_warps=num_warps)
+    _combine_kernel[(b * hq, d // db)](op, lp, out, n_rows, D=d, BLOCK_S=block_s, DB=db, num_warps=num_warps,
+                                       **_pdl_args(pdl, pdl_trigger))
     return out
+
+
+# where a launch lets the next one in the stream start (griddepcontrol.launch_dependents, pdl.py): at its programs'
+# start, in their middle (the swap split kernel: the end of their loop; the combine: once the split launch has
+# ended) or at their exit (no instruction)
+PDL_TRIGGERS = {"start": 0, "middle": 1, "exit": 2}
+
+
+def _pdl_args(pdl: bool, trigger: str) -> dict:
+    """Launch keywords of a kernel with ``PDL`` / ``PDL_TRIGGER`` constexprs: those and Triton's ``launch_pdl``
+    option where ``pdl`` (only then: a Triton without the option rejects the keyword), else none (the defaults)."""
+    if trigger not in PDL_TRIGGERS:
+        raise KVLayoutError(f"PDL trigger must be one of {sorted(PDL_TRIGGERS)}, got {trigger!r}")
+    return {"PDL": True, "PDL_TRIGGER": PDL_TRIGGERS[trigger], "launch_pdl": True} if pdl else {}
 
 
 def kivi_decode_attention(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None = None, *, block_n: int = 64,
@@ -336,7 +353,8 @@ def _gluon_available() -> bool:
 
 def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float | None = None, *,
                           num_warps: int = 1, waves: float | None = None, staged: bool = True,
-                          maxnreg: int | None = None, late_copy: bool | None = None) -> torch.Tensor:
+                          maxnreg: int | None = None, late_copy: bool | None = None, pdl: bool | None = None,
+                          pdl_split_trigger: str = "start", pdl_combine_trigger: str | None = None) -> torch.Tensor:
     """:func:`planes_decode_attention` through the Gluon kernel with tokens on the matrix product's M side
     (gluon_kivi_swap.py): same inputs and result. ``waves``: programs of ``num_warps`` warps per SM (None: the
     balanced plan of :func:`_swap_plan`);
@@ -345,8 +363,18 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
     ``late_copy``: a warp starts the next unit's copy once the current unit has landed, not before waiting for
     it (at the start of a launch every warp then waits for 1 unit's bytes, not 2). None: for 2-bit codes only
     (H100, 32k tokens, µs per step: KIVI-2 561.5 late against 567.5, KIVI-4 728.5 against 716.9;
-    BENCHMARKS.md kv-gpu, session 6)."""
+    BENCHMARKS.md kv-gpu, session 6);
+    ``pdl``: both launches as programmatic dependent launches (pdl.py; None = on sm_90+ with a Triton that has
+    the option). The split kernel copies its first unit before it waits for the kernels before it, so the
+    quantized planes must not be written by kernels still in flight: pass False right after writing them (the
+    cache's mirror does). ``pdl_split_trigger`` / ``pdl_combine_trigger``: where the split / combine launch lets
+    the next launch start (:data:`PDL_TRIGGERS`; combine None: "middle" for 2-bit codes, "exit" for 4-bit).
+    H100, 32k tokens, µs per step, KIVI-2 / KIVI-4 (split-combine trigger: s start, m middle, x exit): without
+    PDL 531.2 / 691.8; s-x 508.7 / 660.2; s-m 486.1 / 690.3; m-x 516.2 / 668.4; x-x 526.5 / 679.1; m-s 625.0 /
+    745.8 and m-m 627.0 / 751.4 (BENCHMARKS.md kv-gpu, session 7). A combine that lets the next split start
+    before this split has ended lands the next layer's programs unevenly on the SMs."""
     from memvisor.kv.gpu.gluon_kivi_swap import _swap_split_kernel
+    from memvisor.kv.gpu.pdl import resolve_pdl
 
     b, hkv, t_r, d = layer.k_res.shape
     groups = _check(q, hkv, d, b)
@@ -361,6 +389,9 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
     if layer.k_res.dtype != q.dtype:
         raise KVLayoutError(f"residual dtype {layer.k_res.dtype} != query dtype {q.dtype}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    pdl = resolve_pdl(pdl, q.device)
+    if pdl_combine_trigger is None:
+        pdl_combine_trigger = "middle" if layer.bits == 2 else "exit"
     n_units = 2 * -(-layer.t_quant // (SLOTS[layer.bits] * 32))  # two units of 16 slots per tile
     if waves is None:
         n_split, ups = _swap_plan(b * hkv, n_units, _sm_count(q.device), _SWAP_RESIDENT.get((layer.bits, d, num_warps), 4))
@@ -375,8 +406,8 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
         q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, ups, *strides, layer.vsz.shape[-2],
         layer.k_res.stride(1), layer.v_res.stride(1),
         GROUPS=groups, D=d, BITS=layer.bits, STAGED=staged, LATE=layer.bits == 2 if late_copy is None else late_copy,
-        num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}))
-    return _combine(op, lp, q, n_rows, num_warps=_SWAP_COMBINE_WARPS)
+        num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}), **_pdl_args(pdl, pdl_split_trigger))
+    return _combine(op, lp, q, n_rows, num_warps=_SWAP_COMBINE_WARPS, pdl=pdl, pdl_trigger=pdl_combine_trigger)
 
 
 def dense_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
