@@ -361,9 +361,10 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
     ``staged``: each warp copies its next unit (code words, scales, zero points) into shared memory while it
     computes the current one; else it loads a unit's words into registers and its scales group by group;
     ``late_copy``: a warp starts the next unit's copy once the current unit has landed, not before waiting for
-    it (at the start of a launch every warp then waits for 1 unit's bytes, not 2). None: for 2-bit codes only
-    (H100, 32k tokens, µs per step: KIVI-2 561.5 late against 567.5, KIVI-4 728.5 against 716.9;
-    BENCHMARKS.md kv-gpu, session 6);
+    it (at the start of a launch every warp then waits for 1 unit's bytes, not 2). None: for 2-bit codes without
+    programmatic dependent launch only (H100, 32k tokens, µs per step: KIVI-2 561.5 late against 567.5, KIVI-4
+    728.5 against 716.9, BENCHMARKS.md kv-gpu, session 6; with PDL the first unit copies in before the wait, and
+    KIVI-2 ran 483.6 early against 488.5 late, session 7);
     ``pdl``: both launches as programmatic dependent launches (pdl.py; None = on sm_90+ with a Triton that has
     the option). The split kernel copies its first unit before it waits for the kernels before it, so the
     quantized planes must not be written by kernels still in flight: pass False right after writing them (the
@@ -405,7 +406,7 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
     _swap_split_kernel[(b * hkv, n_rows)](
         q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, ups, *strides, layer.vsz.shape[-2],
         layer.k_res.stride(1), layer.v_res.stride(1),
-        GROUPS=groups, D=d, BITS=layer.bits, STAGED=staged, LATE=layer.bits == 2 if late_copy is None else late_copy,
+        GROUPS=groups, D=d, BITS=layer.bits, STAGED=staged, LATE=layer.bits == 2 and not pdl if late_copy is None else late_copy,
         num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}), **_pdl_args(pdl, pdl_split_trigger))
     return _combine(op, lp, q, n_rows, num_warps=_SWAP_COMBINE_WARPS, pdl=pdl, pdl_trigger=pdl_combine_trigger)
 
