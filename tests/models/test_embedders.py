@@ -45,3 +45,15 @@ def test_dtype_choice(monkeypatch):
         resolve_dtype("auto")
     monkeypatch.delenv("MEMVISOR_EMBED_DTYPE")
     assert default_embedder().dtype in ("float32", "bfloat16")
+
+
+def test_loading_prints_no_progress_bar_and_restores_the_callers_settings(capfd):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    hf_logging.set_verbosity_warning()
+    MiniLMEmbedder(dtype="float32")
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err
+    assert hf_logging.is_progress_bar_enabled()
+    assert hf_logging.get_verbosity() == hf_logging.WARNING

