@@ -38,15 +38,41 @@ VARIANTS = {
         "swap-w2x2": dict(variant="swap", num_warps=2, waves=2.0),
         "swap-w4x1": dict(variant="swap", num_warps=4, waves=1.0),
         "swap-early": dict(variant="swap", late_copy=False),
-        # session 7: programmatic dependent launches (pdl.py; "swap" uses them where available): off; where the
-        # split / combine launch lets the next one start ("s" start, "m" middle, "x" exit: PDL_TRIGGERS in
-        # triton_decode.py)
+        # session 7: programmatic dependent launches (pdl.py; "swap" uses them where available, with the pipelined
+        # plan of swap_plan.py): off; without the pipelined plan; without it, where the split / combine launch
+        # lets the next one start ("s" start, "m" middle, "x" exit: PDL_TRIGGERS in triton_decode.py)
         "swap-nopdl": dict(variant="swap", pdl=False),
-        "swap-pdl-sx": dict(variant="swap", pdl_split_trigger="start", pdl_combine_trigger="exit"),
-        "swap-pdl-mx": dict(variant="swap", pdl_split_trigger="middle", pdl_combine_trigger="exit"),
-        "swap-pdl-sm": dict(variant="swap", pdl_split_trigger="start", pdl_combine_trigger="middle"),
-        "swap-pdl-mm": dict(variant="swap", pdl_split_trigger="middle", pdl_combine_trigger="middle"),
-        "swap-pdl-ms": dict(variant="swap", pdl_split_trigger="middle", pdl_combine_trigger="start"),
+        "swap-nopipe": dict(variant="swap", pipeline=False),
+        "swap-pdl-sx": dict(variant="swap", pipeline=False, pdl_split_trigger="start", pdl_combine_trigger="exit"),
+        "swap-pdl-mx": dict(variant="swap", pipeline=False, pdl_split_trigger="middle", pdl_combine_trigger="exit"),
+        "swap-pdl-sm": dict(variant="swap", pipeline=False, pdl_split_trigger="start", pdl_combine_trigger="middle"),
+        "swap-pdl-mm": dict(variant="swap", pipeline=False, pdl_split_trigger="middle", pdl_combine_trigger="middle"),
+        "swap-pdl-ms": dict(variant="swap", pipeline=False, pdl_split_trigger="middle", pdl_combine_trigger="start"),
+        "swap-pdl-xx": dict(variant="swap", pipeline=False, pdl_split_trigger="exit", pdl_combine_trigger="exit"),
+        "swap-late": dict(variant="swap", pipeline=False, late_copy=True),
+        # waves=7: 688 programs of 3 units at 32k (5.2 per SM), with the trigger placements above and without PDL
+        "swap-w1x7-sm": dict(variant="swap", num_warps=1, waves=7.0),
+        "swap-w1x7-sx": dict(variant="swap", num_warps=1, waves=7.0, pdl_combine_trigger="exit"),
+        "swap-w1x7-mx": dict(variant="swap", num_warps=1, waves=7.0, pdl_split_trigger="middle",
+                             pdl_combine_trigger="exit"),
+        "swap-w1x7-mm": dict(variant="swap", num_warps=1, waves=7.0, pdl_split_trigger="middle"),
+        "swap-w1x7-xx": dict(variant="swap", num_warps=1, waves=7.0, pdl_split_trigger="exit",
+                             pdl_combine_trigger="exit"),
+        "swap-w1x7-nopdl": dict(variant="swap", num_warps=1, waves=7.0, pdl=False),
+        "swap-w1x7-ss": dict(variant="swap", num_warps=1, waves=7.0, pdl_combine_trigger="start"),
+        "swap-w1x7-ms": dict(variant="swap", num_warps=1, waves=7.0, pdl_split_trigger="middle",
+                             pdl_combine_trigger="start"),
+        # both launches let the next start at their start (the next layer's programs land as this layer's end):
+        # 1024 programs of 2 units, 2048 of 1
+        "swap-w1x8-ss": dict(variant="swap", num_warps=1, waves=8.0, pdl_combine_trigger="start"),
+        "swap-w1x16-ss": dict(variant="swap", num_warps=1, waves=16.0, pdl_combine_trigger="start"),
+        # the pipelined plan with the next unit's copy after the current one lands; its combine launch with 16
+        # channels per program (256 programs) or 64 channels on 2 warps
+        "swap-pipe-late": dict(variant="swap", late_copy=True),
+        "swap-pipe-cdb16": dict(variant="swap", combine_db=16),
+        "swap-pipe-cw2db64": dict(variant="swap", combine_db=64, combine_warps=2),
+        "swap-pipe-cdb32": dict(variant="swap", combine_db=32),
+        "swap-pipe-cdb16bs256": dict(variant="swap", combine_db=16, combine_block_s=256),
     },
     4: {
         "planes": dict(variant="planes"),
@@ -56,11 +82,23 @@ VARIANTS = {
         "swap-x8": dict(variant="swap", waves=8.0),  # 1024 programs of 4 units at 32k (8 per SM)
         "swap-early": dict(variant="swap", late_copy=False),
         "swap-nopdl": dict(variant="swap", pdl=False),
-        "swap-pdl-sx": dict(variant="swap", pdl_split_trigger="start", pdl_combine_trigger="exit"),
-        "swap-pdl-mx": dict(variant="swap", pdl_split_trigger="middle", pdl_combine_trigger="exit"),
-        "swap-pdl-sm": dict(variant="swap", pdl_split_trigger="start", pdl_combine_trigger="middle"),
-        "swap-pdl-mm": dict(variant="swap", pdl_split_trigger="middle", pdl_combine_trigger="middle"),
-        "swap-pdl-ms": dict(variant="swap", pdl_split_trigger="middle", pdl_combine_trigger="start"),
+        "swap-nopipe": dict(variant="swap", pipeline=False),
+        "swap-pdl-sx": dict(variant="swap", pipeline=False, pdl_split_trigger="start", pdl_combine_trigger="exit"),
+        "swap-pdl-mx": dict(variant="swap", pipeline=False, pdl_split_trigger="middle", pdl_combine_trigger="exit"),
+        "swap-pdl-sm": dict(variant="swap", pipeline=False, pdl_split_trigger="start", pdl_combine_trigger="middle"),
+        "swap-pdl-mm": dict(variant="swap", pipeline=False, pdl_split_trigger="middle", pdl_combine_trigger="middle"),
+        "swap-pdl-ms": dict(variant="swap", pipeline=False, pdl_split_trigger="middle", pdl_combine_trigger="start"),
+        "swap-pdl-xx": dict(variant="swap", pipeline=False, pdl_split_trigger="exit", pdl_combine_trigger="exit"),
+        # 1024 programs of 4 units at 32k (7.8 per SM, of 9 that fit), with the trigger placements above
+        "swap-x8-sm": dict(variant="swap", waves=8.0, pdl_combine_trigger="middle"),
+        "swap-x8-ss": dict(variant="swap", waves=8.0, pdl_combine_trigger="start"),
+        "swap-x12-ss": dict(variant="swap", waves=12.0, pdl_combine_trigger="start"),  # 1368 programs of 3 units
+        "swap-x16-ss": dict(variant="swap", waves=16.0, pdl_combine_trigger="start"),  # 2048 programs of 2 units
+        "swap-pipe-late": dict(variant="swap", late_copy=True),
+        "swap-pipe-cdb16": dict(variant="swap", combine_db=16),
+        "swap-pipe-cw2db64": dict(variant="swap", combine_db=64, combine_warps=2),
+        "swap-pipe-cdb32": dict(variant="swap", combine_db=32),
+        "swap-pipe-cdb16bs256": dict(variant="swap", combine_db=16, combine_block_s=256),
     },
 }
 PLANES = ("planes", "swap")  # variants that read the planes layout

@@ -49,23 +49,9 @@ def test_swap_kernel_fp16_query():
     assert rel_error(got, decode_attention_reference(q, layer)) < 1e-2
 
 
-def test_swap_kernel_in_a_graph_waits_for_the_query_writer():
-    """Programmatic dependent launches (pdl.py) in a CUDA graph: each layer's query is copied into ONE buffer by
-    the kernel just before that layer's launches, so a split or combine launch that read the query or wrote its
-    partials before the kernels before it ended would give another layer's answer."""
-    from memvisor.kv.gpu.pdl import pdl_available
-    from memvisor.kv.gpu.triton_decode import swap_decode_attention
-
-    cases = [planes_case((1, 32, 8, 128, 3000 + 300 * i), 2, 50 + i) for i in range(4)]
-    q_buf = torch.empty_like(cases[0][1])
-    outs = [torch.empty_like(q_buf) for _ in cases]
-
-    def step():
-        for (planes, q, _), out in zip(cases, outs):
-            q_buf.copy_(q)
-            out.copy_(swap_decode_attention(q_buf, planes))
-
-    step()  # compile outside the graph
+def _graph(step):
+    """``step`` captured in a CUDA graph (after one eager call that compiles), replayed 3 times."""
+    step()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
@@ -75,11 +61,41 @@ def test_swap_kernel_in_a_graph_waits_for_the_query_writer():
         step()
         graph.capture_end()
     torch.cuda.current_stream().wait_stream(stream)
-    for out in outs:
-        out.zero_()
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_swap_kernel_in_a_graph_waits_for_the_kernels_before_it(bits):
+    """Programmatic dependent launches (pdl.py) in a CUDA graph, with the pipelined split plan (swap_plan.py) at
+    32k tokens: (a) each layer's query is copied into ONE buffer just before that layer's launches, so a launch
+    that read the query or wrote its partials before the kernels before it ended would give another layer's
+    answer; (b) the layers' launches back to back (each launch lets the next one start at once)."""
+    from memvisor.kv.gpu.pdl import pdl_available
+    from memvisor.kv.gpu.triton_decode import swap_decode_attention
+
+    cases = [planes_case((1, 32, 8, 128, 32768 + 300 * i), bits, 50 + i) for i in range(4)]
+    hopper = pdl_available(cases[0][1].device)
+    assert hopper == (torch.cuda.get_device_capability() >= (9, 0))
+    if hopper:
+        swap_decode_attention(cases[0][1], cases[0][0], pipeline=True)  # the plan applies (else it raises)
+    q_buf = torch.empty_like(cases[0][1])
+    outs = [torch.empty_like(q_buf) for _ in cases]
+
+    def one_buffer():
+        for (planes, q, _), out in zip(cases, outs):
+            q_buf.copy_(q)
+            out.copy_(swap_decode_attention(q_buf, planes))
+
+    _graph(one_buffer)
     for (_, _, want), out in zip(cases, outs):
         assert rel_error(out, want) < 1e-2
-    assert pdl_available(q_buf.device) == (torch.cuda.get_device_capability() >= (9, 0))
+    chained = []
+
+    def back_to_back():
+        chained[:] = [swap_decode_attention(q, planes) for planes, q, _ in cases]
+
+    _graph(back_to_back)
+    for (_, _, want), out in zip(cases, chained):
+        assert rel_error(out, want) < 1e-2

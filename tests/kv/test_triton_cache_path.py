@@ -193,3 +193,29 @@ def test_pdl_only_where_the_card_and_triton_have_it():
     assert resolve_pdl(None, cpu) is False and resolve_pdl(False, cpu) is False
     with pytest.raises(RuntimeError):
         resolve_pdl(True, cpu)
+
+
+def test_swap_split_plans():
+    """The swap kernel's split plans (swap_plan.py) for Llama-3.1-8B heads on a 132-SM card: the resident plan
+    (every program at once, evenly spread) and the pipelined plan (about 7 programs per SM for 2-bit codes, 8
+    for 4-bit ones, at least 3 units each) where it exists."""
+    from memvisor.kv.gpu.swap_plan import PIPELINE_WAVES, pipeline_plan, swap_plan
+
+    w2, w4 = PIPELINE_WAVES[(2, 128, 1)], PIPELINE_WAVES[(4, 128, 1)]
+    units_2bit_32k = 2 * 32768 // 256  # units of 16 slots of 256-token tiles, per kv head
+    assert swap_plan(8, units_2bit_32k, 132, 7) == (64, 4)  # 512 programs of 4 units
+    assert pipeline_plan(8, units_2bit_32k, 132, w2) == (86, 3)  # 688 programs
+    assert pipeline_plan(8, 2 * 65536 // 256, 132, w2) == (103, 5)  # 824 programs
+    assert pipeline_plan(8, 2 * 32768 // 128, 132, w4) == (128, 4)  # 4-bit: 1024 programs
+    assert pipeline_plan(8, 2 * 65536 // 128, 132, w4) == (128, 8)
+    assert pipeline_plan(8, 2 * 16384 // 256, 132, w2) is None  # 2-unit programs
+    assert pipeline_plan(8, 2 * 8192 // 128, 132, w4) is None  # 1-unit programs
+    assert pipeline_plan(8, 0, 132, w2) is None
+    for units in (1, 7, 100, 513, 4096):
+        for resident in (3, 7, 9):
+            n_split, ups = swap_plan(8, units, 132, resident)
+            assert n_split * ups >= units and (n_split - 1) * ups < units
+            piped = pipeline_plan(8, units, 132, float(resident))
+            if piped is not None:
+                n_split, ups = piped
+                assert ups >= 3 and n_split * ups >= units and (n_split - 1) * ups < units

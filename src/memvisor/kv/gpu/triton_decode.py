@@ -35,6 +35,7 @@ from memvisor.kv.gpu.errors import KVLayoutError
 from memvisor.kv.gpu.layout import KiviLayer
 from memvisor.kv.gpu.triton_common import _combine_kernel, _fold, _residual_and_store
 from memvisor.kv.gpu.planes import SLOTS, PlanesLayer
+from memvisor.kv.gpu.swap_plan import PIPELINE_WAVES, SWAP_RESIDENT, pipeline_plan, swap_plan
 from memvisor.kv.gpu.triton_kivi_planes import _planes_split_kernel
 from memvisor.kv.gpu.triton_kivi_rep import _kivi_split_kernel_rep, _kivi_split_kernel_tile
 
@@ -303,35 +304,9 @@ def planes_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float
     return _combine(op, lp, q, n_rows, combine_block_s, combine_db, combine_warps)
 
 
-# programs of the swap kernel that fit on one SM at once (H100/H200, staged, sm_90 build), by (bits, head_dim,
-# warps): 28 KB of shared memory per 1-warp program for 2-bit codes at head_dim 128 (7 per SM), 22.5 KB and 168
-# registers for 4-bit ones (9), 57 and 45 KB at head_dim 256 (3, 4); other shapes assume 4 (a wrong guess costs
-# speed only)
 # warps per program of the swap kernel's combine launch (H100, 32 layers at 32k tokens, 65 partials per row:
 # 94 us per step with 1 warp, 100 with 4; scripts/kv_gpu_ab.py)
 _SWAP_COMBINE_WARPS = 1
-_SWAP_RESIDENT = {(2, 128, 1): 7, (4, 128, 1): 9, (2, 256, 1): 3, (4, 256, 1): 4}
-
-
-def _swap_plan(bh: int, units: int, sm_count: int, resident: int) -> tuple[int, int]:
-    """(splits, units per split) for the swap kernel: every program resident at once (at most ``resident`` per
-    SM), about 4 programs per SM or more where the work allows (fewer leave the SM waiting on memory), and
-    among those the fewest units on the busiest SM (programs spread evenly), ties to more units per program
-    (the next unit's copy overlaps the current one's work). H100, 2-bit at 32k tokens: 4 units x 512
-    programs ran in 576 us per step, 3 x 688 in 688 (busiest SM: 16 against 18 units)."""
-    if units <= 0:
-        return 0, 1
-    plans = []
-    for ups in range(1, units + 1):
-        n_split = -(-units // ups)
-        programs = bh * n_split
-        if programs <= resident * sm_count:
-            plans.append((-(-programs // sm_count) * ups, -ups, n_split, programs))
-    if not plans:  # more kv heads than resident programs: one split each
-        return 1, units
-    busy = [p for p in plans if p[3] >= 3.5 * sm_count] or [max(plans, key=lambda p: p[3])]
-    _, neg_ups, n_split, _ = min(busy)
-    return n_split, -neg_ups
 
 
 def swap_supported(q: torch.Tensor, layer: PlanesLayer) -> bool:
@@ -354,10 +329,12 @@ def _gluon_available() -> bool:
 def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float | None = None, *,
                           num_warps: int = 1, waves: float | None = None, staged: bool = True,
                           maxnreg: int | None = None, late_copy: bool | None = None, pdl: bool | None = None,
-                          pdl_split_trigger: str = "start", pdl_combine_trigger: str | None = None) -> torch.Tensor:
+                          pdl_split_trigger: str = "start", pdl_combine_trigger: str | None = None,
+                          pipeline: bool | None = None, combine_db: int | None = None,
+                          combine_warps: int = _SWAP_COMBINE_WARPS, combine_block_s: int | None = None) -> torch.Tensor:
     """:func:`planes_decode_attention` through the Gluon kernel with tokens on the matrix product's M side
     (gluon_kivi_swap.py): same inputs and result. ``waves``: programs of ``num_warps`` warps per SM (None: the
-    balanced plan of :func:`_swap_plan`);
+    plans of swap_plan.py: ``pipeline`` where it applies, else every program resident, evenly spread);
     ``staged``: each warp copies its next unit (code words, scales, zero points) into shared memory while it
     computes the current one; else it loads a unit's words into registers and its scales group by group;
     ``late_copy``: a warp starts the next unit's copy once the current unit has landed, not before waiting for
@@ -369,11 +346,16 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
     the option). The split kernel copies its first unit before it waits for the kernels before it, so the
     quantized planes must not be written by kernels still in flight: pass False right after writing them (the
     cache's mirror does). ``pdl_split_trigger`` / ``pdl_combine_trigger``: where the split / combine launch lets
-    the next launch start (:data:`PDL_TRIGGERS`; combine None: "middle" for 2-bit codes, "exit" for 4-bit).
-    H100, 32k tokens, µs per step, KIVI-2 / KIVI-4 (split-combine trigger: s start, m middle, x exit): without
-    PDL 531.2 / 691.8; s-x 508.7 / 660.2; s-m 486.1 / 690.3; m-x 516.2 / 668.4; x-x 526.5 / 679.1; m-s 625.0 /
-    745.8 and m-m 627.0 / 751.4 (BENCHMARKS.md kv-gpu, session 7). A combine that lets the next split start
-    before this split has ended lands the next layer's programs unevenly on the SMs."""
+    the next launch start (:data:`PDL_TRIGGERS`; combine None: "start" under ``pipeline``, else "middle" for
+    2-bit codes and "exit" for 4-bit). ``pipeline``: with PDL, both launches let the next start at once and the
+    split plan leaves few SM slots free for the next layer's programs (``pipeline_plan``; None: with PDL where
+    that plan exists for a measured shape). ``combine_db`` / ``combine_warps`` / ``combine_block_s``: channels
+    and warps per program of the combine launch and partials per loop step (``_combine``; db None: below).
+    H100, 32k tokens, µs per step, KIVI-2 / KIVI-4: without PDL 532.3 / 692.4; PDL with the resident plan
+    483.7 / 662.8 (split-combine triggers s-m / s-x; others slower: m-x 516.2 / 668.4, x-x 526.5 / 679.1, m-s
+    625.0 / 745.8, m-m 627.0 / 751.4: with the resident plan's 3 free slots per SM, a combine that lets the next
+    split start before this split has ended lands the next layer's programs unevenly on the SMs); pipelined
+    458.7 / 646.3 (BENCHMARKS.md kv-gpu, session 7)."""
     from memvisor.kv.gpu.gluon_kivi_swap import _swap_split_kernel
     from memvisor.kv.gpu.pdl import resolve_pdl
 
@@ -391,13 +373,20 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
         raise KVLayoutError(f"residual dtype {layer.k_res.dtype} != query dtype {q.dtype}")
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
     pdl = resolve_pdl(pdl, q.device)
-    if pdl_combine_trigger is None:
-        pdl_combine_trigger = "middle" if layer.bits == 2 else "exit"
     n_units = 2 * -(-layer.t_quant // (SLOTS[layer.bits] * 32))  # two units of 16 slots per tile
-    if waves is None:
-        n_split, ups = _swap_plan(b * hkv, n_units, _sm_count(q.device), _SWAP_RESIDENT.get((layer.bits, d, num_warps), 4))
+    shape, sms = (layer.bits, d, num_warps), _sm_count(q.device)
+    piped = pipeline_plan(b * hkv, n_units, sms, PIPELINE_WAVES[shape]) if pdl and shape in PIPELINE_WAVES else None
+    if pipeline and (piped is None or waves is not None):
+        raise KVLayoutError("the pipelined plan needs PDL, a measured shape and a split that fits (swap_plan.py)")
+    pipeline = piped is not None and pipeline is not False and waves is None
+    if pdl_combine_trigger is None:
+        pdl_combine_trigger = "start" if pipeline else "middle" if layer.bits == 2 else "exit"
+    if pipeline:
+        n_split, ups = piped
+    elif waves is None:
+        n_split, ups = swap_plan(b * hkv, n_units, sms, SWAP_RESIDENT.get(shape, 4))
     else:
-        n_split, ups = _split_plan(b * hkv, n_units, 1, _sm_count(q.device), waves)
+        n_split, ups = _split_plan(b * hkv, n_units, 1, sms, waves)
     n_rows = n_split + 1
     op = torch.empty((b * q.shape[1], n_rows, d), device=q.device, dtype=torch.float32)
     lp = torch.empty((b * q.shape[1], n_rows), device=q.device, dtype=torch.float32)
@@ -408,7 +397,11 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
         layer.k_res.stride(1), layer.v_res.stride(1),
         GROUPS=groups, D=d, BITS=layer.bits, STAGED=staged, LATE=layer.bits == 2 and not pdl if late_copy is None else late_copy,
         num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}), **_pdl_args(pdl, pdl_split_trigger))
-    return _combine(op, lp, q, n_rows, num_warps=_SWAP_COMBINE_WARPS, pdl=pdl, pdl_trigger=pdl_combine_trigger)
+    # 16 channels per combine program where the partials take two loop steps (over 128): H100, KIVI-4 at 32k (129
+    # partials per row) 610.3 us per step against 649.8 with 32; KIVI-2 (87) 469.4 against 459.0
+    db = combine_db or (16 if n_rows > 128 else 32)
+    return _combine(op, lp, q, n_rows, block_s=combine_block_s, db=db, num_warps=combine_warps, pdl=pdl,
+                    pdl_trigger=pdl_combine_trigger)
 
 
 def dense_decode_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float | None = None,
