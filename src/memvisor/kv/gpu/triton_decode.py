@@ -348,14 +348,15 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
     cache's mirror does). ``pdl_split_trigger`` / ``pdl_combine_trigger``: where the split / combine launch lets
     the next launch start (:data:`PDL_TRIGGERS`; combine None: "start" under ``pipeline``, else "middle" for
     2-bit codes and "exit" for 4-bit). ``pipeline``: with PDL, both launches let the next start at once and the
-    split plan leaves few SM slots free for the next layer's programs (``pipeline_plan``; None: with PDL where
-    that plan exists for a measured shape). ``combine_db`` / ``combine_warps`` / ``combine_block_s``: channels
+    split plan aims at about 7 (2-bit) or 8 (4-bit) programs per SM, so the next layer's programs land in the
+    slots this layer leaves free (``pipeline_plan``; None: with PDL and no ``waves`` where that plan exists for a
+    measured shape; True where it does not raises). ``combine_db`` / ``combine_warps`` / ``combine_block_s``: channels
     and warps per program of the combine launch and partials per loop step (``_combine``; db None: below).
     H100, 32k tokens, µs per step, KIVI-2 / KIVI-4: without PDL 532.3 / 692.4; PDL with the resident plan
     483.7 / 662.8 (split-combine triggers s-m / s-x; others slower: m-x 516.2 / 668.4, x-x 526.5 / 679.1, m-s
     625.0 / 745.8, m-m 627.0 / 751.4: with the resident plan's 3 free slots per SM, a combine that lets the next
     split start before this split has ended lands the next layer's programs unevenly on the SMs); pipelined
-    458.7 / 646.3 (BENCHMARKS.md kv-gpu, session 7)."""
+    452.7 / 610.6 (BENCHMARKS.md kv-gpu, session 7)."""
     from memvisor.kv.gpu.gluon_kivi_swap import _swap_split_kernel
     from memvisor.kv.gpu.pdl import resolve_pdl
 
