@@ -24,6 +24,16 @@ import torch
 from memvisor.bench.kv_gpu import GpuBenchConfig, _bench, _kivi_attend, _kivi_layers, _step, copy_bandwidth
 from memvisor.kv.gpu import decode_attention_reference, quantize_layer, to_planes
 
+# the resident plan (no pipelining) with each placement of the split / combine launch's trigger that lets the
+# next launch start ("s" start, "m" middle, "x" exit: PDL_TRIGGERS in triton_decode.py), e.g. "swap-pdl-sx"
+_TRIGGER_LETTER = {"start": "s", "middle": "m", "exit": "x"}
+_PDL_TRIGGER_VARIANTS = {
+    f"swap-pdl-{_TRIGGER_LETTER[split]}{_TRIGGER_LETTER[combine]}": dict(
+        variant="swap", pipeline=False, pdl_split_trigger=split, pdl_combine_trigger=combine)
+    for split, combine in [("start", "exit"), ("middle", "exit"), ("start", "middle"), ("middle", "middle"),
+                           ("middle", "start"), ("exit", "exit")]
+}
+
 # the Gluon operand-swap kernel (gluon_kivi_swap.py, "swap-wWxV": W warps per program, V programs per SM)
 # against the planes kernel
 VARIANTS = {
@@ -43,12 +53,7 @@ VARIANTS = {
         # lets the next one start ("s" start, "m" middle, "x" exit: PDL_TRIGGERS in triton_decode.py)
         "swap-nopdl": dict(variant="swap", pdl=False),
         "swap-nopipe": dict(variant="swap", pipeline=False),
-        "swap-pdl-sx": dict(variant="swap", pipeline=False, pdl_split_trigger="start", pdl_combine_trigger="exit"),
-        "swap-pdl-mx": dict(variant="swap", pipeline=False, pdl_split_trigger="middle", pdl_combine_trigger="exit"),
-        "swap-pdl-sm": dict(variant="swap", pipeline=False, pdl_split_trigger="start", pdl_combine_trigger="middle"),
-        "swap-pdl-mm": dict(variant="swap", pipeline=False, pdl_split_trigger="middle", pdl_combine_trigger="middle"),
-        "swap-pdl-ms": dict(variant="swap", pipeline=False, pdl_split_trigger="middle", pdl_combine_trigger="start"),
-        "swap-pdl-xx": dict(variant="swap", pipeline=False, pdl_split_trigger="exit", pdl_combine_trigger="exit"),
+        **_PDL_TRIGGER_VARIANTS,
         "swap-late": dict(variant="swap", pipeline=False, late_copy=True),
         # waves=7: 688 programs of 3 units at 32k (5.2 per SM), with the trigger placements above and without PDL
         "swap-w1x7-sm": dict(variant="swap", num_warps=1, waves=7.0),
@@ -83,12 +88,7 @@ VARIANTS = {
         "swap-early": dict(variant="swap", late_copy=False),
         "swap-nopdl": dict(variant="swap", pdl=False),
         "swap-nopipe": dict(variant="swap", pipeline=False),
-        "swap-pdl-sx": dict(variant="swap", pipeline=False, pdl_split_trigger="start", pdl_combine_trigger="exit"),
-        "swap-pdl-mx": dict(variant="swap", pipeline=False, pdl_split_trigger="middle", pdl_combine_trigger="exit"),
-        "swap-pdl-sm": dict(variant="swap", pipeline=False, pdl_split_trigger="start", pdl_combine_trigger="middle"),
-        "swap-pdl-mm": dict(variant="swap", pipeline=False, pdl_split_trigger="middle", pdl_combine_trigger="middle"),
-        "swap-pdl-ms": dict(variant="swap", pipeline=False, pdl_split_trigger="middle", pdl_combine_trigger="start"),
-        "swap-pdl-xx": dict(variant="swap", pipeline=False, pdl_split_trigger="exit", pdl_combine_trigger="exit"),
+        **_PDL_TRIGGER_VARIANTS,
         # 1024 programs of 4 units at 32k (7.8 per SM, of 9 that fit), with the trigger placements above
         "swap-x8-sm": dict(variant="swap", waves=8.0, pdl_combine_trigger="middle"),
         "swap-x8-ss": dict(variant="swap", waves=8.0, pdl_combine_trigger="start"),
