@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from memvisor.errors import InvalidInput
-from memvisor.models.embedders import MiniLMEmbedder, default_embedder, resolve_dtype
+from memvisor.models.embedders import MiniLMEmbedder, default_embedder, resolve_dtype, token_batches
 
 TEXTS = ["Ana moved to Lyon in March.", "ok", "Ben hurt his knee running the Paris half marathon last spring.",
          "Where did you get that dog?", "I adopted her from the shelter near my office a year ago."]
@@ -57,3 +57,17 @@ def test_loading_prints_no_progress_bar_and_restores_the_callers_settings(capfd)
     assert "Loading weights" not in err
     assert hf_logging.is_progress_bar_enabled()
     assert hf_logging.get_verbosity() == hf_logging.WARNING
+
+
+def test_token_batches_keep_each_padded_batch_within_the_budget():
+    lengths = [1, 1, 2, 3, 10, 50]
+    batches = token_batches(lengths, budget=6)
+    assert [list(b) for b in batches] == [[0, 1, 2], [3], [4], [5]]  # 2 x 3 = 6 fits; 3 x 4 would not
+    assert token_batches([], 6) == []
+    lengths = sorted([3, 7, 7, 8, 12, 12, 12, 20, 31, 40] * 5)
+    batches = token_batches(lengths, budget=64)
+    assert [i for b in batches for i in b] == list(range(len(lengths)))  # every text once, in order
+    for b in batches:
+        assert len(b) == 1 or lengths[b[-1]] * len(b) <= 64
+        if b.stop < len(lengths):  # a batch closes only when the next text would overflow it
+            assert lengths[b.stop] * (len(b) + 1) > 64
