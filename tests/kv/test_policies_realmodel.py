@@ -15,6 +15,8 @@ def recorded():
     from transformers.models.llama.modeling_llama import eager_attention_forward
     from transformers.utils import logging as hf_logging
 
+    from memvisor.kv.adapter import cache_kwarg
+
     try:
         from memvisor.kv.models import load_local_model
         model, tok = load_local_model("smollm2", kv_attention=False)
@@ -35,9 +37,10 @@ def recorded():
     text = "Alice keeps the spare key under the blue flowerpot by the door. " * 6
     ids = tok(text, return_tensors="pt").input_ids[:, :80]
     cache = DynamicCache(config=model.config)
+    key = cache_kwarg(model)  # `cache` on newer releases, `past_key_values` on 5.2
     with torch.no_grad():
-        model(ids[:, :50], past_key_values=cache, use_cache=True)
-        model(ids[:, 50:], past_key_values=cache, use_cache=True)
+        model(ids[:, :50], **{key: cache}, use_cache=True)
+        model(ids[:, 50:], **{key: cache}, use_cache=True)
     by_layer = {}
     for layer, q, k, s, w in calls:
         by_layer.setdefault(layer, []).append((q, k, s, w))
