@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from memvisor import Memory
+from memvisor.api import memory as memory_module
 from memvisor.models.embedders import default_embedder
 
 TEXTS = [f"Note {i}: {topic}" for i, topic in enumerate(
@@ -44,12 +45,27 @@ def test_each_memory_gets_its_own_texts_vector_across_batches(tmp_path):
         assert cos.min() > 0.99  # a vector written beside the wrong text scores ~0.1-0.5 here
 
 
-def test_embedder_failure_keeps_the_committed_batches_and_a_rerun_completes(tmp_path):
+def test_embedder_failure_keeps_the_committed_batches_and_a_rerun_completes(tmp_path, monkeypatch):
+    # Each embedder call covers a window of whole batches: 2 batches of 3 here (the default is 2,048 memories).
+    monkeypatch.setattr(memory_module, "EMBED_WINDOW", 6)
     home = tmp_path / "home"
-    with Memory(home, embedder=FailsOnCall(3)) as m, pytest.raises(RuntimeError, match="crashed"):
+    with Memory(home, embedder=FailsOnCall(2)) as m, pytest.raises(RuntimeError, match="crashed"):
         m.add_many(TEXTS, batch_size=3)
     with Memory(home) as m:
         count = m.store.db.execute("SELECT count(*) FROM items WHERE namespace='default'").fetchone()[0]
-        assert count == 6  # batches 1 and 2 committed; batch 3's embedding failed
+        assert count == 6  # the first window's batches 1 and 2 committed; the second window's embedding failed
         again = m.add_many(TEXTS, batch_size=3)
         assert (again.added, again.duplicates) == (5, 6)
+
+
+def test_batches_commit_one_by_one_inside_an_embedding_window(tmp_path, monkeypatch):
+    """One embedder call for the whole write (a window of 4 batches), four transactions, every vector its own
+    text's, progress once per batch."""
+    calls, steps = [], []
+    with Memory(tmp_path / "home") as m:
+        inner = m.embedder.encode
+        monkeypatch.setattr(m.embedder, "encode", lambda texts: calls.append(len(texts)) or inner(texts))
+        result = m.add_many(TEXTS, batch_size=3, progress=steps.append)
+        assert calls == [len(TEXTS)] and steps == [3, 3, 3, 2]
+        cos = (stored_vectors(m, result.items) * inner(TEXTS)).sum(1)
+        assert cos.min() > 0.99
