@@ -136,6 +136,7 @@ def test_lossless_floor_prefills_in_blocks_and_keeps_every_token():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from memvisor.bench.kv_peers import lossless_blocked_method, plain_method
+    from memvisor.kv.adapter import cache_kwarg
 
     torch.manual_seed(0)
     cfg = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -146,8 +147,9 @@ def test_lossless_floor_prefills_in_blocks_and_keeps_every_token():
     assert floor.name == "blocked-8"
     with torch.no_grad():
         ref_cache, cache = full.new_cache(), floor.new_cache()
-        ref_logits = full.prefill(model, ids, ref_cache, "past_key_values")
-        logits = floor.prefill(model, ids, cache, "past_key_values")
+        key = cache_kwarg(model)  # `cache` on newer releases, `past_key_values` on 5.2
+        ref_logits = full.prefill(model, ids, ref_cache, key)
+        logits = floor.prefill(model, ids, cache, key)
     assert cache.get_seq_length() == 30
     for a, b in zip(ref_cache.layers, cache.layers):
         assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
