@@ -19,18 +19,25 @@ BASE = dict(k=10, wb=1.0, wv=1.0, spk=0.05, nb=2)
 ORIG = sp.D
 
 
+def turn_sentences(turns: dict, rids) -> tuple[list[str], list[int]]:
+    """Each turn's sentences of 3 words or more, as "speaker: sentence", and the index in ``rids`` of the
+    turn each one comes from."""
+    sents, owner = [], []
+    for i, r in enumerate(rids):
+        for s in re.split(r"(?<=[.!?])\s+", turns[int(r)]["text"]):
+            if len(s.split()) >= 3:
+                sents.append(f"{turns[int(r)]['speaker']}: {s}")
+                owner.append(i)
+    return sents, owner
+
+
 def load():
     out = {}
     for cid, cv in ORIG["convs"].items():
         m = Memory(Path("/tmp/memvisor-tune4") / cid)
         turns = {int(t): v for t, v in cv["turns"].items()}
         rids = np.array(list(turns))
-        sents, owner = [], []
-        for i, r in enumerate(rids):
-            for s in re.split(r"(?<=[.!?])\s+", turns[int(r)]["text"]):
-                if len(s.split()) >= 3:
-                    sents.append(f"{turns[int(r)]['speaker']}: {s}")
-                    owner.append(i)
+        sents, owner = turn_sentences(turns, rids)
         queries = [dense_text(q["q"], [q["named"]]) if q["named"] else q["q"] for q in cv["qs"]]
         out[cid] = (rids, m.store.vectors_of(rids.tolist()).astype(np.float32), m.embedder.encode(sents),
                     np.array(owner), m.embedder.encode(queries), turns)

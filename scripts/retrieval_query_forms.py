@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import simulate_packing as sp  # noqa: E402
-from retrieval_offline_signals import ranks  # noqa: E402
+from retrieval_offline_signals import ranks, turn_sentences  # noqa: E402
 from memvisor import Memory  # noqa: E402
 from memvisor.text.query import terms  # noqa: E402
 from memvisor.text.retrieve import dense_text  # noqa: E402
@@ -47,12 +47,7 @@ def load() -> dict:
         words = [terms(f["every-name"]) or [f["every-name"]] for f in per_q]
         vocab = sorted({w for ws in words for w in ws})
         word_vec = dict(zip(vocab, m.embedder.encode(vocab)))
-        sents, owner = [], []
-        for i, r in enumerate(rids):
-            for s in re.split(r"(?<=[.!?])\s+", turns[int(r)]["text"]):
-                if len(s.split()) >= 3:
-                    sents.append(f"{turns[int(r)]['speaker']}: {s}")
-                    owner.append(i)
+        sents, owner = turn_sentences(turns, rids)
         out[cid] = dict(
             rids=rids, V=m.store.vectors_of(rids.tolist()).astype(np.float32),
             Q={k: m.embedder.encode([f[k] for f in per_q]) for k in per_q[0]},
