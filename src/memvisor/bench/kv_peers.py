@@ -73,15 +73,9 @@ def plain_method(model_config: Any = None) -> Method:
 
 def blocked_prefill(block: int) -> Callable[[Any, torch.Tensor, Any, str], Any]:
     """A prefill of ``block`` tokens per forward into whatever cache it is given (no compression)."""
-    def prefill(model: Any, ids: torch.Tensor, cache: Any, key: str) -> Any:
-        logits = None
-        for start in range(0, ids.shape[1], block):
-            part = ids[:, start:start + block]
-            pos = torch.arange(start, start + part.shape[1]).unsqueeze(0)
-            logits = model(input_ids=part, position_ids=pos, use_cache=True, logits_to_keep=1,
-                           **{key: cache}).logits
-        return logits
-    return prefill
+    from memvisor.kv.prefill import forward_blocks
+
+    return lambda model, ids, cache, key: forward_blocks(model, ids, cache, block)[0]
 
 
 def lossless_blocked_method(model_config: Any = None, block: int = 512) -> Method:

@@ -29,6 +29,26 @@ class PrefillResult:
 
 
 @torch.no_grad()
+def forward_blocks(model, input_ids: Tensor, cache, block: int) -> tuple[Tensor, int]:
+    """Feed ``input_ids`` [B, T] into ``cache`` (any transformers cache) ``block`` tokens per forward, positions
+    continuing the tokens the cache has seen; (logits [B, 1, vocab] of the last token, forwards run)."""
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [B, T] with T >= 1, got {tuple(input_ids.shape)}")
+    key = cache_kwarg(model)
+    seen = cache.get_seq_length()
+    logits = None
+    n = 0
+    for s in range(0, input_ids.shape[1], block):
+        ids = input_ids[:, s:s + block]
+        pos = torch.arange(seen + s, seen + s + ids.shape[1], device=ids.device).unsqueeze(0)
+        out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **{key: cache})
+        logits = out.logits[:, -1:]
+        n += 1
+    return logits, n
+
+
 def prefill_blockwise(model, input_ids: Tensor, cache: CompressedCache, block: int = 512) -> PrefillResult:
     """Prefill ``input_ids`` [B, T] into ``cache`` in blocks of ``block`` tokens.
 
@@ -36,20 +56,6 @@ def prefill_blockwise(model, input_ids: Tensor, cache: CompressedCache, block: i
     and attended, before the layer compresses (i.e. the true high-water mark of every layer is
     bounded by its budget plus one block).
     """
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [B, T] with T >= 1, got {tuple(input_ids.shape)}")
-    key = cache_kwarg(model)
-    T = input_ids.shape[1]
-    logits = None
-    n = 0
-    for s in range(0, T, block):
-        ids = input_ids[:, s:s + block]
-        start = cache.get_seq_length()
-        pos = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
-        out = model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1, **{key: cache})
-        logits = out.logits[:, -1:]
-        n += 1
+    logits, n = forward_blocks(model, input_ids, cache, block)
     cache.track_peak()
     return PrefillResult(logits=logits, peak_bytes=cache.peak_bytes, bytes=cache.nbytes(), blocks=n)
