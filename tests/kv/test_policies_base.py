@@ -151,3 +151,25 @@ def test_knobs_are_plain_json_data():
     assert k == {"name": "h2o", "recent": 8, "sinks": 0, "scaling": None, "chunk": 256}
     assert knobs(make_policy("sensitivity", sensitivity=[1.0, 2.0]))["sensitivity"] == [1.0, 2.0]
     json.dumps(k)
+
+
+TOKEN_POLICIES = sorted(n for n, cls in POLICIES.items() if issubclass(cls, TokenPolicy))
+
+
+@pytest.mark.parametrize("name", TOKEN_POLICIES)
+def test_policies_that_skip_the_history_score_from_shapes_alone(name):
+    """A policy with ``scores_use_kv = False`` is handed [B, Hkv, T, 0] keys and values at eviction
+    (no dequantized history): its scores must equal those it gives with the real tensors."""
+    pol = make_policy(name)
+    if pol.scores_use_kv:
+        pytest.skip(f"{name} reads the keys or values to score")
+    g = torch.Generator().manual_seed(0)
+    B, Hkv, T, D = 1, 2, 40, 16
+    keys, values = torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g)
+    if pol.needs_queries:
+        pol.observe(torch.randn(B, 2 * Hkv, 8, D, generator=g), keys)
+    lengths = torch.tensor([40, 31])
+    dense = pol.scores(keys, values, lengths=lengths)
+    empty = torch.empty(B, Hkv, T, 0)
+    assert torch.equal(pol.scores(empty, empty, lengths=lengths), dense)
+    assert {n for n in TOKEN_POLICIES if not make_policy(n).scores_use_kv} == {"streaming", "h2o", "scissorhands"}

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from memvisor.kv.storage import HeadStore, QuantConfig, StackedHeads
+from memvisor.kv import quant
+from memvisor.kv.storage import MAX_KEY_RUNS, HeadStore, QuantConfig, StackedHeads, group_runs
 
 B, D = 2, 64
 
@@ -194,3 +195,40 @@ def test_bits_per_element_with_all_metadata_meet_the_goals_at_4k(bits, goal, hea
         st.append(torch.randn(1, n, head_dim), torch.randn(1, n, head_dim), torch.arange(s, s + n))
     bits_per_elem = 8 * st.nbytes() / (2 * T * head_dim)
     assert bits + 32 / 32 < bits_per_elem <= goal
+
+
+def test_group_runs_cover_each_token_with_its_own_group():
+    g = torch.Generator().manual_seed(3)
+    for _ in range(300):
+        sizes = [int(x) for x in torch.randint(1, 33, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g)]
+        sizes = [32 if s > 20 else s for s in sizes]  # whole groups mixed with partial ones
+        n = sum(sizes)
+        start = int(torch.randint(0, n, (1,), generator=g))
+        end = int(torch.randint(start + 1, n + 1, (1,), generator=g))
+        want = [grp for grp, size in enumerate(sizes) for _ in range(size)][start:end]
+        got, t = [], 0
+        for g0, m, size, t0 in group_runs(sizes, start, end):
+            assert t0 == t and m >= 1 and 1 <= size <= 32
+            got += [g0 + j for j in range(m) for _ in range(size)]
+            t += m * size
+        assert got == want
+    assert group_runs([32] * 40, 0, 1024) == [(0, 32, 32, 0)]  # a fresh cache: one run, scales broadcast
+    assert group_runs([4, 13, 32, 32], 8, 70) == [(1, 1, 9, 0), (2, 1, 32, 9), (3, 1, 21, 41)]
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("kept", ["streaming", "scattered"])
+def test_blocks_after_eviction_equal_the_per_token_scales(bits, kept):
+    """Blocks read after eviction (runs of equal-size groups, or the gather when the groups are
+    scattered) equal dequantization with each token's own group row, whatever the block size."""
+    st, _, _ = make(bits, 700, residual=32)
+    n = len(st)
+    idx = (torch.cat([torch.arange(4), torch.arange(203, n)]) if kept == "streaming"
+           else torch.sort(torch.randperm(n, generator=torch.Generator().manual_seed(1))[:450]).values)
+    st.keep(idx)
+    runs = group_runs(st.group_sizes.tolist(), 0, st.nq)
+    assert (len(runs) <= MAX_KEY_RUNS) == (kept == "streaming")
+    want = quant.dequantize_keys(st.k_codes, st.k_scale, st.k_zero, bits, st.nq, st.group_of_tokens(0, st.nq))
+    for block in (8, 24, 64, 1024):
+        keys = torch.cat([k for k, _, _ in st.blocks(block)], dim=1)[:, :st.nq]
+        assert torch.equal(keys, want), block

@@ -185,6 +185,13 @@ class LayerCore:
         values = torch.stack([pad(v) for _, v in dense], 1) if dense else torch.empty(B, 0, 0, D)
         return keys, values, lengths
 
+    def shapes(self) -> tuple[Tensor, Tensor, Tensor]:
+        """What :meth:`padded` returns, with no channels: keys and values [B, Hkv, Tmax, 0], lengths."""
+        lengths = torch.tensor(self.lengths(), dtype=torch.long)
+        T = int(lengths.max()) if len(lengths) else 0
+        empty = torch.empty(self.stores[0].B, len(self.stores), T, 0)
+        return empty, empty, lengths
+
     def _after_forward(self, query: Tensor) -> None:
         pol = self.cfg.policy
         if pol is not None and pol.needs_queries:
@@ -268,12 +275,15 @@ class LayerCore:
 
     def _evict_to(self, target: int) -> None:
         """Keep ``target`` head-tokens in all (policy scores; newest first when no policy)."""
-        keys, values, lengths = self.padded()
+        pol = self.cfg.policy
+        if self.cfg.merge is not None or (pol is not None and pol.scores_use_kv):
+            keys, values, lengths = self.padded()
+        else:  # the scores read only shapes: no dequantized copy of the history (StreamingLLM, H2O)
+            keys, values, lengths = self.shapes()
         T = keys.shape[2]
         Hkv = len(self.stores)
         ragged = bool((lengths != lengths[0]).any())
         lens = lengths if ragged else None
-        pol = self.cfg.policy
         if pol is not None:
             scores = pol.scores(keys, values, lengths=lens)
             protected = pol.protected_mask(T, lengths, Hkv)

@@ -71,6 +71,21 @@ def unpack(packed: Tensor, bits: int, dim: int, n: int) -> Tensor:
     return c if c.shape[dim] == n else c.narrow(dim, 0, n)
 
 
+def unpack_float(packed: Tensor, bits: int, dim: int, n: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """:func:`unpack` straight into ``dtype`` (float codes for dequantization): each bit field is
+    converted into its slot of one output buffer, so no uint8 copy of the codes is stacked first."""
+    check_bits(bits)
+    dim = dim % packed.dim()
+    per, mask = 8 // bits, (1 << bits) - 1
+    shape = list(packed.shape)
+    out = torch.empty(shape[:dim + 1] + [per] + shape[dim + 1:], dtype=dtype, device=packed.device)
+    for i in range(per):
+        field = packed if i == 0 else packed >> (i * bits)
+        out.select(dim + 1, i).copy_(field if i == per - 1 else field & mask)  # the top field needs no mask
+    out = out.flatten(dim, dim + 1)
+    return out if out.shape[dim] == n else out.narrow(dim, 0, n)
+
+
 def minmax_quant(x: Tensor, bits: int, reduce_dim: int) -> tuple[Tensor, Tensor, Tensor]:
     """Codes (uint8, unpacked), fp16 scale and zero of ``x`` grouped along ``reduce_dim`` (kept, size 1)."""
     xf = x.float()
@@ -108,19 +123,38 @@ def dequantize_keys(
     Token t uses scale row ``group_of_token[t]`` (LongTensor[n]); if None, row ``t // group``
     (``scale``/``zero`` then hold exactly ``ceil(n / group)`` rows for these tokens).
     """
-    c = unpack(codes, bits, dim=-2, n=n_tokens)
+    # Float codes, then scale and zero applied in place (addcmul into the codes' own buffer): one
+    # float32 tensor per block, the CPU decode step's main cost.
+    c = unpack_float(codes, bits, dim=-2, n=n_tokens)
     if group_of_token is None:
         if group is None:
             raise QuantError("dequantize_keys needs group_of_token or group")
         if n_tokens % group == 0:  # whole groups: broadcast scales, no gather
             *lead, _, D = c.shape
-            g = c.reshape(*lead, n_tokens // group, group, D).float()
-            out = torch.addcmul(zero.float().unsqueeze(-2), g, scale.float().unsqueeze(-2))
-            return out.reshape(*lead, n_tokens, D).to(dtype)
+            g = c.reshape(*lead, n_tokens // group, group, D)
+            torch.addcmul(zero.float().unsqueeze(-2), g, scale.float().unsqueeze(-2), out=g)
+            return g.reshape(*lead, n_tokens, D).to(dtype)
         group_of_token = torch.arange(n_tokens, device=codes.device) // group
     s = scale.index_select(-2, group_of_token).float()
     z = zero.index_select(-2, group_of_token).float()
-    return torch.addcmul(z, c.float(), s).to(dtype)
+    return torch.addcmul(z, c, s, out=c).to(dtype)
+
+
+def dequantize_key_runs(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, n_tokens: int,
+                        runs: list[tuple[int, int, int, int]], dtype: torch.dtype = torch.float32) -> Tensor:
+    """k_codes [..., ceil(n*bits/8), D] -> keys [..., n, D], with scales given by ``runs``: tuples
+    ``(first group row, groups, tokens per group, first token)`` covering the n tokens in order.
+
+    After eviction key groups hold different token counts; a run of equal-size groups is dequantized
+    with its scales broadcast over a [groups, size, D] view, so no per-token copy of the scales is
+    gathered. ``scale``/``zero`` [..., ng, D] may be given in float32 already (converted once per
+    pass over the history, not per run). Equal to :func:`dequantize_keys` with the per-token group
+    rows, element for element."""
+    c = unpack_float(codes, bits, dim=-2, n=n_tokens)
+    for g0, m, size, t0 in runs:
+        seg = c.narrow(-2, t0, m * size).unflatten(-2, (m, size))
+        torch.addcmul(zero.narrow(-2, g0, m).unsqueeze(-2), seg, scale.narrow(-2, g0, m).unsqueeze(-2), out=seg)
+    return c.to(dtype)
 
 
 def quantize_values(v: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -140,12 +174,12 @@ def dequantize_values(
     codes: Tensor, scale: Tensor, zero: Tensor, bits: int, head_dim: int, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """v_codes [..., T, D*bits/8] -> values [..., T, D] in ``dtype``."""
-    c = unpack(codes, bits, dim=-1, n=head_dim)
+    c = unpack_float(codes, bits, dim=-1, n=head_dim)
     *lead, T, D = c.shape
     ng = scale.shape[-1]
-    g = c.reshape(*lead, T, ng, D // ng).float()
-    out = torch.addcmul(zero.float().unsqueeze(-1), g, scale.float().unsqueeze(-1))
-    return out.reshape(*lead, T, D).to(dtype)
+    g = c.reshape(*lead, T, ng, D // ng)
+    torch.addcmul(zero.float().unsqueeze(-1), g, scale.float().unsqueeze(-1), out=g)
+    return g.reshape(*lead, T, D).to(dtype)
 
 
 def error_bound(x: Tensor, bits: int, group: int, axis: str) -> Tensor:

@@ -64,13 +64,16 @@ class TokenPolicy(ABC):
     """Decides which cached tokens of ONE layer to keep. One instance per layer (use ``fresh()``).
 
     Subclasses set ``name`` (registry key), ``needs_queries`` (False lets the cache skip
-    ``observe``, which then costs nothing) and ``observe_uses_keys`` (False: ``observe`` reads only
-    the queries, so the cache may pass ``keys=None`` and skip dequantizing the history).
+    ``observe``, which then costs nothing), ``observe_uses_keys`` (False: ``observe`` reads only
+    the queries, so the cache may pass ``keys=None`` and skip dequantizing the history) and
+    ``scores_use_kv`` (False: ``scores`` reads only the shapes of ``keys`` and ``values``, so the
+    cache may pass ``[B, Hkv, T, 0]`` tensors instead of the dequantized history at each eviction).
     """
 
     name: str = "abstract"
     needs_queries: bool = True
     observe_uses_keys: bool = True
+    scores_use_kv: bool = True
     state_attrs: tuple[str, ...] = ()  # attributes holding statistics (not knobs)
 
     def observe(

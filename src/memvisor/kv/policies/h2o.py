@@ -29,6 +29,7 @@ from memvisor.kv.policies._stats import extend, finish_scores, reindex
 class H2O(TokenPolicy):
     name = "h2o"
     needs_queries = True
+    scores_use_kv = False  # scores come from positions / accumulated statistics
     state_attrs = ("acc",)
 
     def __init__(self, recent: int = 32, sinks: int = 0, scaling: float | None = None, chunk: int = 256) -> None:

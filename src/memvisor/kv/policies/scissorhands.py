@@ -31,6 +31,7 @@ from memvisor.kv.policies._stats import extend, finish_scores, reindex
 class Scissorhands(TokenPolicy):
     name = "scissorhands"
     needs_queries = True
+    scores_use_kv = False  # scores come from positions / accumulated statistics
     state_attrs = ("hits",)
 
     def __init__(

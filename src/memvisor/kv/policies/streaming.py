@@ -26,6 +26,7 @@ from memvisor.kv.policies._stats import finish_scores
 class StreamingLLM(TokenPolicy):
     name = "streaming"
     needs_queries = False
+    scores_use_kv = False  # scores come from positions / accumulated statistics
 
     def __init__(self, sinks: int = 4, window: int = 0) -> None:
         if sinks < 0 or window < 0:

@@ -1,0 +1,57 @@
+"""Time of one decode step's attention over one layer on the CPU path (``layer_attention``).
+
+    python scripts/kv_cpu_attention_speed.py [--rounds 7] [--reps 30]
+
+SmolLM2's layer shape (3 KV heads, 3 query heads each, head dim 64, batch 1), bf16 residual of 128
+tokens, KIVI-4 and KIVI-2 at group 32, over a 2,048-token history either fresh (every key group
+whole) or after StreamingLLM's eviction (4 sinks + the newest 1,448: partly evicted key groups, the
+state of the planner's recipes). Prints the median over ``--rounds`` of the mean over ``--reps``
+calls, in µs. For an A/B, run it alternately with ``PYTHONPATH=OTHER_TREE/src``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from memvisor.kv.attention import layer_attention
+from memvisor.kv.storage import HeadStore, QuantConfig
+
+
+def layer_state(bits: int, evicted: bool, n: int = 2048) -> list[HeadStore]:
+    g = torch.Generator().manual_seed(0)
+    stores = []
+    for _ in range(3):
+        st = HeadStore(1, 64, torch.bfloat16, torch.device("cpu"), QuantConfig(bits, 32, 128), False)
+        st.append(torch.randn(1, n, 64, generator=g), torch.randn(1, n, 64, generator=g))
+        if evicted:
+            st.keep(torch.cat([torch.arange(4), torch.arange(600, len(st))]))
+        stores.append(st)
+    return stores
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    q = torch.randn(1, 9, 1, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float32).to(torch.bfloat16)
+    pos = torch.tensor([5000])
+    for bits in (4, 2):
+        for evicted in (False, True):
+            stores = layer_state(bits, evicted)
+            times = []
+            for _ in range(args.rounds):
+                t0 = time.perf_counter()
+                for _ in range(args.reps):
+                    layer_attention(q, stores, pos, 0.125)
+                times.append((time.perf_counter() - t0) / args.reps * 1e6)
+            state = "evicted (4 sinks + newest)" if evicted else "fresh"
+            print(f"KIVI-{bits} {state:27s} {len(stores[0])} tokens/head: {sorted(times)[len(times) // 2]:7.0f} us")
+
+
+if __name__ == "__main__":
+    main()
