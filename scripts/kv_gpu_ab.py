@@ -78,6 +78,10 @@ VARIANTS = {
         "swap-pipe-cw2db64": dict(variant="swap", combine_db=64, combine_warps=2),
         "swap-pipe-cdb32": dict(variant="swap", combine_db=32),
         "swap-pipe-cdb16bs256": dict(variant="swap", combine_db=16, combine_block_s=256),
+        # session 8: one online-softmax step per 4 groups of a unit (the default before: 2 steps per 2-bit unit)
+        "swap-smg4": dict(variant="swap", softmax_groups=4),
+        # session 8: the zero-point product first in each group's score chain (the default before; now last)
+        "swap-zfirst": dict(variant="swap", split_consts={"ZLAST": False}),
     },
     4: {
         "planes": dict(variant="planes"),

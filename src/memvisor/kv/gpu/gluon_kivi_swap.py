@@ -23,7 +23,10 @@ Per unit and group ``j`` (bit field ``j`` of the words; subnormal codes as in tr
 - Keys: ``S^T [16 tokens, 8] = codes_j [16, D] . (q * ks_j) [D, 8]`` plus the zero-point term ``q . kz_j``,
   added by a K=16 product of a one-hot matrix (ones of 2^-24) with the tile's zero-point terms split into
   fp16 hi + lo (those come from one product ``q [16, D] . kz^T [D, 16]`` per unit). Scores carry 2^-24 (the
-  subnormal codes); the softmax's exponent takes it back. One online-softmax step per 4 groups.
+  subnormal codes); the softmax's exponent takes it back. One online-softmax step per ``SMG`` groups: 8 for
+  2-bit codes (one per unit: H100, 32k tokens, 453.3 us per step with 4 against 438.0 with 8), 4 for 4-bit.
+  ``ZLAST``: the one-hot product ends each group's score chain instead of starting it, so the key products
+  need not wait for the zero-point terms (2-bit; in the 4-bit build ptxas then spills).
 - Values: ``out^T [64, 8] += codes_j^T [64, 16] . (p * vs) [16, 8]`` per pair of channel groups (a batch
   index of the product). The value scale is per (token, channel group of 32): a 16-row block of ``out^T``
   lies in one channel group, and columns ``4 x + h`` carry the scale of group ``2 pair + x``, so one B
@@ -192,13 +195,44 @@ def _scales_smem(vs_smem, J: gl.constexpr, NP: gl.constexpr, W: gl.constexpr, B_
 
 
 @gluon.jit
+def _stage_unit1(kw_b, vw_b, kz_b, ks_b, vs_b, KW, KZ, KS, VW, VSZ, kw_base, ks_base, vsz_base, t_pad, uc, n,
+                 D: gl.constexpr, NGV: gl.constexpr, G: gl.constexpr, S: gl.constexpr):
+    """:func:`_stage_unit` for one-warp programs: unit ``uc`` (16 slots: rows ``16 uc ..`` of the words, its tile
+    ``uc // 2``'s scale rows), copied when ``n`` is 1. The unit's offset goes into the scalar base pointers, so each
+    thread's addresses are one base plus constants (no per-copy index arithmetic)."""
+    CW: gl.constexpr = copy_layout(1, 16, D)
+    r = gl.arange(0, 16, gl.SliceLayout(1, CW))[:, None]
+    off = r * D + gl.arange(0, D, gl.SliceLayout(0, CW))[None, :]
+    live = (gl.zeros([16, D], gl.int32, CW) + n) > 0
+    async_copy.async_copy_global_to_shared(kw_b, (KW + (kw_base + uc * (16 * D))) + off, mask=live)
+    async_copy.async_copy_global_to_shared(vw_b, (VW + (kw_base + uc * (16 * D))) + off, mask=live)
+    tile = uc // 2
+    CK: gl.constexpr = copy_layout(1, S, D)
+    off = gl.arange(0, S, gl.SliceLayout(1, CK))[:, None] * D + gl.arange(0, D, gl.SliceLayout(0, CK))[None, :]
+    live = (gl.zeros([S, D], gl.int32, CK) + n) > 0
+    async_copy.async_copy_global_to_shared(kz_b, (KZ + (ks_base + tile * (S * D))) + off, mask=live)
+    async_copy.async_copy_global_to_shared(ks_b, (KS + (ks_base + tile * (S * D))) + off, mask=live)
+    CV: gl.constexpr = copy_layout(1, S, NGV * 32)
+    e = gl.arange(0, NGV * 32, gl.SliceLayout(0, CV))[None, :]
+    off = gl.arange(0, S, gl.SliceLayout(1, CV))[:, None] * (2 * G) + (e // 32) * (2 * t_pad) + e % 32
+    live = (gl.zeros([S, NGV * 32], gl.int32, CV) + n) > 0
+    async_copy.async_copy_global_to_shared(vs_b, (VSZ + (vsz_base + 2 * (tile * (S * G) + 16 * (uc % 2)))) + off,
+                                           mask=live)
+    async_copy.commit_group()
+
+
+@gluon.jit
 def _stage_unit(kw_b, vw_b, kz_b, ks_b, vs_b, KW, KZ, KS, VW, VSZ, kw_base, ks_base, vsz_base, t_pad,
                 u_lo, it, u_hi, live, D: gl.constexpr, NGV: gl.constexpr, W: gl.constexpr, G: gl.constexpr,
-                S: gl.constexpr):
+                S: gl.constexpr, FAST: gl.constexpr):
     """Start copying everything each warp's unit ``u_lo + it W + w`` reads into one buffer set (one asynchronous
     group; nothing is copied when ``live`` is false): code words (row ``16 w + slot``), and per group j (row
     ``j W + w``) key zero points, key scales and value (scale, zero) pairs."""
     n = gl.where(live, 1, 0)
+    if W == 1 and FAST:
+        _stage_unit1(kw_b, vw_b, kz_b, ks_b, vs_b, KW, KZ, KS, VW, VSZ, kw_base, ks_base, vsz_base, t_pad,
+                     gl.minimum(u_lo + it, u_hi - 1), n, D, NGV, G, S)
+        return
     CW: gl.constexpr = copy_layout(W, W * 16, D)
     r = gl.arange(0, W * 16, gl.SliceLayout(1, CW))[:, None]
     c = gl.arange(0, D, gl.SliceLayout(0, CW))[None, :]
@@ -251,20 +285,45 @@ def _transpose_p(p, B_L: gl.constexpr):
 
 
 @gluon.jit
-def _softmax_step(s0, s1, s2, s3, m_i, acc, lacc, zacc, NP: gl.constexpr, MMA: gl.constexpr):
-    """One online-softmax step over 4 groups' scores ``[W, 16, 8]`` (times 2^-24, log2 units): new max, the
-    accumulators rescaled, and the 4 probability tiles."""
-    smax = gl.max(gl.maximum(gl.maximum(s0, s1), gl.maximum(s2, s3)), axis=1)
+def _scores4(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0: gl.constexpr, D: gl.constexpr,
+             W: gl.constexpr, S: gl.constexpr, BITS: gl.constexpr, MMA: gl.constexpr, A_L: gl.constexpr,
+             B_L: gl.constexpr, SMEM: gl.constexpr, ZLAST: gl.constexpr):
+    """Scores ``[W, 16, 8]`` of groups J0 .. J0 + 3 (:func:`_group_scores`)."""
+    return (_group_scores(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0, D, W, S, BITS, MMA, A_L, B_L,
+                          SMEM, ZLAST),
+            _group_scores(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0 + 1, D, W, S, BITS, MMA, A_L, B_L,
+                          SMEM, ZLAST),
+            _group_scores(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0 + 2, D, W, S, BITS, MMA, A_L, B_L,
+                          SMEM, ZLAST),
+            _group_scores(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0 + 3, D, W, S, BITS, MMA, A_L, B_L,
+                          SMEM, ZLAST))
+
+
+@gluon.jit
+def _values4(s0, s1, s2, s3, mm, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad, u_lo, it, u_hi, vs_smem,
+             J0: gl.constexpr, NGV: gl.constexpr, NP: gl.constexpr, W: gl.constexpr, G: gl.constexpr, S: gl.constexpr,
+             BITS: gl.constexpr, MMA: gl.constexpr, B_L: gl.constexpr, SMEM: gl.constexpr):
+    """Groups J0 .. J0 + 3: probabilities from their scores and the running max ``mm [W, 1, 8]`` (times 2^24 of the
+    scores' scale) into the accumulators (:func:`_group_values`)."""
+    acc, lacc, zacc = _group_values(gl.exp2(s0 * TWO24 - mm), vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad,
+                                    u_lo, it, u_hi, vs_smem, J0, NGV, NP, W, G, S, BITS, MMA, B_L, SMEM)
+    acc, lacc, zacc = _group_values(gl.exp2(s1 * TWO24 - mm), vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad,
+                                    u_lo, it, u_hi, vs_smem, J0 + 1, NGV, NP, W, G, S, BITS, MMA, B_L, SMEM)
+    acc, lacc, zacc = _group_values(gl.exp2(s2 * TWO24 - mm), vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad,
+                                    u_lo, it, u_hi, vs_smem, J0 + 2, NGV, NP, W, G, S, BITS, MMA, B_L, SMEM)
+    return _group_values(gl.exp2(s3 * TWO24 - mm), vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad, u_lo, it,
+                         u_hi, vs_smem, J0 + 3, NGV, NP, W, G, S, BITS, MMA, B_L, SMEM)
+
+
+@gluon.jit
+def _rescale(smax, m_i, acc, lacc, zacc, NP: gl.constexpr, MMA: gl.constexpr):
+    """The new running max ``[W, 8]`` from a step's score max ``smax`` (times 2^-24) and the accumulators rescaled."""
     m_new = gl.maximum(m_i, smax * TWO24)
     alpha = gl.exp2(m_i - m_new)
     a3 = alpha[:, None, :]
     lacc = lacc * a3
     ab = gl.convert_layout(_dup_batch(a3, NP), MMA)
-    acc = acc * ab
-    zacc = zacc * ab
-    mm = m_new[:, None, :]
-    return (m_new, acc, lacc, zacc, gl.exp2(s0 * TWO24 - mm), gl.exp2(s1 * TWO24 - mm), gl.exp2(s2 * TWO24 - mm),
-            gl.exp2(s3 * TWO24 - mm))
+    return m_new, acc * ab, lacc, zacc * ab
 
 
 @gluon.jit
@@ -288,7 +347,7 @@ def _group_values(p, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad, u_l
 @gluon.jit
 def _group_scores(kw, kw_hi, qb, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J: gl.constexpr, D: gl.constexpr,
                   W: gl.constexpr, S: gl.constexpr, BITS: gl.constexpr, MMA: gl.constexpr, A_L: gl.constexpr,
-                  B_L: gl.constexpr, SMEM: gl.constexpr):
+                  B_L: gl.constexpr, SMEM: gl.constexpr, ZLAST: gl.constexpr):
     """Scores ``[W, 16 tokens, 8]`` of group J of each warp's unit, log2 units times 2^-24."""
     if SMEM:
         ks = _ks_smem(ks_smem, J, D, W, B_L)  # already divided by the field's power of two
@@ -299,6 +358,9 @@ def _group_scores(kw, kw_hi, qb, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J: gl
     k16 = _arange3(16, 2, A_L)
     onehot = gl.where((k16 % S == J) & (k16 < 2 * S), 2.0 ** -24, 0.0).to(gl.float16) + gl.zeros(
         [W, 16, 16], gl.float16, A_L)
+    if ZLAST:  # the key product does not wait for the zero-point terms (computed at the unit's start)
+        s = mma_v2(_codes(kw, kw_hi, J, BITS), _hmul2(qb, ks), gl.zeros([W, 16, 8], gl.float32, MMA))
+        return mma_v2(onehot, zb, s)
     s = mma_v2(onehot, zb, gl.zeros([W, 16, 8], gl.float32, MMA))
     return mma_v2(_codes(kw, kw_hi, J, BITS), _hmul2(qb, ks), s)
 
@@ -381,7 +443,8 @@ def _epilogue(OP, LP, pid_bh, pid_s, n_rows, m_i, acc, lacc, zacc, out_scale, GR
 def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
                        T_q, T_r, ups, skw_bh, sks_bh, svsz_bh, t_pad, skr_bh, svr_bh,
                        GROUPS: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, STAGED: gl.constexpr,
-                       LATE: gl.constexpr = True, PDL: gl.constexpr = False, PDL_TRIGGER: gl.constexpr = 1):
+                       LATE: gl.constexpr = True, PDL: gl.constexpr = False, PDL_TRIGGER: gl.constexpr = 1,
+                       SMG: gl.constexpr = 4, ZLAST: gl.constexpr = False):
     """``PDL``: launched as a programmatic dependent launch (pdl.py): the first unit's copy (codes and scales,
     written at earlier steps) starts before ``griddepcontrol.wait``; everything the kernels just before may
     write (q, the residual, the partials) is read or written after it. ``PDL_TRIGGER``: the next launch (the
@@ -421,7 +484,7 @@ def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
             ks_s = gl.allocate_shared_memory(gl.float16, [2, S * W, D], SL)
             vs_s = gl.allocate_shared_memory(gl.float16, [2, S * W, NGV * 32], SL)
             _stage_unit(kw_s.index(0), vw_s.index(0), kz_s.index(0), ks_s.index(0), vs_s.index(0), KW, KZ, KS, VW,
-                        VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo, 0, u_hi, n_it > 0, D, NGV, W, G, S)
+                        VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo, 0, u_hi, n_it > 0, D, NGV, W, G, S, BITS == 2)
         if PDL:  # q is written by the kernels before this one
             gl_gdc_wait()
         qb, qa = _load_q(Q, pid_bh, GROUPS, D, W)
@@ -435,12 +498,12 @@ def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
                     gl.thread_barrier()  # unit it visible to every lane; every read of unit it - 1's set is done
                     _stage_unit(kw_s.index(1 - st), vw_s.index(1 - st), kz_s.index(1 - st), ks_s.index(1 - st),
                                 vs_s.index(1 - st), KW, KZ, KS, VW, VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo,
-                                it + 1, u_hi, it + 1 < n_it, D, NGV, W, G, S)
+                                it + 1, u_hi, it + 1 < n_it, D, NGV, W, G, S, BITS == 2)
                 else:  # start unit it + 1's copy, then wait for unit it
                     gl.thread_barrier()  # every read of the other buffer set (unit it - 1) is done
                     _stage_unit(kw_s.index(1 - st), vw_s.index(1 - st), kz_s.index(1 - st), ks_s.index(1 - st),
                                 vs_s.index(1 - st), KW, KZ, KS, VW, VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo,
-                                it + 1, u_hi, it + 1 < n_it, D, NGV, W, G, S)
+                                it + 1, u_hi, it + 1 < n_it, D, NGV, W, G, S, BITS == 2)
                     async_copy.wait_group(1)
                     gl.thread_barrier()
                 kw, vw = _words_smem(kw_s.index(st), vw_s.index(st), D, NP, W, A_L)
@@ -458,26 +521,25 @@ def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
             kw_hi = kw
             vw_hi = vw
             zb = _zero_terms(qz, kzb, u_lo, it, u_hi, T_q, W, G, S, MMA, B_L)
-            for J0 in gl.static_range(0, S, 4):
-                if J0 + 4 > 10 // BITS and J0 <= 10 // BITS:
+            for J0 in gl.static_range(0, S, SMG):
+                if J0 + SMG > 10 // BITS and J0 <= 10 // BITS:
                     kw_hi = _shr(kw, BITS)
                     vw_hi = _shr(vw, BITS)
-                s0 = _group_scores(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0, D, W, S, BITS, MMA, A_L, B_L, STAGED)
-                s1 = _group_scores(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0 + 1, D, W, S, BITS, MMA, A_L,
-                                   B_L, STAGED)
-                s2 = _group_scores(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0 + 2, D, W, S, BITS, MMA, A_L,
-                                   B_L, STAGED)
-                s3 = _group_scores(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0 + 3, D, W, S, BITS, MMA, A_L,
-                                   B_L, STAGED)
-                m_i, acc, lacc, zacc, p0, p1, p2, p3 = _softmax_step(s0, s1, s2, s3, m_i, acc, lacc, zacc, NP, MMA)
-                acc, lacc, zacc = _group_values(p0, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad, u_lo, it,
-                                                u_hi, vs_smem, J0, NGV, NP, W, G, S, BITS, MMA, B_L, STAGED)
-                acc, lacc, zacc = _group_values(p1, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad, u_lo, it,
-                                                u_hi, vs_smem, J0 + 1, NGV, NP, W, G, S, BITS, MMA, B_L, STAGED)
-                acc, lacc, zacc = _group_values(p2, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad, u_lo, it,
-                                                u_hi, vs_smem, J0 + 2, NGV, NP, W, G, S, BITS, MMA, B_L, STAGED)
-                acc, lacc, zacc = _group_values(p3, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad, u_lo, it,
-                                                u_hi, vs_smem, J0 + 3, NGV, NP, W, G, S, BITS, MMA, B_L, STAGED)
+                s0, s1, s2, s3 = _scores4(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0, D, W, S, BITS,
+                                          MMA, A_L, B_L, STAGED, ZLAST)
+                smax = gl.maximum(gl.maximum(s0, s1), gl.maximum(s2, s3))
+                if SMG == 8:
+                    s4, s5, s6, s7 = _scores4(kw, kw_hi, qs, zb, KS, ks_base, u_lo, it, u_hi, ks_smem, J0 + 4, D, W, S,
+                                              BITS, MMA, A_L, B_L, STAGED, ZLAST)
+                    smax = gl.maximum(smax, gl.maximum(gl.maximum(s4, s5), gl.maximum(s6, s7)))
+                m_i, acc, lacc, zacc = _rescale(gl.max(smax, axis=1), m_i, acc, lacc, zacc, NP, MMA)
+                mm = m_i[:, None, :]
+                acc, lacc, zacc = _values4(s0, s1, s2, s3, mm, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base, t_pad,
+                                           u_lo, it, u_hi, vs_smem, J0, NGV, NP, W, G, S, BITS, MMA, B_L, STAGED)
+                if SMG == 8:
+                    acc, lacc, zacc = _values4(s4, s5, s6, s7, mm, vw, vw_hi, acc, lacc, zacc, ones, VSZ, vsz_base,
+                                               t_pad, u_lo, it, u_hi, vs_smem, J0 + 4, NGV, NP, W, G, S, BITS, MMA, B_L,
+                                               STAGED)
         if PDL and PDL_TRIGGER == 1:
             gl_gdc_launch_dependents()
         _epilogue(OP, LP, pid_bh, pid_s, n_rows, m_i, acc, lacc, zacc, 2.0 ** (24 - VEXP), GROUPS, D, NP, W, MMA)
