@@ -82,6 +82,14 @@ VARIANTS = {
         "swap-smg4": dict(variant="swap", softmax_groups=4),
         # session 8: the zero-point product first in each group's score chain (the default before; now last)
         "swap-zfirst": dict(variant="swap", split_consts={"ZLAST": False}),
+        # session 8: pipelined plans with the units spread evenly over about V programs per SM ("swap-evenV")
+        "swap-even4.6": dict(variant="swap", even_waves=4.6),
+        "swap-even5": dict(variant="swap", even_waves=5.0),
+        "swap-even5.5": dict(variant="swap", even_waves=5.5),
+        "swap-even6": dict(variant="swap", even_waves=6.0),
+        "swap-even6.5": dict(variant="swap", even_waves=6.5),
+        "swap-even6.9": dict(variant="swap", even_waves=6.9),
+        "swap-pipe7": dict(variant="swap", even_waves=0.0),  # the session-7 pipelined plan (688 programs of 3 units)
     },
     4: {
         "planes": dict(variant="planes"),
@@ -103,6 +111,9 @@ VARIANTS = {
         "swap-pipe-cw2db64": dict(variant="swap", combine_db=64, combine_warps=2),
         "swap-pipe-cdb32": dict(variant="swap", combine_db=32),
         "swap-pipe-cdb16bs256": dict(variant="swap", combine_db=16, combine_block_s=256),
+        # session 8: the even pipelined plan (swap_plan.even_plan) at about V programs per SM
+        "swap-even8.5": dict(variant="swap", even_waves=8.5),
+        "swap-even8.9": dict(variant="swap", even_waves=8.9),
     },
 }
 PLANES = ("planes", "swap")  # variants that read the planes layout

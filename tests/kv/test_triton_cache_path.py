@@ -219,3 +219,21 @@ def test_swap_split_plans():
             if piped is not None:
                 n_split, ups = piped
                 assert ups >= 3 and n_split * ups >= units and (n_split - 1) * ups < units
+
+
+def test_swap_even_plan():
+    """The even pipelined plan (swap_plan.even_plan) for 2-bit codes, Llama-3.1-8B heads, 132 SMs: 792 programs of
+    2-3 units at 32k tokens (6 per SM keep the busiest at 3 units), 912 of 4-5 at 64k (6 per SM would give 6), the
+    resident plan where the busiest program would take fewer than 3 units; every split takes at least one unit and
+    the programs fit the 7 per SM that are resident."""
+    from memvisor.kv.gpu.swap_plan import EVEN_WAVES, even_plan
+
+    waves = EVEN_WAVES[(2, 128, 1)]
+    assert even_plan(8, 2 * 32768 // 256, 132, *waves) == 99
+    assert even_plan(8, 2 * 65536 // 256, 132, *waves) == 114
+    assert even_plan(8, 2 * 16384 // 256, 132, *waves) is None
+    assert even_plan(8, 0, 132, *waves) is None
+    for units in (1, 7, 100, 300, 513, 4096):
+        n = even_plan(8, units, 132, *waves)
+        if n is not None:
+            assert n <= units and 8 * n <= 7 * 132 and -(-units // n) >= 3

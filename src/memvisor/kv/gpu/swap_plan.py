@@ -13,6 +13,9 @@ SWAP_RESIDENT = {(2, 128, 1): 7, (4, 128, 1): 9, (2, 256, 1): 3, (4, 256, 1): 4}
 # programs per SM that the pipelined plan (below) aims for, by (bits, head_dim, warps): the shapes where it was
 # measured (H100, Llama-3.1-8B heads); others use the resident plan
 PIPELINE_WAVES = {(2, 128, 1): 7.0, (4, 128, 1): 8.0}
+# the even pipelined plan (below) by (bits, head_dim, warps): programs per SM wanted and at most; where it exists it
+# replaces pipeline_plan
+EVEN_WAVES = {(2, 128, 1): (6.0, 6.9)}
 
 
 def swap_plan(bh: int, units: int, sm_count: int, resident: int) -> tuple[int, int]:
@@ -53,3 +56,21 @@ def pipeline_plan(bh: int, units: int, sm_count: int, waves: float, min_units: i
     if ups < min_units:
         return None
     return -(-units // ups), ups
+
+
+def even_plan(bh: int, units: int, sm_count: int, waves: float, max_waves: float, min_units: int = 3) -> int | None:
+    """Splits for the pipelined launches (as pipeline_plan) with the units spread evenly (each split takes the floor
+    or the ceiling of ``units / splits``, gluon_kivi_swap.py ``EVEN``): a program's time is set by its unit count,
+    so the busiest program takes as few units as ``max_waves`` programs per SM allow, and among the split counts
+    that achieve it, about ``waves`` programs per SM if that count does, else ``max_waves``. None where the busiest
+    program would take fewer than ``min_units`` units. H100, KIVI-2, us per step: 32k tokens 792 programs (2-3
+    units) 429.8-430.5, 912 430.3-434.2, 688 of 3 (pipeline_plan) 438.0-440.1, 664 (3-4 units) 495.1; 64k 912
+    (4-5 units) 744.4-745.0, 864 751.8, 824 of 5 767.1, 792 (5-6 units) 816.7 (BENCHMARKS.md kv-gpu, session 8)."""
+    if units <= 0:
+        return None
+    cap = min(units, -(-int(max_waves * sm_count) // max(bh, 1)))
+    busiest = -(-units // cap)
+    if busiest < min_units:
+        return None
+    want = -(-int(waves * sm_count) // max(bh, 1))
+    return want if want <= cap and -(-units // want) == busiest else cap

@@ -35,7 +35,7 @@ from memvisor.kv.gpu.errors import KVLayoutError
 from memvisor.kv.gpu.layout import KiviLayer
 from memvisor.kv.gpu.triton_common import _combine_kernel, _fold, _residual_and_store
 from memvisor.kv.gpu.planes import SLOTS, PlanesLayer
-from memvisor.kv.gpu.swap_plan import PIPELINE_WAVES, SWAP_RESIDENT, pipeline_plan, swap_plan
+from memvisor.kv.gpu.swap_plan import EVEN_WAVES, PIPELINE_WAVES, SWAP_RESIDENT, even_plan, pipeline_plan, swap_plan
 from memvisor.kv.gpu.triton_kivi_planes import _planes_split_kernel
 from memvisor.kv.gpu.triton_kivi_rep import _kivi_split_kernel_rep, _kivi_split_kernel_tile
 
@@ -332,7 +332,8 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
                           pdl_split_trigger: str = "start", pdl_combine_trigger: str | None = None,
                           pipeline: bool | None = None, combine_db: int | None = None,
                           combine_warps: int = _SWAP_COMBINE_WARPS, combine_block_s: int | None = None,
-                          softmax_groups: int | None = None, split_consts: dict | None = None) -> torch.Tensor:
+                          softmax_groups: int | None = None, split_consts: dict | None = None,
+                          even_waves: float | None = None) -> torch.Tensor:
     """:func:`planes_decode_attention` through the Gluon kernel with tokens on the matrix product's M side
     (gluon_kivi_swap.py): same inputs and result. ``waves``: programs of ``num_warps`` warps per SM (None: the
     plans of swap_plan.py: ``pipeline`` where it applies, else every program resident, evenly spread);
@@ -354,13 +355,16 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
     measured shape; True where it does not raises). ``combine_db`` / ``combine_warps`` / ``combine_block_s``: channels
     and warps per program of the combine launch and partials per loop step (``_combine``; db None: below).
     ``softmax_groups``: key groups per online-softmax step (None: 8 for 2-bit codes, one step per unit; 4 for 4-bit;
-    gluon_kivi_swap.py); ``split_consts``: other constexprs of the split kernel (``ZLAST``; A/B runs only).
+    gluon_kivi_swap.py); ``split_consts``: other constexprs of the split kernel (``ZLAST``; A/B runs only);
+    ``even_waves``: the pipelined plan with the units spread evenly over about that many programs per SM (0: the
+    session-7 pipelined plan; None: ``even_plan`` where swap_plan.py's ``EVEN_WAVES`` has the shape).
     H100, 32k tokens, µs per step, KIVI-2 / KIVI-4: without PDL 532.3 / 692.4; PDL with the resident plan
     483.7 / 662.8 (split-combine triggers s-m / s-x; others slower: m-x 516.2 / 668.4, x-x 526.5 / 679.1, m-s
     625.0 / 745.8, m-m 627.0 / 751.4: with the resident plan's 3 free slots per SM, a combine that lets the next
     split start before this split has ended lands the next layer's programs unevenly on the SMs); pipelined
     452.7 / 610.6 (BENCHMARKS.md kv-gpu, session 7); with one softmax step per 2-bit unit, one-warp copy addresses
-    and the zero-point product last, KIVI-2 438.0 against 456.3 for the tree before (session 8)."""
+    and the zero-point product last, KIVI-2 438.0 against 456.3 for the tree before; with the even plan (792
+    programs of 2-3 units) 429.8 (session 8)."""
     from memvisor.kv.gpu.gluon_kivi_swap import _swap_split_kernel
     from memvisor.kv.gpu.pdl import resolve_pdl
 
@@ -382,10 +386,20 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
         raise KVLayoutError(f"softmax_groups must be 4 or at most the tile's {16 // layer.bits} groups")
     n_units = 2 * -(-layer.t_quant // (SLOTS[layer.bits] * 32))  # two units of 16 slots per tile
     shape, sms = (layer.bits, d, num_warps), _sm_count(q.device)
-    piped = pipeline_plan(b * hkv, n_units, sms, PIPELINE_WAVES[shape]) if pdl and shape in PIPELINE_WAVES else None
-    if pipeline and (piped is None or waves is not None):
+    piped, even = None, False
+    if pdl and shape in EVEN_WAVES and even_waves is None:
+        n = even_plan(b * hkv, n_units, sms, *EVEN_WAVES[shape])
+        piped, even = (None, False) if n is None else ((n, -(-n_units // n)), True)
+    if even_waves:  # about even_waves programs per SM, the units spread evenly (A/B runs)
+        n = min(n_units, -(-int(even_waves * sms) // (b * hkv)))
+        piped, even = (n, -(-n_units // n)), True
+    if piped is None and pdl and shape in PIPELINE_WAVES:
+        piped = pipeline_plan(b * hkv, n_units, sms, PIPELINE_WAVES[shape])
+    if pipeline and (piped is None or waves is not None or not pdl):
         raise KVLayoutError("the pipelined plan needs PDL, a measured shape and a split that fits (swap_plan.py)")
     pipeline = piped is not None and pipeline is not False and waves is None
+    consts = {"SMG": softmax_groups or (8 if layer.bits == 2 else 4), "ZLAST": layer.bits == 2,
+              "EVEN": pipeline and even}
     if pdl_combine_trigger is None:
         pdl_combine_trigger = "start" if pipeline else "middle" if layer.bits == 2 else "exit"
     if pipeline:
@@ -403,7 +417,7 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
         q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, ups, *strides, layer.vsz.shape[-2],
         layer.k_res.stride(1), layer.v_res.stride(1),
         GROUPS=groups, D=d, BITS=layer.bits, STAGED=staged, LATE=layer.bits == 2 and not pdl if late_copy is None else late_copy,
-        **{"SMG": softmax_groups or (8 if layer.bits == 2 else 4), "ZLAST": layer.bits == 2, **(split_consts or {})},
+        **{**consts, **(split_consts or {})},
         num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}), **_pdl_args(pdl, pdl_split_trigger))
     # 16 channels per combine program where the partials take two loop steps (over 128): H100, KIVI-4 at 32k (129
     # partials per row) 610.3 us per step against 649.8 with 32; KIVI-2 (87) 469.4 against 459.0
