@@ -114,6 +114,14 @@ VARIANTS = {
         # session 8: the even pipelined plan (swap_plan.even_plan) at about V programs per SM
         "swap-even8.5": dict(variant="swap", even_waves=8.5),
         "swap-even8.9": dict(variant="swap", even_waves=8.9),
+        # session 8: an explicit register ceiling of 255 (without one ptxas stops the builds below at 168 and
+        # spills), the one-warp copy addresses and the zero-point product last (2-bit defaults), then even plans
+        "swap-mr255": dict(variant="swap", maxnreg=255),
+        "swap-k2paths": dict(variant="swap", maxnreg=255, split_consts={"FASTCOPY": True, "ZLAST": True}),
+        "swap-k2paths-even8": dict(variant="swap", maxnreg=255, split_consts={"FASTCOPY": True, "ZLAST": True},
+                                   even_waves=8.0),
+        "swap-k2paths-even8.9": dict(variant="swap", maxnreg=255, split_consts={"FASTCOPY": True, "ZLAST": True},
+                                     even_waves=8.9),
     },
 }
 PLANES = ("planes", "swap")  # variants that read the planes layout

@@ -274,13 +274,14 @@ def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
                        GROUPS: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, STAGED: gl.constexpr,
                        LATE: gl.constexpr = True, PDL: gl.constexpr = False, PDL_TRIGGER: gl.constexpr = 1,
                        SMG: gl.constexpr = 4, ZLAST: gl.constexpr = False,
-                       EVEN: gl.constexpr = False):
+                       EVEN: gl.constexpr = False, FASTCOPY: gl.constexpr = False):
     """``PDL``: launched as a programmatic dependent launch (pdl.py): the first unit's copy (codes and scales,
     written at earlier steps) starts before ``griddepcontrol.wait``; everything the kernels just before may
     write (q, the residual, the partials) is read or written after it. ``PDL_TRIGGER``: the next launch (the
     combine) may start once every program has reached its start (0), the end of its loop (1) or its exit (2).
     ``ups``: units per program; ``EVEN``: program s takes units ``[s n // (n_rows - 1), (s + 1) n // (n_rows - 1))``
-    of the ``n`` instead (the plans of swap_plan.py)."""
+    of the ``n`` instead (the plans of swap_plan.py). ``FASTCOPY``: one-warp programs copy from per-unit base
+    pointers (gluon_swap_stage.py; the 2-bit default: the 4-bit build then spills unless ``maxnreg`` is set)."""
     W: gl.constexpr = gl.num_warps()
     G: gl.constexpr = 32
     S: gl.constexpr = 16 // BITS
@@ -320,7 +321,7 @@ def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
             ks_s = gl.allocate_shared_memory(gl.float16, [2, S * W, D], SL)
             vs_s = gl.allocate_shared_memory(gl.float16, [2, S * W, NGV * 32], SL)
             _stage_unit(kw_s.index(0), vw_s.index(0), kz_s.index(0), ks_s.index(0), vs_s.index(0), KW, KZ, KS, VW,
-                        VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo, 0, u_hi, n_it > 0, D, NGV, W, G, S, BITS == 2)
+                        VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo, 0, u_hi, n_it > 0, D, NGV, W, G, S, FASTCOPY)
         if PDL:  # q is written by the kernels before this one
             gl_gdc_wait()
         qb, qa = _load_q(Q, pid_bh, GROUPS, D, W)
@@ -334,12 +335,12 @@ def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
                     gl.thread_barrier()  # unit it visible to every lane; every read of unit it - 1's set is done
                     _stage_unit(kw_s.index(1 - st), vw_s.index(1 - st), kz_s.index(1 - st), ks_s.index(1 - st),
                                 vs_s.index(1 - st), KW, KZ, KS, VW, VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo,
-                                it + 1, u_hi, it + 1 < n_it, D, NGV, W, G, S, BITS == 2)
+                                it + 1, u_hi, it + 1 < n_it, D, NGV, W, G, S, FASTCOPY)
                 else:  # start unit it + 1's copy, then wait for unit it
                     gl.thread_barrier()  # every read of the other buffer set (unit it - 1) is done
                     _stage_unit(kw_s.index(1 - st), vw_s.index(1 - st), kz_s.index(1 - st), ks_s.index(1 - st),
                                 vs_s.index(1 - st), KW, KZ, KS, VW, VSZ, kw_base, ks_base, vsz_base, t_pad, u_lo,
-                                it + 1, u_hi, it + 1 < n_it, D, NGV, W, G, S, BITS == 2)
+                                it + 1, u_hi, it + 1 < n_it, D, NGV, W, G, S, FASTCOPY)
                     async_copy.wait_group(1)
                     gl.thread_barrier()
                 kw, vw = _words_smem(kw_s.index(st), vw_s.index(st), D, NP, W, A_L)

@@ -355,7 +355,7 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
     measured shape; True where it does not raises). ``combine_db`` / ``combine_warps`` / ``combine_block_s``: channels
     and warps per program of the combine launch and partials per loop step (``_combine``; db None: below).
     ``softmax_groups``: key groups per online-softmax step (None: 8 for 2-bit codes, one step per unit; 4 for 4-bit;
-    gluon_kivi_swap.py); ``split_consts``: other constexprs of the split kernel (``ZLAST``; A/B runs only);
+    gluon_kivi_swap.py); ``split_consts``: other constexprs of the split kernel (``ZLAST``, ``FASTCOPY``; A/B runs);
     ``even_waves``: the pipelined plan with the units spread evenly over about that many programs per SM (0: the
     session-7 pipelined plan; None: ``even_plan`` where swap_plan.py's ``EVEN_WAVES`` has the shape).
     H100, 32k tokens, µs per step, KIVI-2 / KIVI-4: without PDL 532.3 / 692.4; PDL with the resident plan
@@ -399,7 +399,7 @@ def swap_decode_attention(q: torch.Tensor, layer: PlanesLayer, sm_scale: float |
         raise KVLayoutError("the pipelined plan needs PDL, a measured shape and a split that fits (swap_plan.py)")
     pipeline = piped is not None and pipeline is not False and waves is None
     consts = {"SMG": softmax_groups or (8 if layer.bits == 2 else 4), "ZLAST": layer.bits == 2,
-              "EVEN": pipeline and even}
+              "EVEN": pipeline and even, "FASTCOPY": layer.bits == 2}
     if pdl_combine_trigger is None:
         pdl_combine_trigger = "start" if pipeline else "middle" if layer.bits == 2 else "exit"
     if pipeline:
