@@ -30,7 +30,14 @@ def to_iso(value: str | datetime | None, field: str = "time") -> str | None:
         raise InvalidInput(f"{field} must be an ISO-8601 string or a datetime, not {type(value).__name__}")
     if value.tzinfo is None:
         value = value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc).strftime(_FORMAT)
+    try:
+        utc = value.astimezone(timezone.utc)
+    except OverflowError:
+        utc = None
+    # Stored times compare as strings, so the year must have exactly four digits.
+    if utc is None or not 1000 <= utc.year <= 9999:
+        raise InvalidInput(f"{field} {value.isoformat()} is outside the years 1000-9999 (in UTC) that memvisor stores")
+    return utc.strftime(_FORMAT)
 
 
 def parse(stored: str) -> datetime:

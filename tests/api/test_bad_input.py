@@ -25,6 +25,12 @@ def snapshot(memory) -> dict[str, int]:
     ({"text": "ok", "kind": "dream"}, "unknown kind"),
     ({"text": "ok", "metadata": ["not", "a", "dict"]}, "metadata must be a JSON object"),
     ({"text": "ok", "sources": "m1"}, "sources must be a list"),
+    ({"text": "ok", "metadata": {"when": {1, 2}}}, "metadata must hold only JSON values"),
+    ({"text": "ok", "metadata": {"a": float("nan")}}, "metadata must hold only JSON values"),
+    ({"text": "ok", "key": 5}, "key must be a string"),
+    ({"text": "ok", "position": "abc"}, "position must be an integer"),
+    ({"text": "ok", "valid_from": "0999-05-01"}, "outside the years 1000-9999"),
+    ({"text": "ok", "valid_to": "9999-12-31T23:00:00-05:00"}, "outside the years 1000-9999"),
     (42, "expected a dict with 'text'"),
     (["a", "list"], "expected a dict with 'text'"),
 ])
@@ -77,3 +83,54 @@ def test_query_text_is_data_not_fts_syntax(memory):
     for query in ['"unbalanced', 'text: NEAR(a b)', "a OR b AND NOT c *", "items_fts MATCH 'x'", "^start"]:
         memory.search(query, namespace="app")  # must not raise sqlite3.OperationalError
     assert memory.search('"NEAR"', namespace="app")[0].item.text.startswith('the "NEAR"')
+
+
+def test_a_bad_record_late_in_a_bulk_write_writes_no_batch(memory):
+    """Validation covers every record before the first batch commits (batches are 256)."""
+    before = snapshot(memory)
+    records = [{"text": f"memory number {i}"} for i in range(300)]
+    records[290]["metadata"] = {"when": {1, 2}}
+    with pytest.raises(InvalidInput, match="#290"):
+        memory.add_many(records, namespace="app")
+    assert snapshot(memory) == before
+
+
+class WrongWidth:
+    """An embedder that announces one width and returns another."""
+
+    def __init__(self, inner, extra=8):
+        self.inner, self.dim, self.name, self.extra = inner, inner.dim, inner.name, extra
+
+    def encode(self, texts):
+        import numpy as np
+
+        v = self.inner.encode(texts)
+        return np.concatenate([v, np.zeros((len(texts), self.extra), dtype=v.dtype)], axis=1)
+
+
+def test_an_embedder_returning_the_wrong_shape_writes_nothing(memory):
+    memory.add("an existing memory", namespace="app")
+    before = snapshot(memory)
+    real = memory.embedder
+    memory.embedder = WrongWidth(real)
+    with pytest.raises(InvalidInput, match="check the embedder"):
+        memory.add("a memory the broken embedder sees", namespace="app")
+    memory.embedder = real
+    assert snapshot(memory) == before
+    assert memory.search("existing memory", namespace="app")  # the namespace still works
+
+
+def test_validity_intervals_cannot_be_reversed(memory):
+    item = memory.add("Ana lives in Lyon", namespace="app", valid_from="2024-03-01", valid_to="2024-06-01")
+    before = snapshot(memory)
+    with pytest.raises(InvalidInput, match="before the current version's valid_to"):
+        memory.update(item.id, namespace="app", text="Ana lives in Paris", valid_from="2025-01-01")
+    with pytest.raises(InvalidInput, match="after the memory's valid_from"):
+        memory.invalidate(item.id, namespace="app", at="2020-01-01")
+    assert snapshot(memory) == before
+
+
+def test_a_blank_speaker_does_not_break_search(memory):
+    memory.add("the hats don't bother them", namespace="app", metadata={"speaker": " "})
+    memory.add("Audrey dresses her dogs up", namespace="app", metadata={"speaker": "Audrey"})
+    assert memory.search("What does Audrey dress her dogs with?", namespace="app")

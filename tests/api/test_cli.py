@@ -109,3 +109,14 @@ def test_demo_runs_end_to_end(monkeypatch, capsys, tmp_path):
     assert out.count("Q: ") == 3 and out.count("answer") == 3
     assert "Lofoten" not in out and "Lyon" in out  # the demo's own conversation, evidence printed
     assert "tokens" in out and "sources (memory←turn)" in out
+
+
+def test_user_text_is_printed_as_text_not_rich_markup(monkeypatch, capsys, tmp_path):
+    h = ["--home", str(tmp_path / "home")]
+    for text in ("tag is [/]", "[bold]x[/bold] stays bracketed"):
+        assert run(monkeypatch, capsys, "add", text, "--namespace", "app", *h)[0] == 0
+    code, out, err = run(monkeypatch, capsys, "search", "tag bold", "--namespace", "app", *h)
+    assert code == 0, err
+    assert "tag is [/]" in out and "[bold]x[/bold] stays bracketed" in out
+    code, _, err = run(monkeypatch, capsys, "search", "tag", "--namespace", "[/oops]", *h)
+    assert code == 2 and "error:" in err and "[/oops]" in err and "Traceback" not in err

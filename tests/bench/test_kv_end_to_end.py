@@ -21,12 +21,12 @@ def test_bench_kv_writes_results_in_the_issue_shape(tmp_path):
     register(app)
     out = tmp_path / "kv"
     res = CliRunner().invoke(app, ["kv", "--model", "smollm2", "--out", str(out), "--tokens", "160", "--samples", "1",
-                                   "--gen-tokens", "4", "--budgets", "4", "--methods", "kivi2+snapkv,auto",
+                                   "--gen-tokens", "4", "--budgets", "4", "--methods", "kivi2+h2o,auto",
                                    "--peers", "none", "--lengths", "128"])
     assert res.exit_code == 0, res.output
     data = json.loads((out / "results.json").read_text())
     assert data["model"] == "smollm2" and data["peers"] == {}
-    fig = data["methods"]["kivi2+snapkv"]["4x"]
+    fig = data["methods"]["kivi2+h2o"]["4x"]
     assert ISSUE_FIGURES <= set(fig)
     assert 3.5 <= fig["ratio"] and fig["bytes_per_token"] * fig["ratio"] == pytest.approx(
         data["uncompressed"]["full"]["bytes_per_token"])
@@ -35,7 +35,7 @@ def test_bench_kv_writes_results_in_the_issue_shape(tmp_path):
     floor = data["uncompressed"]["blocked-512"]  # the lossless floor: every key and value kept
     assert floor["ratio"] == 1.0 and floor["bits_per_element"] == 16.0 and 0 <= floor["greedy_agreement"] <= 1
     assert "blocked-512 prefill (lossless: the floor)" in (out / "table.md").read_text()
-    assert "memvisor: kivi2+snapkv" in (out / "table.md").read_text()
+    assert "memvisor: kivi2+h2o" in (out / "table.md").read_text()
     from memvisor.kv.cache import RECIPES
 
     auto = data["methods"]["auto"]["4x"]  # the planner's choice for 160 tokens, recorded by name

@@ -57,7 +57,8 @@ def decode(model, cache, ids, steps, check):
     (None, "none"),
     (StreamingLLM(sinks=4), "none"),
     (H2O(recent=16), "none"),
-    (SnapKV(window=16), "kivi2"),
+    (StreamingLLM(sinks=4), "kivi2"),
+    (SnapKV(window=16), "kivi4"),  # its 16 kept queries (36.9 kB a layer) count against the budget
     (H2O(recent=16), "kivi4"),
 ])
 def test_budget_respected_after_every_forward(smollm2, text_ids, policy, quant):
@@ -178,3 +179,18 @@ def test_gemma_budget_with_sliding_layers(gemma3):
             assert lens[0] < 640  # full layers got the sliding layers' unused share, but not everything
     decode(model, cache, ids, 3, lambda: None)
     assert cache.nbytes() <= budget
+
+
+@pytest.mark.parametrize("policy", [SnapKV(window=16), H2O(recent=16)])
+def test_policy_statistics_are_counted_in_the_cache_bytes(smollm2, text_ids, policy):
+    """What a policy keeps between forwards (SnapKV's queries, H2O's sums) is memory the cache holds:
+    nbytes() = the heads' stored tensors + the policies' statistics, counted independently here."""
+    model, _ = smollm2
+    cache = CompressedCache(model.config, CacheSpec(budget_bytes=3 * 30_000 * LAYERS, quant="kivi4",
+                                                    token_policy=policy))
+    prefill_blockwise(model, text_ids[:, :200], cache, block=64)
+    heads = sum(t.numel() * t.element_size() for c in cache.cores for st in c.stores for t in st.tensors().values())
+    state = [getattr(c.cfg.policy, "queries" if isinstance(policy, SnapKV) else "acc") for c in cache.cores]
+    extra = sum(t.numel() * t.element_size() for t in state)
+    assert extra > 0 and cache.nbytes() == heads + extra
+    assert cache.nbytes() <= cache.spec.budget_bytes

@@ -115,3 +115,20 @@ def test_think_prunes_key_channels_on_the_model(smollm2, text_ids, run_chunks):
     kl = [torch.nn.functional.kl_div(b[:, -1].log_softmax(-1), a[:, -1].log_softmax(-1), log_target=True,
                                      reduction="sum").item() for a, b in zip(ref[1:], got[1:])]
     assert max(kl) < 0.3
+
+
+def test_padded_batch_is_refused_by_the_compressed_cache(smollm2, text_ids):
+    """The compressed path masks from its own storage, so left padding would be attended as text: refused."""
+    from memvisor.kv.adapter import PaddedBatchError
+
+    model, _ = smollm2
+    ids = text_ids[:, :24].repeat(2, 1)
+    key = cache_kwarg(model)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
+              **{key: CompressedCache(model.config, CacheSpec(quant="kivi4"))})  # equal rows: fine
+        padded = torch.ones_like(ids)
+        padded[1, :10] = 0
+        with pytest.raises(PaddedBatchError, match="padded batches"):
+            model(input_ids=ids, attention_mask=padded, use_cache=True,
+                  **{key: CompressedCache(model.config, CacheSpec(quant="kivi4"))})

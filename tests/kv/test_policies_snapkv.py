@@ -79,3 +79,15 @@ def test_bad_knobs():
         SnapKV(kernel=4)
     with pytest.raises(PolicyError):
         SnapKV(pooling="median")
+
+
+def test_heads_holding_fewer_tokens_than_the_window_vote_with_the_newest_queries():
+    """After a deep eviction a head may hold fewer tokens than the window of kept queries: the vote uses
+    the newest queries every head can still match instead of failing mid-generation."""
+    k, D = setup(Hkv=1)
+    pol = SnapKV(window=8, kernel=1, scaling=1.0)
+    pol.observe(window_queries([2, 2], D, w=8), k[:, :, :12])
+    assert pol.queries.shape[2] == 8
+    vote = pol.vote(k[:, :, :5], lengths=torch.tensor([5]))  # 5 tokens left: 5 newest queries vote
+    assert vote.shape == (1, 1, 5) and torch.isfinite(vote).all()
+    assert float(vote.sum()) == pytest.approx(0.0, abs=1e-6)  # every held token is the queries' own window

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from memvisor.errors import MemvisorError
@@ -54,7 +55,7 @@ def add(text: str, namespace: str = NsOpt, user: Optional[str] = typer.Option(No
     with _memory(home) as m:
         item = m.add(text, namespace=namespace, user=user, agent=agent, session=session, kind=kind,
                      valid_from=valid_from, metadata=meta)
-    out.print(item.id)
+    out.print(item.id, markup=False)
 
 
 @app.command()
@@ -66,11 +67,11 @@ def ingest(file: Path, namespace: str = NsOpt, user: Optional[str] = typer.Optio
     conversations = load_conversations(file)
     total = sum(len(c.turns) for c in conversations)
     with _memory(home) as m, progress_bar() as bar:
-        task = bar.add_task(f"ingesting {file.name}", total=total)
+        task = bar.add_task(f"ingesting {escape(file.name)}", total=total)
         report = m.ingest(conversations, namespace=namespace, user=user,
                           progress=lambda n: bar.advance(task, n))
     out.print(f"added {report.added} memories, skipped {report.skipped_duplicates} already present "
-              f"(namespace {namespace})")
+              f"(namespace {namespace})", markup=False)
 
 
 @app.command()
@@ -88,8 +89,8 @@ def search(query: str, namespace: str = NsOpt, user: Optional[str] = typer.Optio
     for h in hits:
         e = h.explanation
         why = f"bm25 #{e.bm25_rank or '-'} · vector #{e.vector_rank or '-'}"
-        out.print(f"[bold]{h.score:.4f}[/] {h.item.id}  {_when(h.item.valid_from)}[dim]{why}[/]\n    {h.item.text}",
-                  highlight=False)
+        out.print(f"[bold]{h.score:.4f}[/] {escape(h.item.id)}  {escape(_when(h.item.valid_from))}[dim]{why}[/]\n"
+                  f"    {escape(h.item.text)}", highlight=False)
 
 
 @app.command()
@@ -132,7 +133,7 @@ def update(memory_id: str, namespace: str = NsOpt, text: Optional[str] = typer.O
     with _memory(home) as m:
         item = m.update(memory_id, namespace=namespace, text=text, metadata=_json_object(metadata, "--metadata"),
                         valid_from=valid_from)
-    out.print(f"{item.id} is now version {item.version}")
+    out.print(f"{item.id} is now version {item.version}", markup=False)
 
 
 @app.command()
@@ -142,7 +143,7 @@ def invalidate(memory_id: str, namespace: str = NsOpt,
     """Mark a memory as no longer true (kept for 'as of' queries)."""
     with _memory(home) as m:
         item = m.invalidate(memory_id, namespace=namespace, at=at)
-    out.print(f"{item.id} valid until {item.valid_to}")
+    out.print(f"{item.id} valid until {item.valid_to}", markup=False)
 
 
 @app.command()
@@ -150,7 +151,7 @@ def delete(memory_id: str, namespace: str = NsOpt, home: Optional[Path] = HomeOp
     """Delete a memory and every version of it from every index."""
     with _memory(home) as m:
         removed = m.delete(memory_id, namespace=namespace)
-    out.print(f"deleted {memory_id} ({removed} stored versions removed)")
+    out.print(f"deleted {memory_id} ({removed} stored versions removed)", markup=False)
 
 
 @app.command("export")
@@ -158,7 +159,7 @@ def export_(directory: Path, namespace: str = NsOpt, home: Optional[Path] = Home
     """Write a namespace to DIR as plain files (JSON lines + safetensors)."""
     with _memory(home) as m:
         m.export(namespace, directory)
-    out.print(f"exported namespace {namespace} to {directory}")
+    out.print(f"exported namespace {namespace} to {directory}", markup=False)
 
 
 @app.command("import")
@@ -166,7 +167,7 @@ def import_(directory: Path, home: Optional[Path] = HomeOpt) -> None:
     """Load a namespace exported with `memvisor export`."""
     with _memory(home) as m:
         report = m.import_(directory)
-    out.print(f"imported {report.added} memories into namespace {report.namespace}")
+    out.print(f"imported {report.added} memories into namespace {report.namespace}", markup=False)
 
 
 @app.command()
@@ -213,5 +214,5 @@ def main() -> None:
     try:
         app()
     except MemvisorError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
         raise SystemExit(2) from None

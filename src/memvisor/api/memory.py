@@ -30,6 +30,17 @@ def default_home() -> Path:
     return Path(os.environ.get("MEMVISOR_HOME") or Path.home() / ".memvisor")
 
 
+def _checked_vectors(vectors: Any, n: int, dim: int) -> Any:
+    """An embedder's output, refused before anything is written unless it is n finite rows of dim."""
+    import numpy as np
+
+    arr = np.asarray(vectors)
+    if arr.shape != (n, dim) or not np.isfinite(arr).all():
+        raise InvalidInput(f"the embedder returned an array of shape {arr.shape} (finite: {bool(np.isfinite(arr).all())}) "
+                           f"for {n} texts; this store needs {n} finite rows of {dim} numbers: check the embedder")
+    return arr
+
+
 def _check_name(value: str | None, what: str, required: bool = False) -> str | None:
     if value is None and not required:
         return None
@@ -139,6 +150,16 @@ class Memory:
         metadata = r.get("metadata") or {}
         if not isinstance(metadata, dict):
             raise InvalidInput(f"{where}: metadata must be a JSON object (a dict)")
+        try:  # checked here, before any batch commits: a set or a NaN would fail (or poison filters) later
+            json.dumps(metadata, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"{where}: metadata must hold only JSON values (strings, finite numbers, "
+                               f"booleans, null, lists, objects): {exc}") from None
+        for field, kinds in (("key", str), ("context", str), ("thread", str), ("position", int)):
+            value = r.get(field)
+            if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+                raise InvalidInput(f"{where}: {field} must be {'an integer' if kinds is int else 'a string'} "
+                                   f"or absent, got {type(value).__name__}")
         sources = r.get("sources") or []
         if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
             raise InvalidInput(f"{where}: sources must be a list of id strings")
@@ -164,7 +185,8 @@ class Memory:
         for wstart in range(0, len(items), window):
             chunk = items[wstart:wstart + window]
             contexts = embedded_context[wstart:wstart + window] if embedded_context is not None else None
-            vectors = self.embedder.encode(_embedding_texts(chunk, contexts))
+            vectors = _checked_vectors(self.embedder.encode(_embedding_texts(chunk, contexts)), len(chunk),
+                                       self.store.dim)
             for start in range(0, len(chunk), batch_size):
                 batch = chunk[start:start + batch_size]
                 for item, created in self.store.add_items(batch, vectors[start:start + batch_size]):
@@ -193,12 +215,15 @@ class Memory:
         if start and head.valid_from and start <= head.valid_from:
             raise InvalidInput(f"valid_from {start} must be after the current version's valid_from "
                                f"{head.valid_from}; to correct the old text, update without valid_from")
+        if start and head.valid_to and start >= head.valid_to:
+            raise InvalidInput(f"valid_from {start} must be before the current version's valid_to "
+                               f"{head.valid_to}: it stopped being true then; add a new memory instead")
         changes = {"text": text and merged.text, "metadata": metadata, "kind": kind, "valid_from": start}
         vector = None
         if text is not None:
             merged.metadata = metadata if metadata is not None else head.metadata
             merged.context = self._embedded_context(self.store.head_row(namespace, memory_id))
-            vector = self.embedder.encode([_embedding_text(merged)])[0]
+            vector = _checked_vectors(self.embedder.encode([_embedding_text(merged)]), 1, self.store.dim)[0]
         return self.store.revise(namespace, memory_id, "update", changes, vector)
 
     def _embedded_context(self, row: Any) -> str | None:
@@ -216,8 +241,11 @@ class Memory:
     def invalidate(self, memory_id: str, *, namespace: str = "default", at: Any = None,
                    reason: str | None = None) -> MemoryItem:
         """It stopped being true at `at` (default now). Not deleted: `as_of` an earlier time still finds it."""
-        self.get(memory_id, namespace=namespace)
+        head = self.get(memory_id, namespace=namespace)
         end = timeutil.to_iso(at, "at") or timeutil.now()
+        if head.valid_from and end <= head.valid_from:
+            raise InvalidInput(f"at {end} must be after the memory's valid_from {head.valid_from}; "
+                               "to remove a memory that was never true, delete it")
         return self.store.revise(namespace, memory_id, "invalidate", {"valid_to": end, "reason": reason}, None)
 
     def delete(self, memory_id: str, *, namespace: str = "default") -> int:

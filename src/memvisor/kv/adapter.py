@@ -35,6 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from memvisor.errors import InvalidInput
 from memvisor.kv.layer import LayerCore
 
 ATTN_NAME = "memvisor_kv"
@@ -43,6 +44,11 @@ TRANSFORMERS_VERSION = transformers.__version__
 # id(key tensor returned by update) -> (weakref to it, layer). The weakref check makes a reused id
 # (after the tensor died) miss instead of routing to the wrong layer.
 _pending: dict[int, tuple[weakref.ref, LayerCore]] = {}
+
+
+class PaddedBatchError(InvalidInput):
+    """A batch whose rows are padded to a common length, on a compressed cache."""
+
 _lock = threading.Lock()
 
 
@@ -55,6 +61,12 @@ def _attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tenso
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     core = entry[1]
+    if (isinstance(attention_mask, Tensor) and attention_mask.shape[0] > 1
+            and not bool((attention_mask == attention_mask[:1]).all())):
+        # The compressed path masks from its own storage indices (attention.py): per-row padding would be
+        # attended as if it were text, silently; refuse it instead.
+        raise PaddedBatchError("the compressed KV cache does not support padded batches (rows of different "
+                               "lengths): give rows of equal length, or run them one at a time")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     return core.attend(query, scaling, softcap=kwargs.get("softcap")), None

@@ -182,7 +182,8 @@ class CompressedCache(HFCache):
         self._layer_bytes[layer_idx] = after
 
     def nbytes(self) -> int:
-        """Bytes of every stored tensor: codes, scales, zero points, group sizes, positions, residuals."""
+        """Bytes of every stored tensor: codes, scales, zero points, group sizes, positions, residuals, and
+        the token policies' statistics kept between forwards (SnapKV's window of queries, H2O's sums)."""
         return sum(c.nbytes() for c in self.cores)
 
     def stored_tokens(self) -> list[list[int]]:

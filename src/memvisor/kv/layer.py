@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from memvisor.kv.attention import layer_attention
-from memvisor.kv.budget import TokenCost, token_cost
+from memvisor.kv.budget import BudgetError, TokenCost, token_cost
 from memvisor.kv.gpu.cache_path import DecodeMirror, kernel_applies
 from memvisor.kv.policies.base import ChannelPolicy, HeadBudget, MergePolicy, TokenPolicy, select
 from memvisor.kv.storage import HeadStore, QuantConfig
@@ -83,9 +83,14 @@ class LayerCore:
             self.cfg.policy.reset()
 
     def nbytes(self) -> int:
+        """Every stored tensor of the heads, the GPU mirror's copy, and the token policy's statistics."""
         if self.stores is None:
             return 0
-        return sum(s.nbytes() for s in self.stores) + (self.mirror.nbytes(self.stores) if self.mirror is not None else 0)
+        return (sum(s.nbytes() for s in self.stores) + (self.mirror.nbytes(self.stores) if self.mirror is not None else 0)
+                + self.policy_bytes())
+
+    def policy_bytes(self) -> int:
+        return self.cfg.policy.nbytes() if self.cfg.policy is not None else 0
 
     def lengths(self) -> list[int]:
         return [] if self.stores is None else [len(s) for s in self.stores]
@@ -137,6 +142,10 @@ class LayerCore:
             full_v = torch.cat([self._dense[1], v], dim=-2)
         w = self.cfg.window
         kept_k, kept_v = (full_k, full_v) if w is None else (full_k[:, :, -w + 1:], full_v[:, :, -w + 1:])
+        if w is not None and k.shape[-2] > 1 and full_k.shape[-2] > w - 1:
+            # A view would keep the whole forward's tensor alive (4,000 prefilled tokens for a 512-token
+            # window) while nbytes() counts the window: copy it. A decode step's view over-holds one token.
+            kept_k, kept_v = kept_k.clone(), kept_v.clone()
         self._dense = (kept_k, kept_v)
         for h, st in enumerate(self.stores):
             st.set_residual(kept_k[:, h], kept_v[:, h])
@@ -246,7 +255,7 @@ class LayerCore:
     def head_caps(self) -> int:
         """Head-tokens per head that fit ``budget_bytes`` (uniform split over heads), counting the
         full-precision residual the heads hold now (eviction never grows it)."""
-        per_head = self.cfg.budget_bytes / len(self.stores)
+        per_head = max(self.cfg.budget_bytes - self.policy_bytes(), 0) / len(self.stores)
         return self.cost.capacity(per_head, residual=max(st.nr for st in self.stores))
 
     def compress(self, force: bool = False, added: int | None = None) -> None:
@@ -254,6 +263,11 @@ class LayerCore:
         is over the cap, ignoring the slack hysteresis; ``added``: tokens the forward just stored)."""
         if self.cfg.budget_bytes is None or self.stores is None:
             return
+        state = self.policy_bytes()
+        if state >= self.cfg.budget_bytes:
+            raise BudgetError(f"layer {self.cfg.layer_idx}: the {self.cfg.policy.name} policy keeps {state:,} bytes of "
+                              f"statistics, more than the layer's budget of {self.cfg.budget_bytes:,}: raise "
+                              "budget_bytes or choose a policy that keeps less (StreamingLLM keeps none)")
         cap = self.head_caps()
         Hkv = len(self.stores)
         total = sum(self.lengths())

@@ -64,7 +64,7 @@ class NewItem:
     @property
     def speaker(self) -> str | None:
         value = self.metadata.get("speaker")
-        return value if isinstance(value, str) and value else None
+        return value.strip() or None if isinstance(value, str) else None
 
     def idempotency_key(self) -> str:
         if self.key:

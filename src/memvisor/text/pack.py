@@ -24,9 +24,16 @@ def speaker_of(row: sqlite3.Row) -> str | None:
     return speaker if isinstance(speaker, str) and speaker else None
 
 
+def one_line(text: str) -> str:
+    """A memory on one line: its own line breaks would let stored text pass for a date header, another
+    speaker's line or the prompt's closing delimiter (memories are data, never structure)."""
+    return " ".join(text.splitlines())
+
+
 def render_line(row: sqlite3.Row, speaker_shown: bool = True) -> str:
     speaker = speaker_of(row)
-    return f"{speaker}: {row['text']}" if speaker and speaker_shown else row["text"]
+    text = one_line(row["text"])
+    return f"{one_line(speaker)}: {text}" if speaker and speaker_shown else text
 
 
 def group_key(row: sqlite3.Row) -> tuple:

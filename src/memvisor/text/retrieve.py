@@ -138,7 +138,7 @@ def full_text_match(store: SQLiteStore, words: list[str]) -> str | None:
 def speakers_named(query_words: list[str], speakers: frozenset[str]) -> list[str]:
     """The speakers whose (first) name the query uses, in a stable order."""
     words = set(query_words)
-    return sorted(s for s in speakers if s.lower() in words or s.split()[0].lower() in words)
+    return sorted(s for s in speakers if s.split() and (s.lower() in words or s.split()[0].lower() in words))
 
 
 def named_speaker(query_words: list[str], speakers: frozenset[str]) -> str | None:

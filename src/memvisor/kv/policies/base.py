@@ -101,6 +101,12 @@ class TokenPolicy(ABC):
         Padding positions (``>= lengths[h]``) are ``-inf``.
         """
 
+    def nbytes(self) -> int:
+        """Bytes of the statistics kept between forwards (the tensors named in ``state_attrs``): memory the
+        cache holds for this policy, counted in the layer's bytes and its budget like the KV itself."""
+        return sum(t.numel() * t.element_size() for t in (getattr(self, a, None) for a in self.state_attrs)
+                   if isinstance(t, Tensor))
+
     def protected(self, T: int) -> Tensor:
         """BoolTensor[T]: tokens kept whatever their score (sinks, recent window), for a head holding T tokens."""
         return torch.zeros(T, dtype=torch.bool)

@@ -80,9 +80,15 @@ class SnapKV(TokenPolicy):
         B, Hkv, T, _ = keys.shape
         if self.queries is None:
             return torch.zeros(B, Hkv, T)
-        w = self.queries.shape[2]
+        # After a deep eviction a head may hold fewer tokens than the window: vote with the newest queries
+        # that every head can still match (their own keys are the newest stored ones).
+        held = int(valid_mask(lengths, T, Hkv).sum(1).min())
+        queries = self.queries[:, :, -held:] if held < self.queries.shape[2] else self.queries
+        w = queries.shape[2]
         vote = torch.zeros(B, Hkv, T)
-        for _, probs, _ in group_attention(self.queries, keys, lengths=lengths, scaling=self.scaling):
+        if w == 0:
+            return vote
+        for _, probs, _ in group_attention(queries, keys, lengths=lengths, scaling=self.scaling):
             vote += probs.sum(2)
         L = valid_mask(lengths, T, Hkv).sum(1)
         prefix = torch.arange(T).unsqueeze(0) < (L - w).unsqueeze(1)  # [Hkv, T]
