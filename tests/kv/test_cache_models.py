@@ -132,3 +132,19 @@ def test_padded_batch_is_refused_by_the_compressed_cache(smollm2, text_ids):
         with pytest.raises(PaddedBatchError, match="padded batches"):
             model(input_ids=ids, attention_mask=padded, use_cache=True,
                   **{key: CompressedCache(model.config, CacheSpec(quant="kivi4"))})
+
+
+def test_sliding_passthrough_layers_hold_only_their_window_after_a_long_prefill(gemma3):
+    """What nbytes() counts is what is held: the window is copied out of a longer prefill, not a view of it."""
+    model, _ = gemma3
+    ids = torch.randint(10, 20000, (1, 700), generator=torch.Generator().manual_seed(0))
+    cache = CompressedCache(model.config, CacheSpec())
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+    sliding = [c for c in cache.cores if c.cfg.window is not None]
+    assert sliding
+    for core in sliding:
+        held = sum({id(st.k_res.untyped_storage()): st.k_res.untyped_storage().nbytes() +
+                    st.v_res.untyped_storage().nbytes() for st in core.stores}.values())
+        full = 700 * 2 * model.config.head_dim * core.stores[0].k_res.element_size() * len(core.stores)
+        assert held == core.nbytes() < full
