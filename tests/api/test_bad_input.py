@@ -134,3 +134,46 @@ def test_a_blank_speaker_does_not_break_search(memory):
     memory.add("the hats don't bother them", namespace="app", metadata={"speaker": " "})
     memory.add("Audrey dresses her dogs up", namespace="app", metadata={"speaker": "Audrey"})
     assert memory.search("What does Audrey dress her dogs with?", namespace="app")
+
+
+def _corrupt_export(memory, tmp_path, how):
+    import shutil
+
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    memory.add("Ana lives in Lyon", namespace="chat", metadata={"speaker": "Ana"})
+    memory.add("Ben plays the cello", namespace="chat")
+    src = tmp_path / "cube"
+    memory.export("chat", src)
+    bad = tmp_path / f"bad-{how}"
+    shutil.copytree(src, bad)
+    items = [json.loads(x) for x in (bad / "items.jsonl").read_text().splitlines()]
+    if how == "missing keys file":
+        (bad / "keys.jsonl").unlink()
+    elif how == "row without a field":
+        del items[1]["recorded_at"]
+    elif how == "metadata not json":
+        items[0]["metadata"] = "{not json"
+    elif how == "vectors too wide":
+        t = load_file(str(bad / "vectors.safetensors"))
+        save_file({"rids": t["rids"], "vectors": np.zeros((len(items), t["vectors"].shape[1] + 4), np.float16)},
+                  str(bad / "vectors.safetensors"))
+    elif how == "empty namespace":
+        manifest = json.loads((bad / "manifest.json").read_text())
+        (bad / "manifest.json").write_text(json.dumps(manifest | {"namespace": ""}))
+    (bad / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    return bad
+
+
+@pytest.mark.parametrize("how", ["missing keys file", "row without a field", "metadata not json", "vectors too wide",
+                                 "empty namespace"])
+def test_a_damaged_export_is_refused_before_anything_is_imported(memory, tmp_path, how):
+    from memvisor import Memory
+
+    bad = _corrupt_export(memory, tmp_path, how)
+    with Memory(tmp_path / "other") as other:
+        before = snapshot(other)
+        with pytest.raises(MalformedFile):
+            other.import_(bad)
+        assert snapshot(other) == before

@@ -66,6 +66,38 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def _check_rows(directory: Path, items: list, events: list, keys: list, tensors: dict, dim: int) -> None:
+    """Everything an import writes is checked before its transaction: a bad row is a MalformedFile that
+    names it, never a KeyError mid-import or a stored value that breaks later searches."""
+    def fail(name: str, number: int, what: str) -> None:
+        raise MalformedFile(f"{directory / name}: line {number}: {what}")
+
+    for number, row in enumerate(items, start=1):
+        if not isinstance(row, dict) or not set(ITEM_FIELDS) <= set(row):
+            fail("items.jsonl", number, f"a row needs the fields {', '.join(ITEM_FIELDS)}")
+        if not isinstance(row["text"], str) or not isinstance(row["id"], str) or not isinstance(row["rid"], int):
+            fail("items.jsonl", number, "id and text must be strings, rid an integer")
+        for field, kind in (("metadata", dict), ("sources", list)):
+            try:
+                ok = isinstance(json.loads(row[field]), kind)
+            except (TypeError, json.JSONDecodeError):
+                ok = False
+            if not ok:
+                fail("items.jsonl", number, f"{field} must be a JSON {kind.__name__} written as text")
+    for number, e in enumerate(events, start=1):
+        if not isinstance(e, dict) or not {"seq", "op", "item_id", "payload", "recorded_at"} <= set(e) \
+                or not isinstance(e["payload"], dict):
+            fail("events.jsonl", number, "an event needs seq, op, item_id, recorded_at and a payload object")
+    for number, k in enumerate(keys, start=1):
+        if not isinstance(k, dict) or not isinstance(k.get("key"), str) or not isinstance(k.get("id"), str):
+            fail("keys.jsonl", number, "a key row needs the strings key and id")
+    rids, vectors = tensors.get("rids"), tensors.get("vectors")
+    if rids is None or vectors is None or vectors.shape != (len(items), dim) or rids.shape != (len(items),) \
+            or set(int(r) for r in rids) != {row["rid"] for row in items} or not np.isfinite(vectors).all():
+        raise MalformedFile(f"{directory / 'vectors.safetensors'}: needs rids [{len(items)}] and finite vectors "
+                            f"[{len(items)}, {dim}] for exactly the rows of items.jsonl")
+
+
 def import_namespace(store: SQLiteStore, directory: Path) -> IngestReport:
     manifest_path = directory / "manifest.json"
     if not manifest_path.is_file():
@@ -81,17 +113,26 @@ def import_namespace(store: SQLiteStore, directory: Path) -> IngestReport:
     if (manifest.get("embedder"), manifest.get("dim")) != (meta["embedder"], store.dim):
         raise InvalidInput(f"{directory} was embedded with {manifest.get('embedder')} (dim {manifest.get('dim')}), "
                            f"this home uses {meta['embedder']} (dim {store.dim})")
-    namespace = manifest["namespace"]
+    namespace = manifest.get("namespace")
+    if not isinstance(namespace, str) or not namespace.strip() or not namespace.isprintable() or len(namespace) > 200:
+        raise MalformedFile(f"{manifest_path}: namespace {namespace!r} is not a non-empty printable name")
+    for name in ("items.jsonl", "events.jsonl", "keys.jsonl", "vectors.safetensors"):
+        if not (directory / name).is_file():
+            raise MalformedFile(f"{directory} has no {name}: give a complete folder written by `memvisor export`")
     if namespace in store.namespaces():
         raise InvalidInput(f"namespace {namespace!r} already exists in {store.home}: import into another home, "
                            "or delete its memories first")
     items = _read_jsonl(directory / "items.jsonl")
     events = _read_jsonl(directory / "events.jsonl")
     keys = _read_jsonl(directory / "keys.jsonl")
-    tensors = load_file(str(directory / "vectors.safetensors"))
-    vec_by_rid = {int(r): v for r, v in zip(tensors["rids"], tensors["vectors"])}
-    if len(items) != manifest["items"] or len(vec_by_rid) != len(items):
+    try:
+        tensors = load_file(str(directory / "vectors.safetensors"))
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise MalformedFile(f"{directory / 'vectors.safetensors'}: {e}") from None
+    if len(items) != manifest.get("items"):
         raise MalformedFile(f"{directory}: counts disagree with manifest.json (a truncated export?)")
+    _check_rows(directory, items, events, keys, tensors, store.dim)
+    vec_by_rid = {int(r): v for r, v in zip(tensors["rids"], tensors["vectors"])}
 
     seq_map: dict[int, int] = {}
     rid_map: dict[int, int] = {}
