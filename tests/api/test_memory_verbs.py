@@ -159,3 +159,27 @@ def test_update_of_a_turn_embeds_it_as_ingest_did(memory, small_conversation):
         f"an orchestra.\n{line}"])
     assert stored @ as_ingest > 0.999
     assert stored @ with_next < 0.99
+
+
+def test_deleted_text_and_vector_are_not_left_in_the_files(tmp_path):
+    """A purge leaves nothing readable on disk: not in SQLite's pages or WAL, not in FTS5's segments, not
+    in the saved ANN index (usearch's remove alone keeps the vector in the file)."""
+    import numpy as np
+
+    from memvisor import Memory
+
+    home = tmp_path / "home"
+    with Memory(home) as m:
+        m.add("Pixel the cat sleeps on the balcony", namespace="app")
+        gone = m.add("my bank PIN is 48213 zqxjvwk", namespace="app")
+        m.search("cat", namespace="app")  # the index exists in memory ...
+        m.store.save_index("app")
+        m.store.vector_index("app").dirty = 1
+        m.store.save_index("app")  # ... and on disk, holding the vector
+        vec = m.store.vectors_of([m.store.head_row("app", gone.id)["rid"]]).astype(np.float16).tobytes()
+        m.delete(gone.id, namespace="app")
+    blobs = b"".join(p.read_bytes() for p in home.rglob("*") if p.is_file())
+    assert b"48213" not in blobs and b"zqxjvwk" not in blobs
+    assert vec not in blobs
+    with Memory(home) as m:
+        assert [h.item.text for h in m.search("bank PIN", namespace="app")] == ["Pixel the cat sleeps on the balcony"]

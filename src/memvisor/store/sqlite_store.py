@@ -95,6 +95,8 @@ class SQLiteStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=10000")
+        # Deleted rows are overwritten with zeros, not left readable in free pages (delete is a purge).
+        self.db.execute("PRAGMA secure_delete=ON")
         self.db.executescript(resources.files("memvisor.store").joinpath("schema.sql").read_text())
         self._check_meta(embedder_name)
         (home / "vectors").mkdir(exist_ok=True)
@@ -247,7 +249,20 @@ class SQLiteStore:
             cur.execute("UPDATE events SET payload=? WHERE namespace=? AND item_id=?",
                         (json.dumps({"redacted": True}), namespace, item_id))
             self._event(cur, namespace, "delete", item_id, {"removed_rids": rids}, now)
+        self._scrub_deleted()
+        index = self.vector_index(namespace)  # catches up: the deleted rows leave the ANN index now
+        if index.removed and (self.home / "vectors").joinpath(index.file_name).exists():
+            index.save()  # a saved copy on disk held their vectors: rewrite it without them
         return len(rids)
+
+    def _scrub_deleted(self) -> None:
+        """After a purge, what is still on disk of the deleted rows goes too: FTS5 keeps deleted words in
+        its segments until they merge ('optimize' rewrites them; SQLite 3.44's secure-delete option would
+        avoid it), and the WAL keeps old page images until a truncating checkpoint. Costs a rewrite of the
+        full-text index: deletes are rare, and a user who deletes expects the text gone."""
+        with self.transaction() as cur:
+            cur.execute("INSERT INTO items_fts (items_fts) VALUES ('optimize')")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     @staticmethod
     def _as_new_item(row: sqlite3.Row) -> NewItem:

@@ -23,7 +23,8 @@ class VectorIndex:
 
     def __init__(self, folder: Path, name: str, dim: int):
         self.dim = dim
-        self._path = folder / f"{name}.usearch"
+        self.file_name = f"{name}.usearch"
+        self._path = folder / self.file_name
         self._state_path = folder / f"{name}.json"
         self.applied_seq = 0
         self._index = self._new()
@@ -36,6 +37,7 @@ class VectorIndex:
                 self._index = self._new()  # unreadable cache: rebuilt from the log by the caller
                 self.applied_seq = 0
         self.dirty = 0
+        self.removed = 0  # removals since the last save: the saved file still holds their vectors
 
     def _new(self) -> Index:
         # expansion_add 64, not 128: twice the build rate (5.3k vs 2.6k vectors/s on 2 cores at 100k) for
@@ -63,6 +65,16 @@ class VectorIndex:
         if present:
             self._index.remove(np.asarray(present, dtype=np.uint64))
             self.dirty += len(present)
+            self.removed += len(present)
+
+    def _compacted(self) -> Index:
+        """A fresh index of the live keys: usearch's remove only unlinks a node, its vector stays in the
+        saved file, and a deleted memory must not (rebuild cost: about 5k vectors/s on 2 cores)."""
+        fresh = self._new()
+        keys = np.asarray(self._index.keys, dtype=np.uint64)
+        if len(keys):
+            fresh.add(keys, np.stack(self._index.get(keys, dtype=np.float32)), threads=0)
+        return fresh
 
     def search(self, query: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
         """query float [dim] -> (keys int64 [m], cosine similarity float32 [m]), best first, m <= count."""
@@ -74,6 +86,8 @@ class VectorIndex:
 
     def save(self) -> None:
         """Write the index then its state, each atomically (write aside, rename)."""
+        if self.removed:
+            self._index, self.removed = self._compacted(), 0
         tmp = self._path.with_suffix(".usearch.tmp")
         self._index.save(str(tmp))
         os.replace(tmp, self._path)
@@ -86,3 +100,4 @@ class VectorIndex:
         self._index = self._new()
         self.applied_seq = 0
         self.dirty = 0
+        self.removed = 0
