@@ -15,6 +15,11 @@ compression would score on these tasks at best; BENCHMARKS.md (kv) reports it be
 the figure of the first floor runs: 0.276 / 0.333 on SmolLM2).
 
     python scripts/kv_greedy_floor.py [--samples 6] [--tokens 4096] [--gen-tokens 128] [--model smollm2]
+                                      [--dtype bfloat16|float32] [--auto 4,8]
+
+``--dtype float32`` runs everything in float32 (is the floor a bf16 rounding effect?); ``--auto R`` also
+runs the planner's ``auto`` cache at R x fewer bytes than the context's bf16 cache (the issue's ratio,
+whatever the run's dtype), for the same figures side by side.
 """
 import argparse
 import json
@@ -22,6 +27,7 @@ import json
 import torch
 from transformers import DynamicCache
 
+from memvisor.bench.kv_methods import memvisor_method
 from memvisor.bench.kv_metrics import KVPeakTracker
 from memvisor.bench.kv_peers import Method, _full_prefill, lossless_blocked_method, plain_method
 from memvisor.bench.kv_run import KvBenchConfig, aggregate, build_prompts, run_one
@@ -35,16 +41,23 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    ap.add_argument("--auto", default="", help="compression ratios against bf16 for the planner's cache, e.g. 4,8")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, tok = load_local_model(args.model, dtype=torch.bfloat16)
+    dtype = getattr(torch, args.dtype)
+    model, tok = load_local_model(args.model, dtype=dtype)
     cfg = KvBenchConfig(model=args.model, out=None, tokens=args.tokens, samples=args.samples,
                         gen_tokens=args.gen_tokens)
     tracker = KVPeakTracker(model)
     prompts = build_prompts(tok, cfg)
     refs = [run_one(model, tok, plain_method(model.config), p, None, cfg.gen_tokens, tracker) for p in prompts]
     rows = {}
+    bf16_bytes = sum(r["bytes"] for r in refs) / len(refs) * 2 / torch.finfo(dtype).bits * 8
+    for ratio in [float(x) for x in args.auto.split(",") if x]:
+        auto = memvisor_method("auto", model.config, int(bf16_bytes / ratio), context_tokens=args.tokens)
+        rows[f"auto {ratio:g}x"] = [run_one(model, tok, auto, p, r, cfg.gen_tokens, tracker) for p, r in zip(prompts, refs)]
     blocked = lossless_blocked_method(model.config, 512)  # also `memvisor bench kv`'s floor row
     rows[blocked.name] = [run_one(model, tok, blocked, p, r, cfg.gen_tokens, tracker) for p, r in zip(prompts, refs)]
     model.set_attn_implementation("eager")
@@ -53,7 +66,7 @@ def main() -> None:
     for name, runs in rows.items():
         fig = aggregate(runs, refs)
         keep = ("ratio", "top1", "kl", "greedy_agreement", "greedy_agreement_all", "needle_retention")
-        print(name, json.dumps({k: fig.get(k) for k in keep}),
+        print(args.dtype, name, json.dumps({k: fig.get(k) for k in keep}),
               "per task greedy", [round(r["greedy_agreement"], 3) for r in runs],
               "first differing token", [next((i for i, (a, b) in enumerate(zip(rf["tokens"], r["tokens"]))
                                               if a != b), None) for r, rf in zip(runs, refs)])
