@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
+
 from memvisor import timeutil
 from memvisor.errors import InvalidInput
 from memvisor.models.embedders import Embedder, default_embedder
@@ -30,10 +32,8 @@ def default_home() -> Path:
     return Path(os.environ.get("MEMVISOR_HOME") or Path.home() / ".memvisor")
 
 
-def _checked_vectors(vectors: Any, n: int, dim: int) -> Any:
+def _checked_vectors(vectors: Any, n: int, dim: int) -> np.ndarray:
     """An embedder's output, refused before anything is written unless it is n finite rows of dim."""
-    import numpy as np
-
     arr = np.asarray(vectors)
     if arr.shape != (n, dim) or not np.isfinite(arr).all():
         raise InvalidInput(f"the embedder returned an array of shape {arr.shape} (finite: {bool(np.isfinite(arr).all())}) "

@@ -41,14 +41,14 @@ from memvisor.kv.layer import LayerCore
 ATTN_NAME = "memvisor_kv"
 TRANSFORMERS_VERSION = transformers.__version__
 
-# id(key tensor returned by update) -> (weakref to it, layer). The weakref check makes a reused id
-# (after the tensor died) miss instead of routing to the wrong layer.
-_pending: dict[int, tuple[weakref.ref, LayerCore]] = {}
-
 
 class PaddedBatchError(InvalidInput):
     """A batch whose rows are padded to a common length, on a compressed cache."""
 
+
+# id(key tensor returned by update) -> (weakref to it, layer). The weakref check makes a reused id
+# (after the tensor died) miss instead of routing to the wrong layer.
+_pending: dict[int, tuple[weakref.ref, LayerCore]] = {}
 _lock = threading.Lock()
 
 
