@@ -23,8 +23,7 @@ class VectorIndex:
 
     def __init__(self, folder: Path, name: str, dim: int):
         self.dim = dim
-        self.file_name = f"{name}.usearch"
-        self._path = folder / self.file_name
+        self._path = folder / f"{name}.usearch"
         self._state_path = folder / f"{name}.json"
         self.applied_seq = 0
         self._index = self._new()
