@@ -183,3 +183,26 @@ def test_deleted_text_and_vector_are_not_left_in_the_files(tmp_path):
     assert vec not in blobs
     with Memory(home) as m:
         assert [h.item.text for h in m.search("bank PIN", namespace="app")] == ["Pixel the cat sleeps on the balcony"]
+
+
+def test_a_delete_whose_process_dies_before_close_is_scrubbed_by_the_next_close(tmp_path):
+    """The scrub mark is stored with the delete: a process killed before its close leaves it, and the
+    next process's close removes the deleted text and vector from the files."""
+    import subprocess
+    import sys
+
+    from memvisor import Memory
+
+    home = tmp_path / "home"
+    with Memory(home) as m:
+        m.add("Pixel the cat sleeps on the balcony", namespace="app")
+        gone = m.add("my bank PIN is 48213 zqxjvwk", namespace="app")
+        m.search("cat", namespace="app")
+        m.store.vector_index("app").dirty = 1  # save the index with the vector in it
+    script = ("import os, sys\nfrom memvisor import Memory\nm = Memory(sys.argv[1])\n"
+              "m.delete(sys.argv[2], namespace='app')\nos._exit(0)  # no close: the process dies\n")
+    subprocess.run([sys.executable, "-c", script, str(home), gone.id], check=True)
+    with Memory(home) as m:
+        assert [h.item.text for h in m.search("bank PIN", namespace="app")] == ["Pixel the cat sleeps on the balcony"]
+    blobs = b"".join(p.read_bytes() for p in home.rglob("*") if p.is_file())
+    assert b"48213" not in blobs and b"zqxjvwk" not in blobs

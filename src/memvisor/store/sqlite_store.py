@@ -104,7 +104,10 @@ class SQLiteStore:
         self._speakers: dict[str, tuple[int, frozenset[str]]] = {}
         self._ubiquity: dict[str, bool] = {}  # word -> verdict, while the rowid range grows < 5%
         self._ubiquity_at = 0
-        self._scrub_pending = False  # a delete happened: scrub its traces from the files at close
+        # A delete happened (in this process, or in one that ended before its close): scrub its traces from
+        # the files at close. The mark is stored with the delete, so a crash cannot lose it.
+        self._scrub_pending = self.db.execute("SELECT 1 FROM meta WHERE key='scrub_pending'").fetchone() is not None
+        self._scrub_all_indexes = self._scrub_pending
 
     def _check_meta(self, embedder_name: str) -> None:
         meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
@@ -252,6 +255,7 @@ class SQLiteStore:
             cur.execute("UPDATE events SET payload=? WHERE namespace=? AND item_id=?",
                         (json.dumps({"redacted": True}), namespace, item_id))
             self._event(cur, namespace, "delete", item_id, {"removed_rids": rids}, now)
+            cur.execute("INSERT OR REPLACE INTO meta VALUES ('scrub_pending', '1')")
         # The deleted rows leave the in-memory ANN index now; the disk is scrubbed once, at close.
         self.vector_index(namespace)
         self._scrub_pending = True
@@ -259,17 +263,22 @@ class SQLiteStore:
 
     def _scrub_deleted(self) -> None:
         """What is still on disk of deleted rows goes too, once per process (at close, not per delete: a
-        rewrite costs ~0.9 s at 10k memories): FTS5 keeps deleted words in its segments until they merge
+        rewrite costs ~0.9 s at 10k memories; after a crash, at the next process's close): FTS5 keeps deleted words in its segments until they merge
         ('optimize' rewrites them; SQLite 3.44's secure-delete option would avoid it), the WAL keeps old page
         images until a truncating checkpoint, and a saved ANN index keeps removed vectors (`VectorIndex.save`
         rebuilds it from the live keys)."""
         with self.transaction() as cur:
             cur.execute("INSERT INTO items_fts (items_fts) VALUES ('optimize')")
+        if self._scrub_all_indexes:  # left by a process that ended before its close: its removals were never saved
+            for namespace in self.namespaces():
+                self.vector_index(namespace)
         for index in self._indexes.values():
             if index.removed:
                 index.save()
+        with self.transaction() as cur:
+            cur.execute("DELETE FROM meta WHERE key='scrub_pending'")
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._scrub_pending = False
+        self._scrub_pending = self._scrub_all_indexes = False
 
     @staticmethod
     def _as_new_item(row: sqlite3.Row) -> NewItem:
