@@ -34,6 +34,16 @@ _PDL_TRIGGER_VARIANTS = {
                            ("middle", "start"), ("exit", "exit")]
 }
 
+# The pipelined plan with the next unit's copy after the current one lands; its combine launch with 16
+# channels per program (256 programs) or 64 channels on 2 warps (both widths).
+_PIPE_VARIANTS = {
+    "swap-pipe-late": dict(variant="swap", late_copy=True),
+    "swap-pipe-cdb16": dict(variant="swap", combine_db=16),
+    "swap-pipe-cw2db64": dict(variant="swap", combine_db=64, combine_warps=2),
+    "swap-pipe-cdb32": dict(variant="swap", combine_db=32),
+    "swap-pipe-cdb16bs256": dict(variant="swap", combine_db=16, combine_block_s=256),
+}
+
 # the Gluon operand-swap kernel (gluon_kivi_swap.py, "swap-wWxV": W warps per program, V programs per SM)
 # against the planes kernel
 VARIANTS = {
@@ -71,13 +81,7 @@ VARIANTS = {
         # 1024 programs of 2 units, 2048 of 1
         "swap-w1x8-ss": dict(variant="swap", num_warps=1, waves=8.0, pdl_combine_trigger="start"),
         "swap-w1x16-ss": dict(variant="swap", num_warps=1, waves=16.0, pdl_combine_trigger="start"),
-        # the pipelined plan with the next unit's copy after the current one lands; its combine launch with 16
-        # channels per program (256 programs) or 64 channels on 2 warps
-        "swap-pipe-late": dict(variant="swap", late_copy=True),
-        "swap-pipe-cdb16": dict(variant="swap", combine_db=16),
-        "swap-pipe-cw2db64": dict(variant="swap", combine_db=64, combine_warps=2),
-        "swap-pipe-cdb32": dict(variant="swap", combine_db=32),
-        "swap-pipe-cdb16bs256": dict(variant="swap", combine_db=16, combine_block_s=256),
+        **_PIPE_VARIANTS,
         # session 8: one online-softmax step per 4 groups of a unit (the default before: 2 steps per 2-bit unit)
         "swap-smg4": dict(variant="swap", softmax_groups=4),
         # session 8: the zero-point product first in each group's score chain (the default before; now last)
@@ -106,11 +110,7 @@ VARIANTS = {
         "swap-x8-ss": dict(variant="swap", waves=8.0, pdl_combine_trigger="start"),
         "swap-x12-ss": dict(variant="swap", waves=12.0, pdl_combine_trigger="start"),  # 1368 programs of 3 units
         "swap-x16-ss": dict(variant="swap", waves=16.0, pdl_combine_trigger="start"),  # 2048 programs of 2 units
-        "swap-pipe-late": dict(variant="swap", late_copy=True),
-        "swap-pipe-cdb16": dict(variant="swap", combine_db=16),
-        "swap-pipe-cw2db64": dict(variant="swap", combine_db=64, combine_warps=2),
-        "swap-pipe-cdb32": dict(variant="swap", combine_db=32),
-        "swap-pipe-cdb16bs256": dict(variant="swap", combine_db=16, combine_block_s=256),
+        **_PIPE_VARIANTS,
         # session 8: the even pipelined plan (swap_plan.even_plan) at about V programs per SM
         "swap-even8.5": dict(variant="swap", even_waves=8.5),
         "swap-even8.9": dict(variant="swap", even_waves=8.9),
