@@ -125,16 +125,14 @@ def dequantize_keys(
     """
     # Float codes, then scale and zero applied in place (addcmul into the codes' own buffer): one
     # float32 tensor per block, the CPU decode step's main cost.
-    c = unpack_float(codes, bits, dim=-2, n=n_tokens)
     if group_of_token is None:
         if group is None:
             raise QuantError("dequantize_keys needs group_of_token or group")
-        if n_tokens % group == 0:  # whole groups: broadcast scales, no gather
-            *lead, _, D = c.shape
-            g = c.reshape(*lead, n_tokens // group, group, D)
-            torch.addcmul(zero.float().unsqueeze(-2), g, scale.float().unsqueeze(-2), out=g)
-            return g.reshape(*lead, n_tokens, D).to(dtype)
+        if n_tokens % group == 0:  # whole groups: one run, scales broadcast, no gather
+            return dequantize_key_runs(codes, scale.float(), zero.float(), bits, n_tokens,
+                                       [(0, n_tokens // group, group, 0)], dtype)
         group_of_token = torch.arange(n_tokens, device=codes.device) // group
+    c = unpack_float(codes, bits, dim=-2, n=n_tokens)
     s = scale.index_select(-2, group_of_token).float()
     z = zero.index_select(-2, group_of_token).float()
     return torch.addcmul(z, c, s, out=c).to(dtype)
