@@ -40,6 +40,8 @@ COMMON_POSTINGS = 2000
 # Its share is estimated from UBIQUITY_WINDOWS windows of UBIQUITY_WINDOW consecutive rowids.
 UBIQUITY_WINDOW, UBIQUITY_WINDOWS = 500, 8
 UBIQUITY_SAMPLE = (UBIQUITY_WINDOW, UBIQUITY_WINDOWS)
+# meta key prefix, + namespace: a delete there still has traces in the files to scrub (at close)
+SCRUB_MARK = "scrub_pending:"
 
 
 @dataclass
@@ -74,6 +76,11 @@ class NewItem:
         return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
 
+def _index_name(namespace: str) -> str:
+    """The file stem of a namespace's ANN index (names may hold any printable character)."""
+    return hashlib.sha256(namespace.encode()).hexdigest()[:16]
+
+
 def row_to_item(row: sqlite3.Row) -> MemoryItem:
     return MemoryItem(
         id=row["id"], namespace=row["namespace"], text=row["text"], kind=row["kind"],
@@ -104,10 +111,6 @@ class SQLiteStore:
         self._speakers: dict[str, tuple[int, frozenset[str]]] = {}
         self._ubiquity: dict[str, bool] = {}  # word -> verdict, while the rowid range grows < 5%
         self._ubiquity_at = 0
-        # A delete happened (in this process, or in one that ended before its close): scrub its traces from
-        # the files at close. The mark is stored with the delete, so a crash cannot lose it.
-        self._scrub_pending = self.db.execute("SELECT 1 FROM meta WHERE key='scrub_pending'").fetchone() is not None
-        self._scrub_all_indexes = self._scrub_pending
 
     def _check_meta(self, embedder_name: str) -> None:
         meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
@@ -125,10 +128,11 @@ class SQLiteStore:
                                f"into a new home to re-embed with {embedder_name}")
 
     def close(self) -> None:
-        if self._scrub_pending:
-            self._scrub_deleted()
-        for index in self._indexes.values():
+        self._scrub_deleted()
+        for namespace, index in self._indexes.items():
             if index.dirty:
+                # caught up first: a delete by another process must not be saved back into the file
+                self._catch_up(namespace, index)
                 index.save()
         self.db.close()
 
@@ -255,30 +259,33 @@ class SQLiteStore:
             cur.execute("UPDATE events SET payload=? WHERE namespace=? AND item_id=?",
                         (json.dumps({"redacted": True}), namespace, item_id))
             self._event(cur, namespace, "delete", item_id, {"removed_rids": rids}, now)
-            cur.execute("INSERT OR REPLACE INTO meta VALUES ('scrub_pending', '1')")
-        # The deleted rows leave the in-memory ANN index now; the disk is scrubbed once, at close.
-        self.vector_index(namespace)
-        self._scrub_pending = True
+            # The files are scrubbed at close (_scrub_deleted); the mark is written with the delete, so a
+            # process that dies first leaves it to the next one's close.
+            cur.execute("INSERT OR REPLACE INTO meta VALUES (?, '1')", (SCRUB_MARK + namespace,))
         return len(rids)
 
     def _scrub_deleted(self) -> None:
-        """What is still on disk of deleted rows goes too, once per process (at close, not per delete: a
-        rewrite costs ~0.9 s at 10k memories; after a crash, at the next process's close): FTS5 keeps deleted words in its segments until they merge
-        ('optimize' rewrites them; SQLite 3.44's secure-delete option would avoid it), the WAL keeps old page
-        images until a truncating checkpoint, and a saved ANN index keeps removed vectors (`VectorIndex.save`
-        rebuilds it from the live keys)."""
+        """What is still on disk of deleted rows goes too, once per close for the namespaces marked by a
+        delete (not per delete: a rewrite costs ~0.9 s at 10k memories): FTS5 keeps deleted words in its
+        segments until they merge ('optimize' rewrites them; SQLite 3.44's secure-delete option would avoid
+        it), a saved ANN index keeps removed vectors (`VectorIndex.save` rebuilds it from the live keys), and
+        the WAL keeps old page images until a truncating checkpoint."""
+        marks = [r[0] for r in self.db.execute("SELECT key FROM meta WHERE substr(key, 1, ?) = ?",
+                                               (len(SCRUB_MARK), SCRUB_MARK))]
+        if not marks:
+            return
         with self.transaction() as cur:
             cur.execute("INSERT INTO items_fts (items_fts) VALUES ('optimize')")
-        if self._scrub_all_indexes:  # left by a process that ended before its close: its removals were never saved
-            for namespace in self.namespaces():
-                self.vector_index(namespace)
-        for index in self._indexes.values():
-            if index.removed:
-                index.save()
+        for mark in marks:
+            namespace = mark[len(SCRUB_MARK):]
+            # An index neither loaded nor saved holds nothing on disk: only those are caught up and rewritten.
+            if namespace in self._indexes or self._index_path(namespace).exists():
+                index = self.vector_index(namespace)
+                if index.removed:
+                    index.save()
         with self.transaction() as cur:
-            cur.execute("DELETE FROM meta WHERE key='scrub_pending'")
+            cur.executemany("DELETE FROM meta WHERE key=?", [(m,) for m in marks])
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._scrub_pending = self._scrub_all_indexes = False
 
     @staticmethod
     def _as_new_item(row: sqlite3.Row) -> NewItem:
@@ -420,8 +427,7 @@ class SQLiteStore:
         """The namespace's ANN index, caught up with the log (cheap when nothing changed)."""
         index = self._indexes.get(namespace)
         if index is None:
-            name = hashlib.sha256(namespace.encode()).hexdigest()[:16]
-            index = self._indexes[namespace] = VectorIndex(self.home / "vectors", name, self.dim)
+            index = self._indexes[namespace] = VectorIndex(self.home / "vectors", _index_name(namespace), self.dim)
         self._catch_up(namespace, index)
         return index
 
@@ -452,6 +458,9 @@ class SQLiteStore:
         index.applied_seq = last
         if index.dirty >= max(SAVE_EVERY, len(index) // 4):
             index.save()
+
+    def _index_path(self, namespace: str) -> Path:
+        return VectorIndex.file_path(self.home / "vectors", _index_name(namespace))
 
     def save_index(self, namespace: str) -> None:
         """Write the namespace's ANN index to disk now if it holds unsaved changes (after a bulk write,

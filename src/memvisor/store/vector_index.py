@@ -23,7 +23,7 @@ class VectorIndex:
 
     def __init__(self, folder: Path, name: str, dim: int):
         self.dim = dim
-        self._path = folder / f"{name}.usearch"
+        self._path = self.file_path(folder, name)
         self._state_path = folder / f"{name}.json"
         self.applied_seq = 0
         self._index = self._new()
@@ -37,6 +37,10 @@ class VectorIndex:
                 self.applied_seq = 0
         self.dirty = 0
         self.removed = 0  # removals since the last save: the saved file still holds their vectors
+
+    @staticmethod
+    def file_path(folder: Path, name: str) -> Path:
+        return folder / f"{name}.usearch"
 
     def _new(self) -> Index:
         # expansion_add 64, not 128: twice the build rate (5.3k vs 2.6k vectors/s on 2 cores at 100k) for
