@@ -2,7 +2,8 @@
 
 - :func:`cache_bytes`: bytes of every tensor a cache holds (memvisor's ``nbytes()``; for transformers'
   caches every tensor attribute of every layer, quantized tensor subclasses unpacked into their
-  inner tensors): what stays allocated, whatever a method claims.
+  inner tensors, read by :mod:`memvisor.bench.peers.hf_caches`): what stays allocated, whatever a
+  method claims.
 - :func:`stored_elements`: K and V elements the cache represents (tokens kept x heads x head_dim x 2).
 - :func:`fidelity`: teacher-forced top-1 agreement and mean per-token KL(P_full || P_method) over
   the reference continuation; :func:`greedy_agreement`: free-running greedy agreement up to the
@@ -21,42 +22,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-
-def _tensor_bytes(t: torch.Tensor, seen: set[int]) -> int:
-    if id(t) in seen:
-        return 0
-    seen.add(id(t))
-    flatten = getattr(type(t), "__tensor_flatten__", None)
-    if flatten is not None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
-        names, _ = t.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(t, n), seen) for n in names)
-    return t.numel() * t.element_size()
-
-
-def _object_bytes(obj: Any, seen: set[int], depth: int = 0) -> int:
-    if isinstance(obj, torch.Tensor):
-        return _tensor_bytes(obj, seen)
-    if depth > 3 or id(obj) in seen:
-        return 0
-    if isinstance(obj, (list, tuple)):
-        seen.add(id(obj))
-        return sum(_object_bytes(x, seen, depth + 1) for x in obj)
-    if isinstance(obj, dict):
-        seen.add(id(obj))
-        return sum(_object_bytes(x, seen, depth + 1) for x in obj.values())
-    return 0
+from memvisor.bench.peers.hf_caches import layer_bytes, layer_elements
 
 
 def cache_bytes(cache: Any) -> int:
     """Real bytes held by ``cache`` (memvisor CompressedCache, DynamicCache, QuantizedCache...)."""
     if hasattr(cache, "nbytes") and callable(cache.nbytes):
         return int(cache.nbytes())
-    seen: set[int] = set()
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for value in vars(layer).values():
-            total += _object_bytes(value, seen)
-    return total
+    return layer_bytes(cache)
 
 
 def stored_elements(cache: Any, head_dim: int) -> int:
@@ -64,19 +37,7 @@ def stored_elements(cache: Any, head_dim: int) -> int:
     if hasattr(cache, "stored_tokens"):
         tokens = sum(sum(heads) for heads in cache.stored_tokens())
         return 2 * tokens * head_dim
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        keys = getattr(layer, "keys", None)
-        n = 0
-        if isinstance(keys, torch.Tensor) and keys.dim() == 4:
-            b, h, t, d = keys.shape
-            n += b * h * t * d
-        qk = getattr(layer, "_quantized_keys", None)
-        if qk is not None and hasattr(qk, "shape") and len(qk.shape) == 4:
-            b, h, t, d = qk.shape
-            n += b * h * t * d
-        total += 2 * n
-    return total
+    return layer_elements(cache)
 
 
 @torch.no_grad()
