@@ -15,11 +15,12 @@ compression would score on these tasks at best; BENCHMARKS.md (kv) reports it be
 the figure of the first floor runs: 0.276 / 0.333 on SmolLM2).
 
     python scripts/kv_greedy_floor.py [--samples 6] [--tokens 4096] [--gen-tokens 128] [--model smollm2]
-                                      [--dtype bfloat16|float32] [--auto 4,8]
+                                      [--dtype bfloat16|float32] [--auto 4,8] [--methods kivi4@3,...]
 
 ``--dtype float32`` runs everything in float32 (is the floor a bf16 rounding effect?); ``--auto R`` also
 runs the planner's ``auto`` cache at R x fewer bytes than the context's bf16 cache (the issue's ratio,
-whatever the run's dtype), for the same figures side by side.
+whatever the run's dtype), for the same figures side by side; ``--methods NAME@R,...`` runs any of the
+bench's memvisor methods (``memvisor.bench.kv_methods``) at R x fewer bytes than bf16 the same way.
 """
 import argparse
 import json
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--auto", default="", help="compression ratios against bf16 for the planner's cache, e.g. 4,8")
+    ap.add_argument("--no-floor", action="store_true", help="skip the two lossless rows (only --auto / --methods)")
+    ap.add_argument("--methods", default="", help="memvisor methods at a ratio against bf16, e.g. kivi4@3,kivi2@4")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -55,16 +58,21 @@ def main() -> None:
     refs = [run_one(model, tok, plain_method(model.config), p, None, cfg.gen_tokens, tracker) for p in prompts]
     rows = {}
     bf16_bytes = sum(r["bytes"] for r in refs) / len(refs) * 2 / torch.finfo(dtype).bits * 8
-    for ratio in [float(x) for x in args.auto.split(",") if x]:
-        auto = memvisor_method("auto", model.config, int(bf16_bytes / ratio), context_tokens=args.tokens)
-        rows[f"auto {ratio:g}x"] = [run_one(model, tok, auto, p, r, cfg.gen_tokens, tracker) for p, r in zip(prompts, refs)]
-    blocked = lossless_blocked_method(model.config, 512)  # also `memvisor bench kv`'s floor row
-    rows[blocked.name] = [run_one(model, tok, blocked, p, r, cfg.gen_tokens, tracker) for p, r in zip(prompts, refs)]
-    model.set_attn_implementation("eager")
-    eager = Method("eager", lambda: DynamicCache(config=model.config), _full_prefill)
-    rows[eager.name] = [run_one(model, tok, eager, p, r, cfg.gen_tokens, tracker) for p, r in zip(prompts, refs)]
+    runs = [("auto", float(x)) for x in args.auto.split(",") if x]
+    runs += [(m.split("@")[0], float(m.split("@")[1])) for m in args.methods.split(",") if m]
+    for name, ratio in runs:
+        method = memvisor_method(name, model.config, int(bf16_bytes / ratio), context_tokens=args.tokens)
+        rows[f"{name} {ratio:g}x"] = [run_one(model, tok, method, p, r, cfg.gen_tokens, tracker)
+                                      for p, r in zip(prompts, refs)]
+    if not args.no_floor:
+        blocked = lossless_blocked_method(model.config, 512)  # also `memvisor bench kv`'s floor row
+        rows[blocked.name] = [run_one(model, tok, blocked, p, r, cfg.gen_tokens, tracker)
+                              for p, r in zip(prompts, refs)]
+        model.set_attn_implementation("eager")
+        eager = Method("eager", lambda: DynamicCache(config=model.config), _full_prefill)
+        rows[eager.name] = [run_one(model, tok, eager, p, r, cfg.gen_tokens, tracker) for p, r in zip(prompts, refs)]
     for name, runs in rows.items():
-        fig = aggregate(runs, refs)
+        fig = aggregate(runs, refs, 16 / torch.finfo(dtype).bits)  # ratio against bf16
         keep = ("ratio", "top1", "kl", "greedy_agreement", "greedy_agreement_all", "needle_retention")
         print(args.dtype, name, json.dumps({k: fig.get(k) for k in keep}),
               "per task greedy", [round(r["greedy_agreement"], 3) for r in runs],

@@ -1,9 +1,11 @@
 """Teacher-forced fidelity of candidate methods at a budget (cheap: no greedy decode); an ad-hoc probe
 over the benchmark's own pieces (prompts, run_one, fidelity), not a bench command.
 
-usage: python benchmarks/kv/probe_teacher_forced.py MODEL BUDGETS METHODS SAMPLES GEN_TOKENS
+usage: python benchmarks/kv/probe_teacher_forced.py MODEL BUDGETS METHODS SAMPLES GEN_TOKENS [DTYPE]
 e.g.   python benchmarks/kv/probe_teacher_forced.py gemma3 4,8 kivi4+streaming+span,auto 2 64
-(the first SAMPLES needle tasks, 4k tokens, GEN_TOKENS reference tokens; one torch thread)."""
+(the first SAMPLES needle tasks, 4k tokens, GEN_TOKENS reference tokens; one torch thread). DTYPE
+(bfloat16, the default, or float32) is the model's; BUDGETS are ratios against the context's bf16 cache
+whatever DTYPE is (issue 4's ratio), so a float32 run gives the same budgets in bytes."""
 import os
 import sys
 import time
@@ -19,13 +21,13 @@ from memvisor.kv import load_local_model
 from memvisor.kv.adapter import cache_kwarg, kv_shape
 
 
-def references(mname: str, samples: int, gen: int):
+def references(mname: str, samples: int, gen: int, dtype: torch.dtype = torch.bfloat16):
     """(model, prompts, refs): the bench's first ``samples`` tasks at 4k tokens and the uncompressed reference of
     ``gen`` tokens each (cached in /tmp between runs)."""
-    model, tok = load_local_model(mname, dtype=torch.bfloat16)
+    model, tok = load_local_model(mname, dtype=dtype)
     cfg = KvBenchConfig(model=mname, out=Path("/tmp/x"), tokens=4096, samples=samples, gen_tokens=gen)
     prompts = build_prompts(tok, cfg)
-    rp = f"/tmp/kv-probe-refs_{mname}_{samples}_{gen}.pt"
+    rp = f"/tmp/kv-probe-refs_{mname}_{samples}_{gen}{'' if dtype == torch.bfloat16 else '_' + str(dtype)[6:]}.pt"
     if os.path.exists(rp):
         refs = torch.load(rp)
     else:
@@ -58,9 +60,10 @@ def teacher_forced(model, method, prompts, refs) -> dict:
 def main() -> None:
     mname, budgets, names = sys.argv[1], [float(b) for b in sys.argv[2].split(",")], sys.argv[3].split(",")
     samples, gen = int(sys.argv[4]), int(sys.argv[5])
+    dtype = getattr(torch, sys.argv[6]) if len(sys.argv) > 6 else torch.bfloat16
     torch.set_num_threads(1)
-    model, prompts, refs = references(mname, samples, gen)
-    base = sum(r["bytes"] for r in refs) / len(refs)
+    model, prompts, refs = references(mname, samples, gen, dtype)
+    base = sum(r["bytes"] for r in refs) / len(refs) * 16 / torch.finfo(dtype).bits  # the bf16 cache's bytes
     for budget in budgets:
         for name in names:
             t0 = time.time()

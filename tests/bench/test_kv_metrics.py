@@ -87,6 +87,7 @@ def test_aggregate_and_report(tmp_path):
     assert fig["ratio"] == 4.0 and fig["bits_per_element"] == 4.0 and fig["bytes_per_token"] == 25.0
     assert fig["needle_retention"] == 1.0  # the second hit does not count: the reference missed it
     assert fig["needle_accuracy"] == 1.0 and fig["kl"] == pytest.approx(0.1)
+    assert aggregate(runs, ref, ref_scale=0.5)["ratio"] == 2.0  # float32 references: the ratio stays against bf16
     results = {"model": "smollm2", "uncompressed": {"full": aggregate(ref, ref)},
                "methods": {"kivi2": {"4x": fig}}, "peers": {"kvpress-snapkv": {"4x": fig},
                                                              "quanto-2bit": {"native": {"error": "RuntimeError: x"}}},
@@ -105,12 +106,12 @@ def test_aggregate_and_report(tmp_path):
 
 def test_method_names_parse_and_reject_typos():
     assert parse_method("kivi4+snapkv") == {"quant": "kivi4", "token": "snapkv", "head": None, "layer": None,
-                                            "group": 32, "residual": 32, "span": False}
-    assert parse_method("kivi-k4v2+g64+r128+streaming+span") == {
+                                            "group": 32, "residual": 32, "sinks": 0, "span": False}
+    assert parse_method("kivi-k4v2+g64+r128+s16+streaming+span") == {
         "quant": "kivi-k4v2", "token": "streaming", "head": None, "layer": None, "group": 64, "residual": 128,
-        "span": True}
+        "sinks": 16, "span": True}
     assert parse_method("none")["quant"] == "none"
-    for bad in ("kivi3", "kivi2+kivi4", "snapkv+h2o", "", "kivi4+g32+g64", "kivi2+span+span"):
+    for bad in ("kivi3", "kivi2+kivi4", "snapkv+h2o", "", "kivi4+g32+g64", "kivi2+span+span", "kivi4+s4+s8"):
         with pytest.raises(ValueError):
             parse_method(bad)
 

@@ -194,3 +194,40 @@ def test_policy_statistics_are_counted_in_the_cache_bytes(smollm2, text_ids, pol
     extra = sum(t.numel() * t.element_size() for t in state)
     assert extra > 0 and cache.nbytes() == heads + extra
     assert cache.nbytes() <= cache.spec.budget_bytes
+
+
+def test_sinks_stay_exact_under_budget_and_eviction(smollm2, text_ids):
+    """KIVI-4 + StreamingLLM with 4 full-precision sinks: the budget holds after every forward (the sinks
+    priced at full precision), eviction keeps the sinks, and they read back exactly as the model wrote them."""
+    model, _ = smollm2
+    budget = 3 * 30_000 * LAYERS
+    cache = CompressedCache(model.config, CacheSpec(budget_bytes=budget, quant="kivi4", sinks=4,
+                                                    token_policy=StreamingLLM(sinks=4), slack=8))
+    # nothing quantized or evicted, through the same block-wise attention path (a budget it never reaches)
+    plain = CompressedCache(model.config, CacheSpec(budget_bytes=10**12))
+
+    def check():
+        assert cache.nbytes() <= budget
+        for c, cap in zip(cache.cores, cache.layer_budget_bytes):
+            assert c.nbytes() <= cap
+
+    prefill_blockwise(model, text_ids[:, :300], cache, block=64)
+    prefill_blockwise(model, text_ids[:, :64], plain, block=64)  # the first block: the same computation
+    check()
+    assert max(max(l) for l in cache.stored_tokens()) < 300  # really evicted
+    decode(model, cache, text_ids, 6, check)
+    for core, ref in zip(cache.cores, plain.cores):
+        for h, st in enumerate(core.stores):
+            assert st.ns == 4
+            k, v = st.dense(torch.float32)
+            assert torch.equal(k[:, :4], ref.stores[h].k_res[:, :4].float())
+            assert torch.equal(v[:, :4], ref.stores[h].v_res[:, :4].float())
+
+
+def test_sinks_need_a_quantized_cache(smollm2):
+    from memvisor.kv import CacheSpecError
+
+    with pytest.raises(CacheSpecError, match="sinks"):
+        CompressedCache(smollm2[0].config, CacheSpec(quant="none", sinks=4))
+    with pytest.raises(CacheSpecError, match="sinks"):
+        CompressedCache(smollm2[0].config, CacheSpec(quant="kivi4", sinks=-1))

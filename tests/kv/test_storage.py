@@ -232,3 +232,48 @@ def test_blocks_after_eviction_equal_the_per_token_scales(bits, kept):
     for block in (8, 24, 64, 1024):
         keys = torch.cat([k for k, _, _ in st.blocks(block)], dim=1)[:, :st.nq]
         assert torch.equal(keys, want), block
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_sinks_stay_exact_and_are_counted(bits):
+    """The first S tokens ever stored read back bit-exact; the rest is quantized as without sinks, shifted by S;
+    nbytes counts the sinks at full precision; keep() indexes sinks, quantized and residual in stored order."""
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(B, 203, D, generator=g), torch.randn(B, 203, D, generator=g)
+    k[:, 0] *= 40  # an outlier first token, as attention sinks are
+    st = HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(bits, 32, 32, sinks=4), True)
+    plain = HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(bits, 32, 32), True)
+    for s in range(0, 203, 50):  # several forwards, as prefill blocks and decode steps arrive
+        st.append(k[:, s:s + 50], v[:, s:s + 50], torch.arange(s, min(s + 50, 203)))
+    plain.append(k[:, 4:], v[:, 4:], torch.arange(4, 203))  # key groups start at token 4 in both
+    assert (st.ns, len(st)) == (4, 203) and st.nq == plain.nq
+    ks, vs = st.dense()
+    assert torch.equal(ks[:, :4], k[:, :4]) and torch.equal(vs[:, :4], v[:, :4])
+    kp, vp = plain.dense()  # tokens 4.. are stored exactly as a sink-free cache of tokens 4.. stores them
+    assert torch.equal(ks[:, 4:], kp) and torch.equal(vs[:, 4:], vp)
+    assert torch.equal(st.positions(), torch.arange(203))
+    assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors().values())
+    assert st.nbytes() == plain.nbytes() + 2 * B * 4 * D * 4 + 4 * 2  # fp32 sink k, v and their int16 positions
+    keep = torch.tensor([0, 2, 3, 10, 40, 41, 120, 190, 202])
+    st.keep(keep)
+    k2, v2 = st.dense()
+    assert st.ns == 3 and torch.equal(k2, ks[:, keep]) and torch.equal(v2, vs[:, keep])
+    assert torch.equal(st.positions(), keep)
+    st.append(k[:, :8], v[:, :8], torch.arange(203, 211))  # evicted sinks are not refilled
+    assert st.ns == 3
+
+
+def test_stacked_heads_read_the_sinks_first():
+    stores = []
+    for seed in range(3):
+        st = HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(4, 32, 32, sinks=2), False)
+        st.append(*(torch.randn(B, 100, D, generator=torch.Generator().manual_seed(seed)) for _ in range(2)))
+        stores.append(st)
+    assert StackedHeads.compatible(stores)
+    stacked = StackedHeads(stores)
+    assert len(stacked) == 100 and stacked.ns == 2
+    from memvisor.kv.storage import iter_blocks
+
+    k = torch.cat([b[0] for b in iter_blocks(stacked, 32)], -2)
+    for h, st in enumerate(stores):
+        assert torch.equal(k[:, h], st.dense()[0])

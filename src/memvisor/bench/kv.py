@@ -42,6 +42,8 @@ def register(bench_app: typer.Typer) -> None:
                                    help="also a lossless cache prefilled in blocks: the fidelity rounding alone costs"),
         seed: int = typer.Option(0, "--seed"),
         threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
+        dtype: str = typer.Option("bfloat16", "--dtype",
+                                  help="bfloat16 or float32 (the model's; budgets stay against bf16 bytes)"),
     ) -> None:
         """KV-cache compression under a byte budget vs kvpress and transformers' QuantizedCache (CPU)."""
         from memvisor.bench.kv_run import KvBenchConfig, run_kv_bench
@@ -50,7 +52,7 @@ def register(bench_app: typer.Typer) -> None:
             model=model, out=out, budgets=[float(x) for x in _split_csv(budgets) or []] or None,
             methods=_split_csv(methods), peers=_split_csv(peers), tokens=tokens, samples=samples,
             gen_tokens=gen_tokens, lengths=[int(x) for x in _split_csv(lengths) or []] or None, seed=seed,
-            threads=threads, sweep=sweep, floor=floor,
+            threads=threads, sweep=sweep, floor=floor, dtype=dtype,
         )
         try:
             run_kv_bench(cfg, log=typer.echo)

@@ -1,8 +1,8 @@
 """memvisor's own methods for the KV benchmark, named like ``kivi2``, ``snapkv``, ``kivi4+snapkv``.
 
 A name is ``+``-joined parts: at most one quantizer (``kivi2``, ``kivi4``, mixed ``kivi-k4v2`` keys
-4-bit / values 2-bit, ``kivi-k2v4``), optionally ``g<G>`` (group size, default 32) and ``r<R>``
-(residual window, default 32), and at most one token
+4-bit / values 2-bit, ``kivi-k2v4``), optionally ``g<G>`` (group size, default 32), ``r<R>``
+(residual window, default 32) and ``s<S>`` (full-precision sinks, default 0), and at most one token
 policy from :data:`memvisor.kv.policies.POLICIES` (``snapkv``, ``streaming``, ``h2o``, ``knorm``,
 ``scissorhands``), optionally ``adakv`` (ragged head budgets) and ``pyramid`` (PyramidKV layer
 budgets) or ``span`` (layers share the budget in proportion to their uncompressed span at the
@@ -32,15 +32,15 @@ def parse_method(name: str) -> dict:
     """``kivi4+snapkv`` -> {"quant": "kivi4", "token": "snapkv", "head": None, "layer": None}."""
     parts = [p.strip() for p in name.split("+") if p.strip()]
     spec: dict = {"quant": "none", "token": None, "head": None, "layer": None, "group": 32, "residual": 32,
-                  "span": False}
+                  "sinks": 0, "span": False}
     if parts == ["none"]:
         return spec
     seen: set[str] = set()
     for p in parts:
-        knob = re.fullmatch(r"([gr])(\d+)", p)
-        if knob and knob.group(1) not in seen:  # g64: KIVI group size; r64: residual window
+        knob = re.fullmatch(r"([grs])(\d+)", p)
+        if knob and knob.group(1) not in seen:  # g64: KIVI group size; r64: residual window; s16: sinks
             seen.add(knob.group(1))
-            spec["group" if knob.group(1) == "g" else "residual"] = int(knob.group(2))
+            spec[{"g": "group", "r": "residual", "s": "sinks"}[knob.group(1)]] = int(knob.group(2))
         elif p in _QUANT and spec["quant"] == "none":
             spec["quant"] = p
         elif p in _TOKEN and spec["token"] is None:
@@ -53,7 +53,7 @@ def parse_method(name: str) -> dict:
             spec["span"] = True
         else:
             raise ValueError(f"bad method {name!r}: part {p!r} unknown or repeated; use + joined parts of "
-                             f"{sorted(_QUANT)}, {sorted(_TOKEN)}, adakv, pyramid, span, g<group>, r<residual>, "
+                             f"{sorted(_QUANT)}, {sorted(_TOKEN)}, adakv, pyramid, span, g<group>, r<residual>, s<sinks>, "
                              f"or 'none'")
     if not parts:
         raise ValueError("empty method name")
@@ -88,7 +88,7 @@ def memvisor_method(name: str, model_config: Any, budget_bytes: int | None, bloc
     def new_cache() -> Any:
         kw: dict = {}
         if spec["token"] == "streaming":
-            kw["token_policy"] = make_policy("streaming", sinks=4)
+            kw["token_policy"] = make_policy("streaming", sinks=max(4, spec["sinks"]))  # never evict a kept sink
         elif spec["token"] is not None:
             kw["token_policy"] = make_policy(spec["token"])
         if spec["head"] == "adakv":
@@ -100,6 +100,7 @@ def memvisor_method(name: str, model_config: Any, budget_bytes: int | None, bloc
                 raise ValueError(f"method {name!r} needs the context length (context_tokens)")
             kw["context_tokens"] = context_tokens
         return CompressedCache(model_config, CacheSpec(budget_bytes=budget_bytes, quant=spec["quant"],
-                                                       group=spec["group"], residual=spec["residual"], **kw))
+                                                       group=spec["group"], residual=spec["residual"],
+                                                       sinks=spec["sinks"], **kw))
 
     return Method(name, new_cache, prefill, {"budget_bytes": budget_bytes, "block": block, **spec}, blockwise=True)

@@ -55,6 +55,9 @@ class KvBenchConfig:
     sweep_budget_ratio: float = 8.0
     sweep: bool = True
     floor: bool = True  # also run a lossless cache prefilled in blocks: the fidelity rounding alone costs
+    # The model's weights and activations. Budgets and ratios stay against the context's bf16 cache (the
+    # issue's unit) in either; float32 shows fidelity without bf16's own rounding (a lossless floor of 1.0).
+    dtype: str = "bfloat16"
     extra: dict = field(default_factory=dict)
 
 
@@ -159,14 +162,16 @@ def stop_tokens(model: Any, tok: Any) -> frozenset[int]:
     return frozenset(int(i) for i in [*ids, tok.eos_token_id] if i is not None)
 
 
-def aggregate(runs: list[dict], refs: list[dict]) -> dict:
-    """Per-sample runs -> the issue's figures (means; needle retention relative to the reference)."""
+def aggregate(runs: list[dict], refs: list[dict], ref_scale: float = 1.0) -> dict:
+    """Per-sample runs -> the issue's figures (means; needle retention relative to the reference).
+    ``ref_scale``: the bf16 cache's bytes per byte of the references' cache (0.5 in a float32 run), so
+    ``ratio`` is always against bf16."""
     def mean(k: str) -> float | None:
         vals = [r[k] for r in runs if r.get(k) is not None]
         return sum(vals) / len(vals) if vals else None
 
     bytes_ = sum(r["bytes"] for r in runs)
-    ref_bytes = sum(r["bytes"] for r in refs)
+    ref_bytes = sum(r["bytes"] for r in refs) * ref_scale
     ref_hits = sum(1 for r in refs if r["needle_hit"])
     hits = sum(1 for r, rf in zip(runs, refs) if r["needle_hit"] and rf["needle_hit"])
     tokens = sum(r["context_tokens"] for r in runs)
@@ -206,18 +211,19 @@ def _budget_key(x: float) -> str:
     return f"{x:g}x"
 
 
-def _peer_methods(name: str, budget: float, model: Any, base_bytes: float, tokens: float
+def _peer_methods(name: str, budget: float, model: Any, base_bytes: float, tokens: float, dtype_bytes: int = 2
                   ) -> list[tuple[str, str, Method]]:
     """(row name, budget key, method). kvpress runs at its claimed ratio ``1 - 1/budget``; where its
     config-less cache keeps every token of sliding-window layers (so its real bytes miss the claim)
-    it runs a second time as ``<name>@eq`` at the ratio whose real bytes equal ``base_bytes / budget``."""
+    it runs a second time as ``<name>@eq`` at the ratio whose real bytes equal ``base_bytes / budget``
+    (``base_bytes``: the bf16 cache's; ``dtype_bytes``: bytes per element of the run's caches)."""
     from memvisor.kv.adapter import kv_shape, layer_windows
 
     if name in KVPRESS_PRESSES:
         out = [(name, _budget_key(budget), kvpress_method(name, 1.0 - 1.0 / budget))]
         if any(w is not None for w in layer_windows(model.config)):
             n_layers, n_kv, head_dim = kv_shape(model.config)
-            every_token = 2 * n_layers * n_kv * head_dim * 2 * tokens  # bf16 K+V of every layer
+            every_token = 2 * n_layers * n_kv * head_dim * dtype_bytes * tokens  # K+V of every layer
             ratio = 1.0 - base_bytes / budget / every_token
             out.append((f"{name}@eq", _budget_key(budget), kvpress_method(name, ratio)))
         return out
@@ -249,18 +255,22 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
         peers = peers_available()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model, tok = load_local_model(cfg.model, dtype=torch.bfloat16)
+    if cfg.dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"--dtype must be bfloat16 or float32, got {cfg.dtype!r}")
+    dtype = getattr(torch, cfg.dtype)
+    model, tok = load_local_model(cfg.model, dtype=dtype)
     tracker = KVPeakTracker(model)  # registered before any peer's hooks
     prompts = build_prompts(tok, cfg)
     log(f"{cfg.model}: {len(prompts)} tasks of {[p.ctx.shape[1] for p in prompts]} context tokens")
     refs = [run_one(model, tok, plain_method(model.config), p, None, cfg.gen_tokens, tracker) for p in prompts]
-    base_bytes = sum(r["bytes"] for r in refs) / len(refs)
+    ref_scale = 16 / torch.finfo(dtype).bits  # budgets and ratios against bf16 whatever the dtype
+    base_bytes = sum(r["bytes"] for r in refs) / len(refs) * ref_scale
     results: dict = {
         "model": cfg.model, "methods": {}, "peers": {},
-        "uncompressed": {"full": aggregate(refs, refs)},
+        "uncompressed": {"full": aggregate(refs, refs, ref_scale)},
         "meta": {"date": _dt.date.today().isoformat(), "machine": f"{platform.machine()} CPU, torch threads "
                  f"{cfg.threads}", "torch": torch.__version__, "transformers": TRANSFORMERS_VERSION,
-                 "dtype": "bfloat16", "context_tokens": [p.ctx.shape[1] for p in prompts],
+                 "dtype": cfg.dtype, "context_tokens": [p.ctx.shape[1] for p in prompts],
                  "kinds": [p.kind for p in prompts], "gen_tokens": cfg.gen_tokens,
                  "reference_needle_hits": [r["needle_hit"] for r in refs]},
     }
@@ -268,7 +278,7 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
     if cfg.floor:
         lossless = lossless_blocked_method(model.config)
         runs = [run_one(model, tok, lossless, p, rf, cfg.gen_tokens, tracker) for p, rf in zip(prompts, refs)]
-        results["uncompressed"][lossless.name] = aggregate(runs, refs)
+        results["uncompressed"][lossless.name] = aggregate(runs, refs, ref_scale)
         log(f"uncompressed, {lossless.name} (lossless floor): {_brief(results['uncompressed'][lossless.name])}")
 
     def record(group: str, name: str, bkey: str, method: Method) -> None:
@@ -281,7 +291,7 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
             log(f"{name} {bkey}: FAILED {type(exc).__name__}: {exc}")
             results[group].setdefault(name, {})[bkey] = {"error": f"{type(exc).__name__}: {exc}"}
             return
-        fig = aggregate(runs, refs)
+        fig = aggregate(runs, refs, ref_scale)
         fig.update({k: v for k, v in method.info.items() if isinstance(v, (int, float, str)) or v is None})
         results[group].setdefault(name, {})[bkey] = fig
         log(f"{name} {bkey}: " + _brief(fig))
@@ -296,7 +306,8 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
             if peer in QUANTO_PEERS and budget != budgets[0]:
                 continue
             mean_tokens = sum(p.ctx.shape[1] for p in prompts) / len(prompts)
-            for row, bkey, method in _peer_methods(peer, budget, model, base_bytes, mean_tokens):
+            for row, bkey, method in _peer_methods(peer, budget, model, base_bytes, mean_tokens,
+                                                   torch.finfo(dtype).bits // 8):
                 record("peers", row, bkey, method)
     if cfg.sweep:
         results["sweep"] = memory_sweep(model, tok, cfg, base_bytes / cfg.tokens, tracker, log)

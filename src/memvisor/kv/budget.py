@@ -24,7 +24,8 @@ class TokenCost:
     fp: a full-precision token (model dtype) = 2 * B * D * dtype_bytes (+ 2 with int16 positions);
     q: a KIVI-quantized token in a full group = B * D * (bits + vbits)/8 codes + B * D * 4 / G (key
     scale+zero per group) + B * (D/G) * 4 (value scale+zero) + 2/G (int16 group size) (+ 2 positions);
-    residual_max: most tokens the full-precision residual can hold (R + G - 1; 0 unquantized).
+    residual_max: most tokens held in full precision (``residual`` + G - 1: the residual R, plus the
+    sinks where the cache keeps any; 0 unquantized).
     """
 
     fp: float
@@ -51,7 +52,8 @@ class TokenCost:
 def token_cost(batch: int, head_dim: int, dtype_bytes: int, bits: int | None, group: int,
                residual: int, track_pos: bool, key_dim: int | None = None,
                value_bits: int | None = None) -> TokenCost:
-    """Cost of one head-token; ``key_dim``: key channels kept by ThinK (None: all); ``bits`` the
+    """Cost of one head-token; ``residual``: tokens kept in full precision besides a part-filled
+    group (R plus any sinks); ``key_dim``: key channels kept by ThinK (None: all); ``bits`` the
     keys' width, ``value_bits`` the values' (None: ``bits``)."""
     vbits = bits if value_bits is None else value_bits
     pos = 2.0 if track_pos else 0.0  # int16 positions (int32 past 32767: the cache re-checks real bytes)

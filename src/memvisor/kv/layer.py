@@ -70,8 +70,8 @@ class LayerCore:
                        for _ in range(Hkv)]
         q = self.cfg.qcfg
         key_dim = self.cfg.channel.keep_count(D) if self.cfg.channel is not None else None
-        self.cost = token_cost(B, D, key_states.element_size(), q.bits, q.group, q.residual, track, key_dim,
-                               q.value_bits)
+        self.cost = token_cost(B, D, key_states.element_size(), q.bits, q.group, q.residual + q.sinks, track,
+                               key_dim, q.value_bits)
 
     @property
     def initialized(self) -> bool:
@@ -254,9 +254,9 @@ class LayerCore:
 
     def head_caps(self) -> int:
         """Head-tokens per head that fit ``budget_bytes`` (uniform split over heads), counting the
-        full-precision residual the heads hold now (eviction never grows it)."""
+        full-precision residual and sinks the heads hold now (eviction never grows them)."""
         per_head = max(self.cfg.budget_bytes - self.policy_bytes(), 0) / len(self.stores)
-        return self.cost.capacity(per_head, residual=max(st.nr for st in self.stores))
+        return self.cost.capacity(per_head, residual=max(st.nr + st.ns for st in self.stores))
 
     def compress(self, force: bool = False, added: int | None = None) -> None:
         """Evict down to the byte budget when it is exceeded (``force``: evict whenever any token

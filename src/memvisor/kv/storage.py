@@ -5,8 +5,13 @@ stores fewer bytes. Tokens are kept oldest first; eviction keeps that order. Bat
 kept token indices (policies select per head, averaged over the batch), so every tensor keeps the
 batch axis ``B`` first.
 
-Layout (``n = nq + nr`` tokens: ``nq`` quantized oldest, ``nr`` newest in full precision):
+Layout (``n = ns + nq + nr`` tokens, oldest first: ``ns`` sinks and ``nr`` newest in full precision,
+``nq`` quantized between them):
 
+- sinks (``QuantConfig.sinks`` = S > 0, quantized caches only): ``k_sink, v_sink [B, ns, D]`` in the model
+  dtype: the first S tokens the head ever stores never leave full precision. Nearly every query puts
+  much of its attention on them (the "attention sinks" of StreamingLLM), so their rounding reaches every
+  output; KVQuant and IntactKV keep them exact for that reason. Evicted sinks are not replaced.
 - residual: ``k_res, v_res [B, nr, D]`` in the model dtype.
 - quantized (KIVI, see :mod:`memvisor.kv.quant`; keys ``bits``, values ``vbits``, equal unless
   mixed precision): ``k_codes uint8 [B, ceil(nq*bits/8), D]``,
@@ -22,7 +27,8 @@ Layout (``n = nq + nr`` tokens: ``nq`` quantized oldest, ``nr`` newest in full p
   keys re-expanded with zeros in the pruned channels, block by block: ``q . k`` then equals the
   projected ``q[channels] . k[channels]``.
 
-``nbytes()`` is the sum of ``numel * element_size`` over every tensor above that exists.
+``nbytes()`` is the sum of ``numel * element_size`` over every tensor above that exists. Indices (``keep``,
+the policies' scores) and positions run over the stored order: sinks, quantized, residual.
 """
 
 from __future__ import annotations
@@ -40,12 +46,14 @@ from memvisor.kv import quant
 class QuantConfig:
     """bits: None (full precision), 2 or 4 (keys, and values unless ``value_bits``); group: G tokens
     (keys) / G channels (values); residual: R newest tokens kept in the model dtype; value_bits:
-    the values' width when it differs from the keys' (mixed precision, e.g. keys 4 / values 2)."""
+    the values' width when it differs from the keys' (mixed precision, e.g. keys 4 / values 2);
+    sinks: the first S tokens kept in the model dtype for good (quantized caches only; 0: none)."""
 
     bits: int | None = None
     group: int = 32
     residual: int = 32
     value_bits: int | None = None
+    sinks: int = 0
 
     @property
     def vbits(self) -> int | None:
@@ -68,6 +76,11 @@ class HeadStore:
         self.k_res = torch.empty(batch, 0, head_dim, dtype=dtype, **e)
         self.v_res = torch.empty(batch, 0, head_dim, dtype=dtype, **e)
         self.nq = 0
+        # Sink slots not yet filled: the first tokens ever stored fill them, evicted ones are not refilled.
+        self.sink_room = qcfg.sinks if qcfg.bits is not None else 0
+        if self.sink_room:
+            self.k_sink = torch.empty(batch, 0, head_dim, dtype=dtype, **e)
+            self.v_sink = torch.empty(batch, 0, head_dim, dtype=dtype, **e)
         if qcfg.bits is not None:
             b, G = qcfg.bits, qcfg.group
             self.k_codes = torch.empty(batch, 0, head_dim, dtype=torch.uint8, **e)
@@ -85,12 +98,19 @@ class HeadStore:
     def nr(self) -> int:
         return self.k_res.shape[1]
 
+    @property
+    def ns(self) -> int:
+        """Sink tokens held in full precision."""
+        return self.k_sink.shape[1] if self.q.sinks and self.q.bits is not None else 0
+
     def __len__(self) -> int:
-        return self.nq + self.nr
+        return self.ns + self.nq + self.nr
 
     def tensors(self) -> dict[str, Tensor]:
         """Every stored tensor by name (what :meth:`nbytes` counts)."""
         out = {"k_res": self.k_res, "v_res": self.v_res}
+        if self.q.sinks and self.q.bits is not None:
+            out["k_sink"], out["v_sink"] = self.k_sink, self.v_sink
         if self.q.bits is not None:
             for name in ("k_codes", "k_scale", "k_zero", "group_sizes", "v_codes", "v_scale", "v_zero"):
                 out[name] = getattr(self, name)
@@ -134,8 +154,15 @@ class HeadStore:
 
     def flush(self) -> None:
         """Quantize the oldest whole groups of the residual while it holds at least R + G tokens
-        (unquantized with ThinK: move every token beyond R to the pruned-key region)."""
+        (unquantized with ThinK: move every token beyond R to the pruned-key region). The first
+        tokens ever stored fill the sink slots first (they stay in full precision)."""
         R = self.q.residual
+        if self.sink_room and self.nr:
+            t = min(self.sink_room, self.nr)
+            self.k_sink = torch.cat([self.k_sink, self.k_res[:, :t]], dim=1)
+            self.v_sink = torch.cat([self.v_sink, self.v_res[:, :t]], dim=1)
+            self.k_res, self.v_res = self.k_res[:, t:].clone(), self.v_res[:, t:].clone()
+            self.sink_room -= t
         if self.q.bits is None:
             n = self.nr - R
             if self.channels is None or n <= 0:
@@ -205,10 +232,16 @@ class HeadStore:
         idx = idx.to(self.device, torch.long)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
             raise IndexError(f"keep indices out of range for a head holding {len(self)} tokens")
-        qi, ri = idx[idx < self.nq], idx[idx >= self.nq] - self.nq
-        self.k_res, self.v_res = self.k_res[:, ri], self.v_res[:, ri]
         if self.pos is not None:
             self.pos = self.pos[idx]
+        ns = self.ns
+        if ns:
+            si = idx[idx < ns]
+            if si.numel() < ns:
+                self.k_sink, self.v_sink = self.k_sink[:, si], self.v_sink[:, si]
+            idx = idx[idx >= ns] - ns
+        qi, ri = idx[idx < self.nq], idx[idx >= self.nq] - self.nq
+        self.k_res, self.v_res = self.k_res[:, ri], self.v_res[:, ri]
         if self.q.bits is None:
             if self.channels is not None:
                 self.k_old, self.v_old = self.k_old[:, qi], self.v_old[:, qi]
@@ -275,8 +308,10 @@ class HeadStore:
         return True
 
     def replace(self, k: Tensor, v: Tensor, pos: Tensor | None = None) -> None:
-        """Store exactly these tokens (k, v [B, n, D]), re-quantizing them (used after merging)."""
+        """Store exactly these tokens (k, v [B, n, D]), re-quantizing them (used after merging). As many of
+        the first tokens as the head held or may still take as sinks stay in full precision."""
         fresh = HeadStore(self.B, self.D, self.dtype, self.device, self.q, self.pos is not None)
+        fresh.sink_room = self.ns + self.sink_room
         if self.channels is not None:
             fresh.set_channels(self.channels)
         fresh.append(k, v, pos)
@@ -357,6 +392,9 @@ def iter_blocks(st, block: int, dtype: torch.dtype = torch.float32
     if block % 8:
         raise ValueError(f"block must be a multiple of 8, got {block}")
     b = st.q.bits
+    ns = st.ns
+    if ns:  # the sinks: full precision, oldest first
+        yield st.k_sink.to(dtype), st.v_sink.to(dtype), (st.pos[..., :ns].long() if st.pos is not None else None)
     if b is None and st.channels is not None:  # unquantized ThinK region
         for s in range(0, st.nq, block):
             e = min(s + block, st.nq)
@@ -376,10 +414,10 @@ def iter_blocks(st, block: int, dtype: torch.dtype = torch.float32
             k = quant.dequantize_keys(kc, k_scale, k_zero, b, e - s, st.group_of_tokens(s, e), dtype=dtype)
         v = quant.dequantize_values(st.v_codes.narrow(-2, s, e - s), st.v_scale.narrow(-2, s, e - s),
                                     st.v_zero.narrow(-2, s, e - s), st.q.vbits, st.D, dtype=dtype)
-        yield _widen(k, st.channels, st.D), v, (st.pos[..., s:e].long() if st.pos is not None else None)
+        yield _widen(k, st.channels, st.D), v, (st.pos[..., ns + s:ns + e].long() if st.pos is not None else None)
     for s in range(0, st.nr, block):
         e = min(s + block, st.nr)
-        p = st.pos[..., st.nq + s: st.nq + e].long() if st.pos is not None else None
+        p = st.pos[..., ns + st.nq + s: ns + st.nq + e].long() if st.pos is not None else None
         yield st.k_res.narrow(-2, s, e - s).to(dtype), st.v_res.narrow(-2, s, e - s).to(dtype), p
 
 
@@ -390,7 +428,7 @@ class StackedHeads:
 
     def __init__(self, stores: list[HeadStore]) -> None:
         first = stores[0]
-        self.q, self.D, self.B, self.nq = first.q, first.D, first.B, first.nq
+        self.q, self.D, self.B, self.nq, self.ns = first.q, first.D, first.B, first.nq, first.ns
         self.device = first.device
         for name, t in first.tensors().items():
             if name in ("pos", "channels"):
@@ -406,7 +444,7 @@ class StackedHeads:
         return self.k_res.shape[-2]
 
     def __len__(self) -> int:
-        return self.nq + self.nr
+        return self.ns + self.nq + self.nr
 
     group_of_tokens = HeadStore.group_of_tokens
 
@@ -415,7 +453,7 @@ class StackedHeads:
         """True when the stores can be stacked: same token counts and the same key groups."""
         a = stores[0]
         for st in stores[1:]:
-            if st.nq != a.nq or st.nr != a.nr or (st.channels is None) != (a.channels is None):
+            if st.nq != a.nq or st.nr != a.nr or st.ns != a.ns or (st.channels is None) != (a.channels is None):
                 return False
             if a.channels is not None and st.channels.numel() != a.channels.numel():
                 return False

@@ -1,8 +1,8 @@
 """The compressed cache's decode step through the fused CUDA kernel.
 
 A layer qualifies when it only ever appends (KIVI quantization with nothing else: no token policy, byte
-budget, merging, channel pruning or sliding window, so its heads stay equal in length and every key group
-whole) and the step is a single new token on CUDA with Triton, in fp16/bf16, without a logit softcap,
+budget, merging, channel pruning, full-precision sinks or sliding window, so its heads stay equal in length
+and every key group whole) and the step is a single new token on CUDA with Triton, in fp16/bf16, without a logit softcap,
 with head_dim and group powers of two >= 16 (the group dividing head_dim), and keys and values of one
 bit width. Everything else (prefill blocks, ragged heads after eviction, sliding layers, the CPU) takes
 the block-by-block torch path of :mod:`memvisor.kv.attention`.
@@ -43,7 +43,7 @@ def kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, s
 
     q, st = stores[0].q, stores[0]
     return (query.shape[2] == 1 and query.is_cuda and window is None and softcap is None
-            and q.bits is not None and q.vbits == q.bits and _pow2(st.D) and _pow2(q.group)
+            and q.bits is not None and q.vbits == q.bits and q.sinks == 0 and _pow2(st.D) and _pow2(q.group)
             and st.D % q.group == 0 and query.dtype in (torch.float16, torch.bfloat16)
             and st.dtype == query.dtype and all(s.channels is None for s in stores) and triton_available())
 
