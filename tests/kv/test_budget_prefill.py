@@ -231,3 +231,25 @@ def test_sinks_need_a_quantized_cache(smollm2):
         CompressedCache(smollm2[0].config, CacheSpec(quant="none", sinks=4))
     with pytest.raises(CacheSpecError, match="sinks"):
         CompressedCache(smollm2[0].config, CacheSpec(quant="kivi4", sinks=-1))
+
+
+def test_gemma_sinks_only_in_full_attention_layers(gemma3):
+    """Sinks are kept in the full layers only (a sliding window drops the first tokens anyway), and the
+    budget prices them there only; the sliding layers' positions stay correct."""
+    model, _ = gemma3
+    cfg = model.config.get_text_config()
+    budget = 3 * 200 * 2 * cfg.head_dim * 4 * cfg.num_hidden_layers // 4
+    ids = torch.randint(10, 20000, (1, 700), generator=torch.Generator().manual_seed(4))
+    cache = CompressedCache(model.config, CacheSpec(budget_bytes=budget, quant="kivi4", sinks=4, slack=0,
+                                                    token_policy=StreamingLLM(sinks=4), context_tokens=700))
+    prefill_blockwise(model, ids, cache, block=256)
+    decode(model, cache, ids, 2, lambda: None)
+    assert cache.nbytes() <= budget
+    for c in cache.cores:
+        st = c.stores[0]
+        if c.cfg.window is None:
+            assert st.ns == 4 and c.cfg.qcfg.sinks == 4
+        else:
+            assert st.ns == 0 and c.cfg.qcfg.sinks == 0
+            pos = st.positions()
+            assert len(st) <= c.cfg.window - 1 and bool((pos > 702 - c.cfg.window).all())

@@ -2,7 +2,7 @@
 
 A user sets ``budget_bytes`` and the context length ``T`` it is meant for; :func:`plan` returns
 the :class:`~memvisor.kv.cache.CacheSpec` to use, picked among :data:`CANDIDATES` (most precise
-first; every one evicts with StreamingLLM, sinks 4, and keeps those sinks in full precision) by the same byte arithmetic the cache itself
+first; every one evicts with StreamingLLM, sinks 4) by the same byte arithmetic the cache itself
 uses (``token_cost`` and ``split_layers``), without running the model:
 
 1. Layers share the budget in proportion to their uncompressed span (``context_tokens=T``: a
@@ -18,8 +18,9 @@ against 4-bit keys / 2-bit values (0.88) 0.859 / 0.081; Gemma 3 at 4x: the same 
 of the full layers' context (its bf16 residual fills most of a 1-KV-head layer) and falls to
 0.844 / 0.463, while KIVI-4 with a 32-token residual (0.47) reaches 0.984 / 0.014 and KIVI-2
 keeping every token 0.930 / 0.136. :data:`MIN_COVERAGE` = 0.3 is set from those measurements on two
-models (a rule of thumb, not a derivation). Full-precision sinks (session 9, float32, SmolLM2 at 4x:
-KL 0.0135 -> 0.0096 with the same tokens kept) cost 4 tokens' worth of rounding savings per head.
+models (a rule of thumb, not a derivation). No candidate keeps full-precision sinks (``CacheSpec.sinks``):
+they halve the KL where nothing is evicted, but under eviction their bytes move the eviction boundary and
+cost needles (session 9: SmolLM2 at 4x, float32, needle retention 1.00 -> 0.75; Gemma 3 at 4x, bf16, 3 of 3 -> 2 of 3).
 
 Units: bytes; ``coverage`` is a fraction (1.0: every token of every layer's span fits).
 """
@@ -33,10 +34,10 @@ from memvisor.kv.budget import BudgetError, split_layers, token_cost
 
 # (recipe name, CacheSpec fields); most precise first. Names are also keys of cache.RECIPES.
 CANDIDATES: list[tuple[str, dict]] = [
-    ("kivi4-stream", {"quant": "kivi4", "group": 32, "residual": 128, "sinks": 4}),
-    ("kivi4-stream-r32", {"quant": "kivi4", "group": 32, "residual": 32, "sinks": 4}),
-    ("kivi-k4v2-stream", {"quant": "kivi-k4v2", "group": 32, "residual": 32, "sinks": 4}),
-    ("kivi2-stream", {"quant": "kivi2", "group": 32, "residual": 32, "sinks": 4}),
+    ("kivi4-stream", {"quant": "kivi4", "group": 32, "residual": 128, "sinks": 0}),
+    ("kivi4-stream-r32", {"quant": "kivi4", "group": 32, "residual": 32, "sinks": 0}),
+    ("kivi-k4v2-stream", {"quant": "kivi-k4v2", "group": 32, "residual": 32, "sinks": 0}),
+    ("kivi2-stream", {"quant": "kivi2", "group": 32, "residual": 32, "sinks": 0}),
 ]
 MIN_COVERAGE = 0.3
 _BITS = {"kivi4": (4, 4), "kivi-k4v2": (4, 2), "kivi2": (2, 2)}
@@ -50,8 +51,8 @@ def coverage(model_config: Any, budget_bytes: int, context_tokens: int, quant: s
     n_layers, n_kv, head_dim = kv_shape(model_config)
     windows = layer_windows(model_config)[:n_layers]
     kbits, vbits = _BITS[quant]
-    costs = [token_cost(batch_size, head_dim, dtype_bytes, kbits, group, residual + sinks, w is not None, None, vbits)
-             for w in windows]
+    costs = [token_cost(batch_size, head_dim, dtype_bytes, kbits, group, residual + (sinks if w is None else 0),
+                        w is not None, None, vbits) for w in windows]
     per_layer = split_layers(budget_bytes, costs, n_kv, windows, None, context_tokens)
     fractions = []
     for c, b, w in zip(costs, per_layer, windows):
@@ -76,7 +77,7 @@ def choose(model_config: Any, budget_bytes: int, context_tokens: int, dtype_byte
 
 def plan(model_config: Any, budget_bytes: int, context_tokens: int, **overrides: Any):
     """The :class:`CacheSpec` for ``budget_bytes`` and a context of ``context_tokens`` tokens:
-    the chosen candidate (its 4 sinks in full precision), StreamingLLM (sinks 4), layers split by span. ``overrides`` replace any
+    the chosen candidate, StreamingLLM (sinks 4), layers split by span. ``overrides`` replace any
     field. The chosen name is in ``spec.recipe``."""
     from memvisor.kv.cache import CacheSpec, _dtype_bytes
     from memvisor.kv.policies import make_policy
