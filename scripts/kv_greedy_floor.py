@@ -58,9 +58,9 @@ def main() -> None:
     refs = [run_one(model, tok, plain_method(model.config), p, None, cfg.gen_tokens, tracker) for p in prompts]
     rows = {}
     bf16_bytes = sum(r["bytes"] for r in refs) / len(refs) * 2 / torch.finfo(dtype).bits * 8
-    runs = [("auto", float(x)) for x in args.auto.split(",") if x]
-    runs += [(m.split("@")[0], float(m.split("@")[1])) for m in args.methods.split(",") if m]
-    for name, ratio in runs:
+    planned = [("auto", float(x)) for x in args.auto.split(",") if x]
+    planned += [(m.split("@")[0], float(m.split("@")[1])) for m in args.methods.split(",") if m]
+    for name, ratio in planned:
         method = memvisor_method(name, model.config, int(bf16_bytes / ratio), context_tokens=args.tokens)
         rows[f"{name} {ratio:g}x"] = [run_one(model, tok, method, p, r, cfg.gen_tokens, tracker)
                                       for p, r in zip(prompts, refs)]

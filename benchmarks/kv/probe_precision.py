@@ -5,14 +5,14 @@ with these changes simulated for this process only (an experiment, not a code pa
 - ``vrot`` / ``krot``: values / keys rotated by an orthonormal Hadamard matrix over the head's channels
   before quantization and rotated back on dequantization (QuaRot-style incoherence: outlier channels are
   spread over all channels, so per-group ranges shrink);
-- ``sinks<S>``: the first S tokens of every head read back exactly (simulated: their exact rows are kept
-  beside the codes and substituted when read; a real cache would store them unquantized);
+- (session 9 simulated exact sinks here too; the cache now has them, ``s<S>`` in a method name, and the
+  simulation was wrong under eviction, so it is gone: ``probes.txt`` says which rows it gave);
 - ``exact<a>-<b>`` / ``only<a>-<b>``: layers a..b (inclusive) left unquantized / the only ones quantized,
   with no budget (nothing evicted): which layers' quantization error reaches the logits;
 - anything else is a method name for ``memvisor_method``.
 
     python benchmarks/kv/probe_precision.py BUDGET SAMPLES GEN DTYPE VARIANT[,VARIANT...]
-    e.g. python benchmarks/kv/probe_precision.py 3 6 128 float32 kivi4+streaming:vrot,kivi4+streaming:sinks4
+    e.g. python benchmarks/kv/probe_precision.py 3 6 128 float32 kivi4+streaming:vrot,kivi4+s4+streaming
 
 A VARIANT is ``method[:change[:change...]]``.
 """
@@ -23,17 +23,14 @@ from pathlib import Path
 import torch
 
 import memvisor.kv.quant as quant
-import memvisor.kv.storage as storage
 from memvisor.bench.kv_methods import memvisor_method
 
 sys.path.insert(0, str(Path(__file__).parent))
 from probe_teacher_forced import references, teacher_forced  # noqa: E402
 
 ON: set[str] = set()
-SINKS = {"n": 0}
 _orig = {n: getattr(quant, n) for n in ("quantize_keys", "quantize_values", "dequantize_keys",
                                          "dequantize_key_runs", "dequantize_values")}
-_flush, _iter_blocks, _stacked_init = storage.HeadStore.flush, storage.iter_blocks, storage.StackedHeads.__init__
 
 
 def hadamard(d: int) -> torch.Tensor:
@@ -67,52 +64,9 @@ def dv(*a, **kw):
     return _rot(_orig["dequantize_values"](*a, **kw), "vrot")
 
 
-def flush(self):
-    if SINKS["n"] and self.nq == 0 and not hasattr(self, "sink_k"):
-        _flush(self)
-        if self.nq:  # exact copies of the first S tokens, which this flush quantized
-            S = SINKS["n"]
-            self.sink_k, self.sink_v = self._pre_k[:, :S].clone(), self._pre_v[:, :S].clone()
-        return
-    _flush(self)
-
-
-def append(self, k, v, pos=None, flush=True):
-    if SINKS["n"] and self.nq == 0:
-        self._pre_k = torch.cat([self.k_res, k.to(self.dtype)], 1)
-        self._pre_v = torch.cat([self.v_res, v.to(self.dtype)], 1)
-    _append(self, k, v, pos, flush)
-
-
-_append = storage.HeadStore.append
-
-
-def stacked_init(self, stores):
-    _stacked_init(self, stores)
-    if all(hasattr(s, "sink_k") for s in stores):
-        self.sink_k = torch.stack([s.sink_k for s in stores], 1)
-        self.sink_v = torch.stack([s.sink_v for s in stores], 1)
-
-
-def iter_blocks(st, block, dtype=torch.float32):
-    first = True
-    for k, v, p in _iter_blocks(st, block, dtype):
-        if first and hasattr(st, "sink_k") and st.nq:
-            S = st.sink_k.shape[-2]
-            k, v = k.clone(), v.clone()
-            k[..., :S, :] = st.sink_k.to(dtype)
-            v[..., :S, :] = st.sink_v.to(dtype)
-        first = False
-        yield k, v, p
-
-
 def install() -> None:
     quant.quantize_keys, quant.quantize_values, quant.dequantize_keys = qk, qv, dk
     quant.dequantize_key_runs, quant.dequantize_values = dkr, dv
-    storage.HeadStore.flush, storage.HeadStore.append = flush, append
-    storage.StackedHeads.__init__, storage.iter_blocks = stacked_init, iter_blocks
-    import memvisor.kv.attention as attention
-    attention.iter_blocks = iter_blocks
 
 
 def layer_variant(method, changes, n_layers):
@@ -149,7 +103,6 @@ def main() -> None:
         name, *changes = variant.split(":")
         ON.clear()
         ON.update(c for c in changes if c in ("vrot", "krot"))
-        SINKS["n"] = next((int(c[5:]) for c in changes if c.startswith("sinks")), 0)
         t0 = time.time()
         layered = any(c.startswith(("exact", "only")) for c in changes)
         method = memvisor_method(name, model.config, None if layered else int(base / budget), context_tokens=4096)
