@@ -155,3 +155,18 @@ def test_lossless_floor_prefills_in_blocks_and_keeps_every_token():
     for a, b in zip(ref_cache.layers, cache.layers):
         assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
     assert torch.allclose(ref_logits[0, -1], logits[0, -1], atol=1e-4)
+
+
+def test_kvpress_claimed_ratio_is_against_bf16_bytes_in_a_float32_run():
+    """kvpress keeps 1/budget of the bf16 cache's bytes: half as many tokens of a float32 cache."""
+    pytest.importorskip("kvpress")
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from memvisor.bench.kv_run import _peer_methods
+
+    model = SimpleNamespace(config=LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
+                                               num_key_value_heads=1, intermediate_size=128, vocab_size=100))
+    ratio = {b: _peer_methods("kvpress-snapkv", 4, model, 1e6, 100, b)[0][2].info["compression_ratio"] for b in (2, 4)}
+    assert ratio == {2: 0.75, 4: 0.875}

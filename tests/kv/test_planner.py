@@ -107,3 +107,8 @@ def test_planned_spec_builds_a_cache_under_the_budget():
     assert CacheSpec.plan(GEMMA, budget, T, residual=64).residual == 64
     with pytest.raises(BudgetError):
         choose(GEMMA, budget, 0)
+
+
+def test_plan_with_sinks_protects_them_from_streaming():
+    spec = CacheSpec.plan(SMOL, bf16_bytes(SMOL) // 4, T, sinks=16)
+    assert spec.sinks == 16 and spec.token_policy.sinks == 16

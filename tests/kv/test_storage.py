@@ -277,3 +277,21 @@ def test_stacked_heads_read_the_sinks_first():
     k = torch.cat([b[0] for b in iter_blocks(stacked, 32)], -2)
     for h, st in enumerate(stores):
         assert torch.equal(k[:, h], st.dense()[0])
+
+
+def test_negative_sinks_are_refused():
+    with pytest.raises(quant.QuantError, match="sinks"):
+        QuantConfig(4, 32, 32, sinks=-2)
+
+
+def test_replace_does_not_refill_evicted_sinks():
+    """After a merge drops sink 0, the kept sinks stay sinks and no other token takes the freed slot (as keep())."""
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(B, 120, D, generator=g), torch.randn(B, 120, D, generator=g)
+    st = HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(4, 32, 32, sinks=4), True)
+    st.append(k, v, torch.arange(120))
+    idx = torch.tensor([1, 2, 3, 10, 50, 119])
+    kk, vv = st.dense()
+    st.replace(kk[:, idx], vv[:, idx], torch.arange(120)[idx], sinks_kept=int((idx < st.ns).sum()))
+    assert st.ns == 3 and torch.equal(st.positions()[:3], torch.tensor([1, 2, 3]))
+    assert torch.equal(st.k_sink, k[:, 1:4])

@@ -88,7 +88,8 @@ def plots(results: dict, out: Path) -> list[Path]:
             label = f"{'memvisor' if group == 'methods' else 'peer'}: {name}"
             axes[0].plot(x, [max(p[1], 1e-4) for p in pts], marker=marker, label=label)
             axes[1].plot(x, [p[2] for p in pts], marker=marker, label=label)
-    base = results["uncompressed"]["full"]["bytes_per_token"]
+    full = results["uncompressed"]["full"]
+    base = full["bytes_per_token"] * (full.get("ratio") or 1.0)  # the bf16 cache's bytes in a float32 run too
     for ax, ylabel in ((axes[0], "mean KL per token vs uncompressed (nats)"), (axes[1], "teacher-forced top-1")):
         ax.axvline(base, color="grey", ls=":", label="uncompressed bf16")
         ax.set_xscale("log")

@@ -213,14 +213,16 @@ def _budget_key(x: float) -> str:
 
 def _peer_methods(name: str, budget: float, model: Any, base_bytes: float, tokens: float, dtype_bytes: int = 2
                   ) -> list[tuple[str, str, Method]]:
-    """(row name, budget key, method). kvpress runs at its claimed ratio ``1 - 1/budget``; where its
+    """(row name, budget key, method). kvpress runs at its claimed ratio ``1 - 1/budget`` (of the bf16
+    cache's bytes: ``1 - 1/(2 budget)`` of a float32 cache's tokens); where its
     config-less cache keeps every token of sliding-window layers (so its real bytes miss the claim)
     it runs a second time as ``<name>@eq`` at the ratio whose real bytes equal ``base_bytes / budget``
     (``base_bytes``: the bf16 cache's; ``dtype_bytes``: bytes per element of the run's caches)."""
     from memvisor.kv.adapter import kv_shape, layer_windows
 
     if name in KVPRESS_PRESSES:
-        out = [(name, _budget_key(budget), kvpress_method(name, 1.0 - 1.0 / budget))]
+        # its claim, in bf16 bytes: keep 1/budget of the bf16 cache (a float32 cache keeps half as many tokens)
+        out = [(name, _budget_key(budget), kvpress_method(name, 1.0 - 2.0 / dtype_bytes / budget))]
         if any(w is not None for w in layer_windows(model.config)):
             n_layers, n_kv, head_dim = kv_shape(model.config)
             every_token = 2 * n_layers * n_kv * head_dim * dtype_bytes * tokens  # K+V of every layer
@@ -326,8 +328,9 @@ def memory_sweep(model: Any, tok: Any, cfg: KvBenchConfig, bf16_per_token: float
     key = cache_kwarg(model)
     budget_bytes = int(bf16_per_token * 2048 / cfg.sweep_budget_ratio)
     contenders = [plain_method(model.config), memvisor_method("kivi2+snapkv", model.config, budget_bytes)]
-    if "kvpress-snapkv" in peers_available():
-        contenders.append(kvpress_method("kvpress-snapkv", 1.0 - 1.0 / cfg.sweep_budget_ratio))
+    if "kvpress-snapkv" in peers_available():  # the same bytes in either dtype (ratios are against bf16)
+        ref_scale = 16 / torch.finfo(getattr(torch, cfg.dtype)).bits
+        contenders.append(kvpress_method("kvpress-snapkv", 1.0 - ref_scale / cfg.sweep_budget_ratio))
     out: dict = {"budget_bytes": budget_bytes, "lengths": lengths, "methods": {}}
     vocab = tok.vocab_size
     g = torch.Generator().manual_seed(cfg.seed)

@@ -319,7 +319,7 @@ class LayerCore:
             mk, mv = self.cfg.merge.merge(keys, values, kept, lengths=lens)
             for st, idx, k, v in zip(self.stores, kept, mk, mv):
                 pos = None if st.pos is None else st.pos[idx.to(st.pos.device)]
-                st.replace(k, v, pos)
+                st.replace(k, v, pos, sinks_kept=int((idx < st.ns).sum()))
         else:
             for st, idx in zip(self.stores, kept):
                 st.keep(idx)

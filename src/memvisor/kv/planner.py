@@ -78,12 +78,14 @@ def choose(model_config: Any, budget_bytes: int, context_tokens: int, dtype_byte
 def plan(model_config: Any, budget_bytes: int, context_tokens: int, **overrides: Any):
     """The :class:`CacheSpec` for ``budget_bytes`` and a context of ``context_tokens`` tokens:
     the chosen candidate, StreamingLLM (sinks 4), layers split by span. ``overrides`` replace any
-    field. The chosen name is in ``spec.recipe``."""
+    field after the choice (the choice does not see them); StreamingLLM then protects at least the
+    ``sinks`` an override asks to keep in full precision. The chosen name is in ``spec.recipe``."""
     from memvisor.kv.cache import CacheSpec, _dtype_bytes
     from memvisor.kv.policies import make_policy
 
     batch = overrides.get("batch_size", 1)
     name, fields, _ = choose(model_config, budget_bytes, context_tokens, _dtype_bytes(model_config), batch)
-    kw = {"token_policy": make_policy("streaming", sinks=4), "context_tokens": context_tokens, **fields}
+    sinks = overrides.get("sinks", fields["sinks"])
+    kw = {"token_policy": make_policy("streaming", sinks=max(4, sinks)), "context_tokens": context_tokens, **fields}
     kw.update(overrides)
     return CacheSpec(budget_bytes=budget_bytes, recipe=name, **kw)

@@ -55,6 +55,10 @@ class QuantConfig:
     value_bits: int | None = None
     sinks: int = 0
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.sinks, int) or self.sinks < 0:
+            raise quant.QuantError(f"sinks must be an int >= 0, got {self.sinks!r}")
+
     @property
     def vbits(self) -> int | None:
         """Bit width of the values."""
@@ -307,11 +311,12 @@ class HeadStore:
         self.group_sizes = torch.tensor(new_sizes, dtype=torch.int16, device=self.device)
         return True
 
-    def replace(self, k: Tensor, v: Tensor, pos: Tensor | None = None) -> None:
-        """Store exactly these tokens (k, v [B, n, D]), re-quantizing them (used after merging). As many of
-        the first tokens as the head held or may still take as sinks stay in full precision."""
+    def replace(self, k: Tensor, v: Tensor, pos: Tensor | None = None, sinks_kept: int | None = None) -> None:
+        """Store exactly these tokens (k, v [B, n, D]), re-quantizing them (used after merging).
+        ``sinks_kept``: how many of them are sinks this head held (the first ones; None: all it held); they
+        stay in full precision, and evicted sinks are not replaced (as in :meth:`keep`)."""
         fresh = HeadStore(self.B, self.D, self.dtype, self.device, self.q, self.pos is not None)
-        fresh.sink_room = self.ns + self.sink_room
+        fresh.sink_room = (self.ns if sinks_kept is None else sinks_kept) + self.sink_room
         if self.channels is not None:
             fresh.set_channels(self.channels)
         fresh.append(k, v, pos)
