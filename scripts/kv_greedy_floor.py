@@ -31,7 +31,7 @@ from transformers import DynamicCache
 from memvisor.bench.kv_methods import memvisor_method
 from memvisor.bench.kv_metrics import KVPeakTracker
 from memvisor.bench.kv_peers import Method, _full_prefill, lossless_blocked_method, plain_method
-from memvisor.bench.kv_run import KvBenchConfig, aggregate, build_prompts, run_one
+from memvisor.bench.kv_run import KvBenchConfig, aggregate, bf16_scale, build_prompts, run_one
 from memvisor.kv import load_local_model
 
 
@@ -57,7 +57,7 @@ def main() -> None:
     prompts = build_prompts(tok, cfg)
     refs = [run_one(model, tok, plain_method(model.config), p, None, cfg.gen_tokens, tracker) for p in prompts]
     rows = {}
-    bf16_bytes = sum(r["bytes"] for r in refs) / len(refs) * 2 / torch.finfo(dtype).bits * 8
+    bf16_bytes = sum(r["bytes"] for r in refs) / len(refs) * bf16_scale(dtype)
     planned = [("auto", float(x)) for x in args.auto.split(",") if x]
     planned += [(m.split("@")[0], float(m.split("@")[1])) for m in args.methods.split(",") if m]
     for name, ratio in planned:
@@ -72,7 +72,7 @@ def main() -> None:
         eager = Method("eager", lambda: DynamicCache(config=model.config), _full_prefill)
         rows[eager.name] = [run_one(model, tok, eager, p, r, cfg.gen_tokens, tracker) for p, r in zip(prompts, refs)]
     for name, runs in rows.items():
-        fig = aggregate(runs, refs, 16 / torch.finfo(dtype).bits)  # ratio against bf16
+        fig = aggregate(runs, refs, bf16_scale(dtype))  # ratio against bf16
         keep = ("ratio", "top1", "kl", "greedy_agreement", "greedy_agreement_all", "needle_retention")
         print(args.dtype, name, json.dumps({k: fig.get(k) for k in keep}),
               "per task greedy", [round(r["greedy_agreement"], 3) for r in runs],

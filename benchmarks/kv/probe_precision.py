@@ -24,6 +24,7 @@ import torch
 
 import memvisor.kv.quant as quant
 from memvisor.bench.kv_methods import memvisor_method
+from memvisor.bench.kv_run import bf16_scale
 
 sys.path.insert(0, str(Path(__file__).parent))
 from probe_teacher_forced import references, teacher_forced  # noqa: E402
@@ -98,7 +99,7 @@ def main() -> None:
     torch.set_num_threads(1)
     install()
     model, prompts, refs = references("smollm2", samples, gen, dtype)
-    base = sum(r["bytes"] for r in refs) / len(refs) * 16 / torch.finfo(dtype).bits
+    base = sum(r["bytes"] for r in refs) / len(refs) * bf16_scale(dtype)
     for variant in sys.argv[5].split(","):
         name, *changes = variant.split(":")
         ON.clear()

@@ -16,7 +16,7 @@ import torch
 from memvisor.bench.kv_methods import memvisor_method
 from memvisor.bench.kv_metrics import KVPeakTracker, cache_bytes, fidelity, stored_elements
 from memvisor.bench.kv_peers import plain_method
-from memvisor.bench.kv_run import KvBenchConfig, _forward, build_prompts, run_one
+from memvisor.bench.kv_run import KvBenchConfig, _forward, bf16_scale, build_prompts, run_one
 from memvisor.kv import load_local_model
 from memvisor.kv.adapter import cache_kwarg, kv_shape
 
@@ -63,7 +63,7 @@ def main() -> None:
     dtype = getattr(torch, sys.argv[6]) if len(sys.argv) > 6 else torch.bfloat16
     torch.set_num_threads(1)
     model, prompts, refs = references(mname, samples, gen, dtype)
-    base = sum(r["bytes"] for r in refs) / len(refs) * 16 / torch.finfo(dtype).bits  # the bf16 cache's bytes
+    base = sum(r["bytes"] for r in refs) / len(refs) * bf16_scale(dtype)  # the bf16 cache's bytes
     for budget in budgets:
         for name in names:
             t0 = time.time()

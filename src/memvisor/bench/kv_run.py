@@ -162,10 +162,15 @@ def stop_tokens(model: Any, tok: Any) -> frozenset[int]:
     return frozenset(int(i) for i in [*ids, tok.eos_token_id] if i is not None)
 
 
+def bf16_scale(dtype: torch.dtype) -> float:
+    """Bytes of a bf16 cache per byte of a ``dtype`` cache (0.5 for float32): budgets and ratios are
+    against the bf16 cache (the issue's unit) whatever dtype a run uses."""
+    return 16 / torch.finfo(dtype).bits
+
+
 def aggregate(runs: list[dict], refs: list[dict], ref_scale: float = 1.0) -> dict:
     """Per-sample runs -> the issue's figures (means; needle retention relative to the reference).
-    ``ref_scale``: the bf16 cache's bytes per byte of the references' cache (0.5 in a float32 run), so
-    ``ratio`` is always against bf16."""
+    ``ref_scale``: :func:`bf16_scale` of the run's dtype, so ``ratio`` is always against bf16."""
     def mean(k: str) -> float | None:
         vals = [r[k] for r in runs if r.get(k) is not None]
         return sum(vals) / len(vals) if vals else None
@@ -265,7 +270,7 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
     prompts = build_prompts(tok, cfg)
     log(f"{cfg.model}: {len(prompts)} tasks of {[p.ctx.shape[1] for p in prompts]} context tokens")
     refs = [run_one(model, tok, plain_method(model.config), p, None, cfg.gen_tokens, tracker) for p in prompts]
-    ref_scale = 16 / torch.finfo(dtype).bits  # budgets and ratios against bf16 whatever the dtype
+    ref_scale = bf16_scale(dtype)
     base_bytes = sum(r["bytes"] for r in refs) / len(refs) * ref_scale
     results: dict = {
         "model": cfg.model, "methods": {}, "peers": {},
@@ -329,8 +334,8 @@ def memory_sweep(model: Any, tok: Any, cfg: KvBenchConfig, bf16_per_token: float
     budget_bytes = int(bf16_per_token * 2048 / cfg.sweep_budget_ratio)
     contenders = [plain_method(model.config), memvisor_method("kivi2+snapkv", model.config, budget_bytes)]
     if "kvpress-snapkv" in peers_available():  # the same bytes in either dtype (ratios are against bf16)
-        ref_scale = 16 / torch.finfo(getattr(torch, cfg.dtype)).bits
-        contenders.append(kvpress_method("kvpress-snapkv", 1.0 - ref_scale / cfg.sweep_budget_ratio))
+        contenders.append(kvpress_method("kvpress-snapkv",
+                                         1.0 - bf16_scale(getattr(torch, cfg.dtype)) / cfg.sweep_budget_ratio))
     out: dict = {"budget_bytes": budget_bytes, "lengths": lengths, "methods": {}}
     vocab = tok.vocab_size
     g = torch.Generator().manual_seed(cfg.seed)

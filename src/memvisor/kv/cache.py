@@ -159,14 +159,13 @@ class CompressedCache(HFCache):
                            value_bits=None if vbits == bits else vbits, sinks=spec.sinks)
         # Sliding-window layers get no sinks: their window drops the first tokens anyway, and pricing sinks
         # there would take bytes from the full layers (Gemma 3 at 4x: 54 fewer tokens per full layer).
-        sliding_qcfg = replace(qcfg, sinks=0)
+        qcfgs = [qcfg if w is None else replace(qcfg, sinks=0) for w in windows]
         layer_bytes: list[int | None] = [None] * n_layers
         if spec.budget_bytes is not None:
             dtype_bytes = _dtype_bytes(model_config)
             key_dim = spec.channel_policy.keep_count(head_dim) if spec.channel_policy is not None else None
-            costs = [token_cost(spec.batch_size, head_dim, dtype_bytes, bits, spec.group,
-                                spec.residual + (spec.sinks if w is None else 0), w is not None, key_dim, vbits)
-                     for w in windows]
+            costs = [token_cost(spec.batch_size, head_dim, dtype_bytes, bits, spec.group, q.residual + q.sinks,
+                                w is not None, key_dim, vbits) for q, w in zip(qcfgs, windows)]
             layer_bytes = split_layers(spec.budget_bytes, costs, n_kv, windows, spec.layer_budget,
                                        spec.context_tokens)
             smallest = min(c.fp for c in costs) * n_kv
@@ -176,7 +175,7 @@ class CompressedCache(HFCache):
                     f"one token ({smallest:.0f} B per layer in full precision)")
         cores = [
             LayerCore(LayerConfig(
-                layer_idx=i, window=windows[i], qcfg=qcfg if windows[i] is None else sliding_qcfg,
+                layer_idx=i, window=windows[i], qcfg=qcfgs[i],
                 policy=spec.token_policy.fresh() if spec.token_policy is not None else None,
                 head_budget=spec.head_budget, merge=spec.merge_policy, channel=spec.channel_policy,
                 budget_bytes=layer_bytes[i],

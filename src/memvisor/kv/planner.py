@@ -34,25 +34,25 @@ from memvisor.kv.budget import BudgetError, split_layers, token_cost
 
 # (recipe name, CacheSpec fields); most precise first. Names are also keys of cache.RECIPES.
 CANDIDATES: list[tuple[str, dict]] = [
-    ("kivi4-stream", {"quant": "kivi4", "group": 32, "residual": 128, "sinks": 0}),
-    ("kivi4-stream-r32", {"quant": "kivi4", "group": 32, "residual": 32, "sinks": 0}),
-    ("kivi-k4v2-stream", {"quant": "kivi-k4v2", "group": 32, "residual": 32, "sinks": 0}),
-    ("kivi2-stream", {"quant": "kivi2", "group": 32, "residual": 32, "sinks": 0}),
+    ("kivi4-stream", {"quant": "kivi4", "group": 32, "residual": 128}),
+    ("kivi4-stream-r32", {"quant": "kivi4", "group": 32, "residual": 32}),
+    ("kivi-k4v2-stream", {"quant": "kivi-k4v2", "group": 32, "residual": 32}),
+    ("kivi2-stream", {"quant": "kivi2", "group": 32, "residual": 32}),
 ]
 MIN_COVERAGE = 0.3
 _BITS = {"kivi4": (4, 4), "kivi-k4v2": (4, 2), "kivi2": (2, 2)}
 
 
 def coverage(model_config: Any, budget_bytes: int, context_tokens: int, quant: str, group: int, residual: int,
-             dtype_bytes: int = 2, batch_size: int = 1, sinks: int = 0) -> float:
+             dtype_bytes: int = 2, batch_size: int = 1) -> float:
     """Smallest fraction of its span (``min(T, window - 1)`` or ``T`` tokens) that any layer can
-    hold per KV head at ``budget_bytes``, layers split by span, full-precision residual (and
-    ``sinks``) at its largest (a lower bound: the cache counts the residual it really holds)."""
+    hold per KV head at ``budget_bytes``, layers split by span, full-precision residual at its
+    largest (a lower bound: the cache counts the residual it really holds)."""
     n_layers, n_kv, head_dim = kv_shape(model_config)
     windows = layer_windows(model_config)[:n_layers]
     kbits, vbits = _BITS[quant]
-    costs = [token_cost(batch_size, head_dim, dtype_bytes, kbits, group, residual + (sinks if w is None else 0),
-                        w is not None, None, vbits) for w in windows]
+    costs = [token_cost(batch_size, head_dim, dtype_bytes, kbits, group, residual, w is not None, None, vbits)
+             for w in windows]
     per_layer = split_layers(budget_bytes, costs, n_kv, windows, None, context_tokens)
     fractions = []
     for c, b, w in zip(costs, per_layer, windows):
@@ -67,7 +67,7 @@ def choose(model_config: Any, budget_bytes: int, context_tokens: int, dtype_byte
     if context_tokens < 1:
         raise BudgetError(f"context_tokens must be >= 1, got {context_tokens}")
     cov = {name: coverage(model_config, budget_bytes, context_tokens, f["quant"], f["group"], f["residual"],
-                          dtype_bytes, batch_size, f["sinks"]) for name, f in CANDIDATES}
+                          dtype_bytes, batch_size) for name, f in CANDIDATES}
     for name, fields in CANDIDATES:
         if cov[name] >= MIN_COVERAGE:
             return name, dict(fields), cov
@@ -85,7 +85,9 @@ def plan(model_config: Any, budget_bytes: int, context_tokens: int, **overrides:
 
     batch = overrides.get("batch_size", 1)
     name, fields, _ = choose(model_config, budget_bytes, context_tokens, _dtype_bytes(model_config), batch)
-    sinks = overrides.get("sinks", fields["sinks"])
-    kw = {"token_policy": make_policy("streaming", sinks=max(4, sinks)), "context_tokens": context_tokens, **fields}
+    # StreamingLLM never evicts a token kept in full precision (a bad value is CacheSpec.validate's to refuse)
+    asked = overrides.get("sinks", 0)
+    sinks = max(4, asked) if isinstance(asked, int) else 4
+    kw = {"token_policy": make_policy("streaming", sinks=sinks), "context_tokens": context_tokens, **fields}
     kw.update(overrides)
     return CacheSpec(budget_bytes=budget_bytes, recipe=name, **kw)
