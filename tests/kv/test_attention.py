@@ -4,7 +4,7 @@ same stored keys and values, with causal and sliding-window masks."""
 import pytest
 import torch
 
-from memvisor.kv.attention import layer_attention
+from memvisor.kv.attention import DENSE_MIN_QUERIES, layer_attention
 from memvisor.kv.storage import HeadStore, QuantConfig
 
 B, D = 1, 64
@@ -92,3 +92,83 @@ def test_think_pruned_heads_attend_like_projected_queries():
     q = torch.randn(B, 4, 3, D)
     got = layer_attention(q, stores, torch.arange(197, 200), 0.125, block=64)
     torch.testing.assert_close(got, reference(q, stores, torch.arange(197, 200), 0.125, None), atol=2e-5, rtol=1e-4)
+
+
+# A prefill block (>= DENSE_MIN_QUERIES queries) reads the history once through SDPA: the same masks and
+# the same result as the block-wise path, for every storage layout.
+TQ_DENSE = DENSE_MIN_QUERIES + 16
+
+
+def _evict_ragged(stores, n, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    for st in stores[:2]:
+        keep = torch.sort(torch.randperm(n - TQ_DENSE, generator=g)[:(n - TQ_DENSE) // 2]).values
+        st.keep(torch.cat([keep, torch.arange(n - TQ_DENSE, n)]))
+
+
+@pytest.mark.parametrize("bits", [None, 2, 4])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_prefill_block_equals_reference(bits, ragged):
+    n = 400
+    stores = build(bits, [n] * 3, track_pos=True)
+    if ragged:
+        _evict_ragged(stores, n)
+        assert len({len(st) for st in stores}) > 1
+    q = torch.randn(B, 9, TQ_DENSE, D)
+    q_pos = torch.arange(n - TQ_DENSE, n)
+    got = layer_attention(q, stores, q_pos, 0.125, block=64)
+    torch.testing.assert_close(got, reference(q, stores, q_pos, 0.125, None), atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_block_sliding_window_and_single_head():
+    stores = build(4, [600], track_pos=True)
+    stores[0].keep(torch.cat([torch.arange(0, 400, 2), torch.arange(400, 600)]))  # positions != indices
+    q = torch.randn(B, 4, TQ_DENSE, D)
+    q_pos = stores[0].positions()[-TQ_DENSE:]
+    got = layer_attention(q, stores, q_pos, 0.125, window=150, block=64)
+    torch.testing.assert_close(got, reference(q, stores, q_pos, 0.125, 150), atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(got, layer_attention(q, stores, q_pos, 0.125, block=64), atol=1e-3)
+
+
+def test_prefill_block_with_sinks_and_pruned_channels():
+    g = torch.Generator().manual_seed(3)
+    stores = []
+    for _ in range(2):
+        st = HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(2, 32, 32, sinks=8), False)
+        st.append(torch.randn(B, 300, D, generator=g), torch.randn(B, 300, D, generator=g))
+        st.set_channels(torch.sort(torch.randperm(D, generator=g)[:40]).values)
+        stores.append(st)
+    assert stores[0].ns == 8
+    q = torch.randn(B, 4, TQ_DENSE, D)
+    got = layer_attention(q, stores, torch.arange(300 - TQ_DENSE, 300), 0.125, block=64)
+    torch.testing.assert_close(got, reference(q, stores, None, 0.125, None), atol=2e-5, rtol=1e-4)
+
+
+def test_prefill_block_in_bf16_matches_the_float32_path():
+    """A bf16 model's prefill: history dequantized to bf16, scores accumulated in float32 by SDPA; the
+    difference to the float32 block loop is the bf16 rounding of the output and of the dequantized
+    values, far below the 4-bit quantization error itself."""
+    stores = build(4, [500] * 3, track_pos=False)
+    q = torch.randn(B, 9, TQ_DENSE, D)
+    q_pos = torch.arange(500 - TQ_DENSE, 500)
+    fp32 = reference(q, stores, q_pos, 0.125, None)
+    got = layer_attention(q.bfloat16(), stores, q_pos, 0.125, block=64)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), fp32, atol=2e-2, rtol=2e-2)
+
+
+def test_prefill_block_window_per_head_positions():
+    """Stacked heads (full precision, equal counts) that kept different tokens: each query head must
+    use its own KV head's positions under the window (query heads grouped h*g .. h*g+g-1)."""
+    stores = build(None, [600] * 3, track_pos=True)
+    g = torch.Generator().manual_seed(11)
+    for st in stores:
+        keep = torch.sort(torch.randperm(600 - TQ_DENSE, generator=g)[:300]).values
+        st.keep(torch.cat([keep, torch.arange(600 - TQ_DENSE, 600)]))
+    from memvisor.kv.storage import StackedHeads
+    assert StackedHeads.compatible(stores)
+    assert not torch.equal(stores[0].positions(), stores[1].positions())
+    q = torch.randn(B, 6, TQ_DENSE, D)
+    q_pos = torch.arange(600 - TQ_DENSE, 600)
+    got = layer_attention(q, stores, q_pos, 0.125, window=200, block=64)
+    torch.testing.assert_close(got, reference(q, stores, q_pos, 0.125, 200), atol=2e-5, rtol=1e-4)

@@ -11,14 +11,25 @@ hold different token counts after eviction, which one shared mask cannot describ
 - sliding window ``w``: additionally ``pos[j] > q_pos[i] - w`` (the token's absolute position).
 Padding of a batch (left-padded prompts) is not supported on this path: use batch rows of equal
 length.
+
+A forward of many queries (a prefill block: ``Tq >= DENSE_MIN_QUERIES``) instead reads the history once,
+dequantized in the query's dtype, and runs one ``scaled_dot_product_attention`` with the same masks
+(:func:`sdpa_attention`): the block loop's float32 products cost ~10x a bf16 SDPA on the CPU, and its
+per-query saving (never holding the history in floating point) does not matter when hundreds of queries
+share one read. The price is a transient copy of one layer's history (at most one layer at a time).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from memvisor.kv.storage import HeadStore, StackedHeads, iter_blocks
+
+# From this many queries per forward, attention reads the dequantized history once (see the module
+# docstring). Decode steps (1 query) and short appends stay block-wise.
+DENSE_MIN_QUERIES = 64
 
 
 def head_attention(q: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor, scaling: float,
@@ -72,20 +83,58 @@ def head_attention(q: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor, sc
     return out.reshape(B, H, g, Tq, store.D)
 
 
+def sdpa_attention(query: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor, scaling: float,
+                   window: int | None = None, block: int = 1024) -> Tensor:
+    """Attention of many queries over what ``store`` holds, in one SDPA call (no softcap).
+
+    query: [B, Hq, Tq, D] in the model's dtype, Hq a multiple of the store's KV heads (1 for a single
+    :class:`HeadStore`); q_pos: LongTensor[Tq]. The history is dequantized ``block`` tokens at a time
+    into one [B, Hkv, n, D] tensor of the query's dtype; masks follow the module docstring's rules.
+    Returns [B, Hq, Tq, D] in the query's dtype (scores accumulate in float32 inside SDPA)."""
+    B, Hq, Tq, D = query.shape
+    single = isinstance(store, HeadStore)
+    ks, vs, ps = [], [], []
+    for k, v, pos in store.blocks(block, query.dtype) if single else iter_blocks(store, block, query.dtype):
+        ks.append(k.unsqueeze(1) if single else k)
+        vs.append(v.unsqueeze(1) if single else v)
+        if pos is not None:
+            ps.append(pos.unsqueeze(0) if single else pos)
+    k, v = torch.cat(ks, -2), torch.cat(vs, -2)  # [B, Hkv, n, D]
+    n, Hkv = k.shape[-2], k.shape[1]
+    j = torch.arange(n, device=query.device)
+    allowed = j.unsqueeze(0) <= (n - Tq + torch.arange(Tq, device=query.device)).unsqueeze(1)  # [Tq, n]
+    if window is not None:
+        if not ps:
+            raise ValueError("a sliding-window head must store token positions")
+        pos = torch.cat(ps, -1)  # [Hkv, n]
+        in_window = pos.unsqueeze(1) > (q_pos.view(1, Tq, 1) - window)  # [Hkv, Tq, n]
+        allowed = (allowed.unsqueeze(0) & in_window).repeat_interleave(Hq // Hkv, 0)  # [Hq, Tq, n]
+    return F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling, enable_gqa=Hq != Hkv)
+
+
 def layer_attention(query: Tensor, stores: list[HeadStore], q_pos: Tensor, scaling: float,
                     window: int | None = None, softcap: float | None = None, block: int = 1024) -> Tensor:
     """query: [B, Hq, Tq, D]; stores: one per KV head (Hkv = len(stores), Hq % Hkv == 0).
 
     Heads of equal length and key-group layout are processed together (one pass); ragged heads
-    one by one. Returns attn_output [B, Tq, Hq, D] in the query dtype (the layout transformers'
+    one by one. ``Tq >= DENSE_MIN_QUERIES`` without softcap goes through :func:`sdpa_attention`.
+    Returns attn_output [B, Tq, Hq, D] in the query dtype (the layout transformers'
     attention functions return)."""
     B, Hq, Tq, D = query.shape
     Hkv = len(stores)
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads are not a multiple of {Hkv} KV heads")
     g = Hq // Hkv
+    stacked = Hkv > 1 and StackedHeads.compatible(stores)
+    if Tq >= DENSE_MIN_QUERIES and softcap is None:
+        if stacked or Hkv == 1:
+            out = sdpa_attention(query, StackedHeads(stores) if stacked else stores[0], q_pos, scaling, window, block)
+        else:
+            out = torch.cat([sdpa_attention(query[:, h * g:(h + 1) * g], st, q_pos, scaling, window, block)
+                             for h, st in enumerate(stores)], dim=1)
+        return out.transpose(1, 2).contiguous()
     q5 = query.reshape(B, Hkv, g, Tq, D)
-    if Hkv > 1 and StackedHeads.compatible(stores):
+    if stacked:
         out = head_attention(q5, StackedHeads(stores), q_pos, scaling, window, softcap, block)
     else:
         out = torch.cat([head_attention(q5[:, h:h + 1], st, q_pos, scaling, window, softcap, block)
