@@ -172,3 +172,31 @@ def test_prefill_block_window_per_head_positions():
     q_pos = torch.arange(600 - TQ_DENSE, 600)
     got = layer_attention(q, stores, q_pos, 0.125, window=200, block=64)
     torch.testing.assert_close(got, reference(q, stores, q_pos, 0.125, 200), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("bits", [2, 4])
+def test_prefill_block_on_cuda_matches_the_float32_reference(bits):
+    """The SDPA prefill path on CUDA (bf16 queries, ragged heads and a window) against the float32 reference."""
+    g = torch.Generator().manual_seed(bits)
+    stores = []
+    for h in range(3):
+        st = HeadStore(B, D, torch.bfloat16, torch.device("cuda"), QuantConfig(bits, 32, 32), True)
+        st.append(torch.randn(B, 500, D, generator=g).to("cuda", torch.bfloat16),
+                  torch.randn(B, 500, D, generator=g).to("cuda", torch.bfloat16), torch.arange(500, device="cuda"))
+        if h:
+            st.keep(torch.cat([torch.arange(0, 500 - TQ_DENSE, h + 1), torch.arange(500 - TQ_DENSE, 500)]).cuda())
+        stores.append(st)
+    q = torch.randn(B, 6, TQ_DENSE, D, generator=g).to("cuda", torch.bfloat16)
+    q_pos = torch.arange(500 - TQ_DENSE, 500, device="cuda")
+    got = layer_attention(q, stores, q_pos, 0.125, window=300, block=64)
+    want = reference(q.float().cpu(), [_to_cpu(st) for st in stores], q_pos.cpu(), 0.125, 300)
+    torch.testing.assert_close(got.float().cpu(), want, atol=2e-2, rtol=2e-2)
+
+
+def _to_cpu(st):
+    """A CPU view of a CUDA store for the reference: its dense tensors and positions."""
+    k, v = st.dense(torch.float32)
+    cpu = HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(None), True)
+    cpu.append(k.cpu(), v.cpu(), st.positions().cpu())
+    return cpu
