@@ -10,7 +10,7 @@ Everything version-specific lives here:
 - An attention function is registered through the public ``AttentionInterface`` under
   :data:`ATTN_NAME` (and transformers' SDPA mask under the same name in ``AttentionMaskInterface``).
   A compressed layer's ``update`` returns the forward's own new key tensor; the attention function
-  recognises that exact tensor object and runs the block-wise attention of the layer that returned
+  recognises that exact tensor object and runs the attention (``kv/attention.py``) of the layer that returned
   it. Any other call (a plain ``DynamicCache``, a passthrough layer, no cache) goes to transformers'
   own SDPA attention unchanged, so a model switched to :data:`ATTN_NAME` computes bit-identical
   outputs whenever nothing is compressed.
