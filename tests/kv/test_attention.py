@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from memvisor.kv.attention import DENSE_MIN_QUERIES, layer_attention
-from memvisor.kv.storage import HeadStore, QuantConfig
+from memvisor.kv.storage import HeadStore, QuantConfig, StackedHeads
 
 B, D = 1, 64
 
@@ -165,7 +165,6 @@ def test_prefill_block_window_per_head_positions():
     for st in stores:
         keep = torch.sort(torch.randperm(600 - TQ_DENSE, generator=g)[:300]).values
         st.keep(torch.cat([keep, torch.arange(600 - TQ_DENSE, 600)]))
-    from memvisor.kv.storage import StackedHeads
     assert StackedHeads.compatible(stores)
     assert not torch.equal(stores[0].positions(), stores[1].positions())
     q = torch.randn(B, 6, TQ_DENSE, D)

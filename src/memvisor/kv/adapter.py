@@ -10,9 +10,9 @@ Everything version-specific lives here:
 - An attention function is registered through the public ``AttentionInterface`` under
   :data:`ATTN_NAME` (and transformers' SDPA mask under the same name in ``AttentionMaskInterface``).
   A compressed layer's ``update`` returns the forward's own new key tensor; the attention function
-  recognises that exact tensor object and runs the attention (``kv/attention.py``) of the layer that returned
-  it. Any other call (a plain ``DynamicCache``, a passthrough layer, no cache) goes to transformers'
-  own SDPA attention unchanged, so a model switched to :data:`ATTN_NAME` computes bit-identical
+  recognises that exact tensor object and runs the attention (``kv/attention.py``) of the layer that
+  returned it. Any other call (a plain ``DynamicCache``, a passthrough layer, no cache) goes to
+  transformers' own SDPA attention unchanged, so a model switched to :data:`ATTN_NAME` computes bit-identical
   outputs whenever nothing is compressed.
 - :func:`cache_kwarg`: the forward argument naming the cache (``past_key_values`` up to 5.2x,
   ``cache`` in later releases, where the old name is deprecated).

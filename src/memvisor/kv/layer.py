@@ -3,8 +3,9 @@
 A forward through one attention layer calls, in order (the adapter wires these to transformers):
 1. :meth:`LayerCore.update` with the forward's new keys/values ``[B, Hkv, Tq, D]`` (post-RoPE);
 2. :meth:`LayerCore.attend` with the queries ``[B, Hq, Tq, D]``: attention over the stored tokens
-   (block-wise for decode steps, one SDPA call for prefill blocks: ``kv/attention.py``), then the policy observes the queries, tokens that left a sliding window are
-   dropped, the layer is compressed to its budget, and full groups of the residual are quantized.
+   (block-wise for decode steps, one SDPA call for prefill blocks: ``kv/attention.py``), then the
+   policy observes the queries, tokens that left a sliding window are dropped, the layer is
+   compressed to its budget, and full groups of the residual are quantized.
 
 "Passthrough" layers (no quantization, no budget, no policy) store full precision tensors and
 ``update`` returns the whole history like transformers' DynamicLayer / DynamicSlidingWindowLayer,
