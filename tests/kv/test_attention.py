@@ -199,3 +199,30 @@ def _to_cpu(st):
     cpu = HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(None), True)
     cpu.append(k.cpu(), v.cpu(), st.positions().cpu())
     return cpu
+
+
+def test_prefill_block_ragged_heads_window_batch_and_scaling():
+    """Ragged heads under a window, two batch rows and a scaling that is not SDPA's default 1/sqrt(D)."""
+    n = 500
+    g = torch.Generator().manual_seed(21)
+    stores = []
+    for h in range(3):
+        st = HeadStore(2, D, torch.float32, torch.device("cpu"), QuantConfig(4, 32, 32), True)
+        st.append(torch.randn(2, n, D, generator=g), torch.randn(2, n, D, generator=g), torch.arange(n))
+        if h:
+            st.keep(torch.cat([torch.arange(0, n - TQ_DENSE, h + 1), torch.arange(n - TQ_DENSE, n)]))
+        stores.append(st)
+    assert len({len(st) for st in stores}) == 3
+    q = torch.randn(2, 6, TQ_DENSE, D, generator=g)
+    q_pos = torch.arange(n - TQ_DENSE, n)
+    got = layer_attention(q, stores, q_pos, 0.3, window=220, block=64)
+    want = torch.cat([reference(q[b:b + 1], [_row(st, b) for st in stores], q_pos, 0.3, 220) for b in range(2)])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def _row(st, b):
+    """Batch row ``b`` of a store as a one-row full-precision store (for the one-row reference)."""
+    k, v = st.dense(torch.float32)
+    one = HeadStore(1, D, torch.float32, torch.device("cpu"), QuantConfig(None), True)
+    one.append(k[b:b + 1], v[b:b + 1], st.positions())
+    return one

@@ -1,8 +1,8 @@
-"""Block-wise attention over ragged, possibly quantized per-head storage (the CPU reference path).
+"""Attention over ragged, possibly quantized per-head storage (the torch path, CPU and GPU).
 
-The history of each KV head is read ``block`` tokens at a time (dequantized per block for KIVI
-storage) with an online softmax (running max ``m``, normaliser ``l``, accumulator ``acc``, as in
-FlashAttention), so a decode step never materialises the whole history in floating point.
+For decode steps the history of each KV head is read ``block`` tokens at a time (dequantized per block
+for KIVI storage) with an online softmax (running max ``m``, normaliser ``l``, accumulator ``acc``, as
+in FlashAttention), so a decode step never materialises the whole history in floating point.
 
 Masking is computed here from storage indices, not from transformers' mask: heads and layers may
 hold different token counts after eviction, which one shared mask cannot describe. Rules, for the
@@ -12,11 +12,13 @@ hold different token counts after eviction, which one shared mask cannot describ
 Padding of a batch (left-padded prompts) is not supported on this path: use batch rows of equal
 length.
 
-A forward of many queries (a prefill block: ``Tq >= DENSE_MIN_QUERIES``) instead reads the history once,
-dequantized in the query's dtype, and runs one ``scaled_dot_product_attention`` with the same masks
-(:func:`sdpa_attention`): the block loop's float32 products cost ~10x a bf16 SDPA on the CPU, and its
-per-query saving (never holding the history in floating point) does not matter when hundreds of queries
-share one read. The price is a transient copy of one layer's history (at most one layer at a time).
+A forward of many queries (a prefill block: ``Tq >= DENSE_MIN_QUERIES``, no softcap) instead reads the
+history once, dequantized in the query's dtype, and runs ``scaled_dot_product_attention`` with the same
+masks (:func:`sdpa_attention`; one call for heads of equal layout, one per KV head when they are ragged):
+the block loop's float32 products cost ~10x a bf16 SDPA on the CPU, and its per-query saving (never holding
+the history in floating point) does not matter when hundreds of queries share one read. The price is
+transient: one layer's dequantized history (twice for a moment, while the blocks are joined) and a
+boolean mask, freed before the next layer runs.
 """
 
 from __future__ import annotations
@@ -108,7 +110,9 @@ def sdpa_attention(query: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor
             raise ValueError("a sliding-window head must store token positions")
         pos = torch.cat(ps, -1)  # [Hkv, n]
         in_window = pos.unsqueeze(1) > (q_pos.view(1, Tq, 1) - window)  # [Hkv, Tq, n]
-        allowed = (allowed.unsqueeze(0) & in_window).repeat_interleave(Hq // Hkv, 0)  # [Hq, Tq, n]
+        # [1, Hq, Tq, n]: the CPU's fused kernel takes 2-D or 4-D masks only (a 3-D one falls back to the
+        # math kernel, 4.5x slower on a Gemma 3 sliding layer's prefill block).
+        allowed = (allowed.unsqueeze(0) & in_window).repeat_interleave(Hq // Hkv, 0).unsqueeze(0)
     return F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling, enable_gqa=Hq != Hkv)
 
 

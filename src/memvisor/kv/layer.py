@@ -3,7 +3,7 @@
 A forward through one attention layer calls, in order (the adapter wires these to transformers):
 1. :meth:`LayerCore.update` with the forward's new keys/values ``[B, Hkv, Tq, D]`` (post-RoPE);
 2. :meth:`LayerCore.attend` with the queries ``[B, Hq, Tq, D]``: attention over the stored tokens
-   (block-wise for decode steps, one SDPA call for prefill blocks: ``kv/attention.py``), then the
+   (block-wise for decode steps, SDPA for prefill blocks: ``kv/attention.py``), then the
    policy observes the queries, tokens that left a sliding window are dropped, the layer is
    compressed to its budget, and full groups of the residual are quantized.
 
@@ -31,8 +31,9 @@ class LayerConfig:
     """Everything one layer needs. window: sliding window (tokens) or None for full attention;
     budget_bytes: byte cap of the layer between forwards (None = unbounded); slack: head-tokens
     evicted below the cap each time the cap is hit, so eviction runs every ``slack`` decode steps
-    rather than every step; block: tokens per block of the attention loop; fused_decode: decode
-    steps on CUDA run the fused Triton kernel where the layer qualifies (kv.gpu.cache_path)."""
+    rather than every step; block: tokens per block of the attention loop (and of the dequantization
+    before a prefill block's SDPA call); fused_decode: decode steps on CUDA run the fused Triton
+    kernel where the layer qualifies (kv.gpu.cache_path)."""
 
     layer_idx: int
     window: int | None
