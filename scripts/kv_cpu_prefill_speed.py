@@ -3,7 +3,8 @@ transformers' DynamicCache.
 
     python scripts/kv_cpu_prefill_speed.py [--tokens 4096] [--budgets 4,8] [--rounds 3] [--model smollm2]
 
-The model in bf16, 2 torch threads (as `memvisor bench kv`), one random-token context. DynamicCache is
+The model in bf16, 2 torch threads (as `memvisor bench kv`), one random-token context; budgets are fractions
+of the uncompressed bf16 DynamicCache's bytes after that context, as in the bench. DynamicCache is
 prefilled in one forward and in 512-token blocks; the compressed cache block-wise under the planner's
 recipe at each budget, once with prefill blocks through one SDPA call over the dequantized history
 (`memvisor.kv.attention.DENSE_MIN_QUERIES`, the default) and once through the block-wise float32 loop
@@ -20,7 +21,8 @@ from transformers import DynamicCache
 
 import memvisor.kv.attention as kv_attention
 from memvisor.kv import CacheSpec, CompressedCache, load_local_model
-from memvisor.kv.adapter import cache_kwarg, kv_shape
+from memvisor.bench.kv_metrics import cache_bytes
+from memvisor.kv.adapter import cache_kwarg
 from memvisor.kv.prefill import forward_blocks, prefill_blockwise
 
 
@@ -37,8 +39,6 @@ def main() -> None:
     model, _tok = load_local_model(args.model, dtype=torch.bfloat16)
     key = cache_kwarg(model)
     ids = torch.randint(100, 20000, (1, args.tokens), generator=torch.Generator().manual_seed(0))
-    layers, heads, dim = kv_shape(model.config)
-    full = 2 * layers * heads * dim * 2 * args.tokens  # bf16 bytes of every token in every layer
     dense_min = kv_attention.DENSE_MIN_QUERIES
 
     def dynamic(block: int | None):
@@ -64,7 +64,12 @@ def main() -> None:
     for b in args.budgets.split(","):
         methods[f"auto {b}x, SDPA prefill"] = compressed(float(b), True)
         methods[f"auto {b}x, block loop"] = compressed(float(b), False)
-    dynamic(None)()  # warm-up
+    # The budgets are fractions of the bf16 DynamicCache's real bytes after this context, as in the bench
+    # (Gemma 3's sliding layers hold only their window).
+    warm = DynamicCache(config=model.config)
+    model(input_ids=ids, use_cache=True, logits_to_keep=1, **{key: warm})  # also the warm-up
+    full = cache_bytes(warm)
+    del warm
     best: dict[str, float] = {}
     for r in range(args.rounds):
         for name, run in methods.items():
