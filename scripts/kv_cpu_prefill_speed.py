@@ -20,8 +20,8 @@ import torch
 from transformers import DynamicCache
 
 import memvisor.kv.attention as kv_attention
-from memvisor.kv import CacheSpec, CompressedCache, load_local_model
 from memvisor.bench.kv_metrics import cache_bytes
+from memvisor.kv import CacheSpec, CompressedCache, load_local_model
 from memvisor.kv.adapter import cache_kwarg
 from memvisor.kv.prefill import forward_blocks, prefill_blockwise
 
