@@ -189,16 +189,19 @@ def test_prefill_block_on_cuda_matches_the_float32_reference(bits):
     q = torch.randn(B, 6, TQ_DENSE, D, generator=g).to("cuda", torch.bfloat16)
     q_pos = torch.arange(500 - TQ_DENSE, 500, device="cuda")
     got = layer_attention(q, stores, q_pos, 0.125, window=300, block=64)
-    want = reference(q.float().cpu(), [_to_cpu(st) for st in stores], q_pos.cpu(), 0.125, 300)
+    want = reference(q.float().cpu(), [_dense_copy(st) for st in stores], q_pos.cpu(), 0.125, 300)
     torch.testing.assert_close(got.float().cpu(), want, atol=2e-2, rtol=2e-2)
 
 
-def _to_cpu(st):
-    """A CPU view of a CUDA store for the reference: its dense tensors and positions."""
-    k, v = st.dense(torch.float32)
-    cpu = HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(None), True)
-    cpu.append(k.cpu(), v.cpu(), st.positions().cpu())
-    return cpu
+def _dense_copy(st, row=None):
+    """A full-precision CPU store holding ``st``'s dequantized tokens and positions (batch row ``row`` only,
+    when given): the reference's input for stores on another device or with several rows."""
+    k, v = (x.cpu() for x in st.dense(torch.float32))
+    if row is not None:
+        k, v = k[row:row + 1], v[row:row + 1]
+    copy = HeadStore(k.shape[0], D, torch.float32, torch.device("cpu"), QuantConfig(None), True)
+    copy.append(k, v, st.positions().cpu())
+    return copy
 
 
 def test_prefill_block_ragged_heads_window_batch_and_scaling():
@@ -216,13 +219,5 @@ def test_prefill_block_ragged_heads_window_batch_and_scaling():
     q = torch.randn(2, 6, TQ_DENSE, D, generator=g)
     q_pos = torch.arange(n - TQ_DENSE, n)
     got = layer_attention(q, stores, q_pos, 0.3, window=220, block=64)
-    want = torch.cat([reference(q[b:b + 1], [_row(st, b) for st in stores], q_pos, 0.3, 220) for b in range(2)])
+    want = torch.cat([reference(q[b:b + 1], [_dense_copy(st, b) for st in stores], q_pos, 0.3, 220) for b in range(2)])
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-
-
-def _row(st, b):
-    """Batch row ``b`` of a store as a one-row full-precision store (for the one-row reference)."""
-    k, v = st.dense(torch.float32)
-    one = HeadStore(1, D, torch.float32, torch.device("cpu"), QuantConfig(None), True)
-    one.append(k[b:b + 1], v[b:b + 1], st.positions())
-    return one

@@ -15,7 +15,7 @@ length.
 A forward of many queries (a prefill block: ``Tq >= DENSE_MIN_QUERIES``, no softcap) instead reads the
 history once, dequantized in the query's dtype, and runs ``scaled_dot_product_attention`` with the same
 masks (:func:`sdpa_attention`; one call for heads of equal layout, one per KV head when they are ragged):
-the block loop's float32 products cost ~10x a bf16 SDPA on the CPU, and its per-query saving (never holding
+the block loop's float32 products cost ~8x a bf16 SDPA on the CPU (`scripts/kv_sdpa_probe.py`), and its per-query saving (never holding
 the history in floating point) does not matter when hundreds of queries share one read. The price is
 transient: one layer's dequantized history (twice for a moment, while the blocks are joined) and a
 boolean mask, freed before the next layer runs.
@@ -111,7 +111,7 @@ def sdpa_attention(query: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor
         pos = torch.cat(ps, -1)  # [Hkv, n]
         in_window = pos.unsqueeze(1) > (q_pos.view(1, Tq, 1) - window)  # [Hkv, Tq, n]
         # [1, Hq, Tq, n]: the CPU's fused kernel takes 2-D or 4-D masks only (a 3-D one falls back to the
-        # math kernel, 4.5x slower on a Gemma 3 sliding layer's prefill block).
+        # math kernel, ~5x slower on a Gemma 3 sliding layer's prefill block: `scripts/kv_sdpa_probe.py`).
         allowed = (allowed.unsqueeze(0) & in_window).repeat_interleave(Hq // Hkv, 0).unsqueeze(0)
     return F.scaled_dot_product_attention(query, k, v, attn_mask=allowed, scale=scaling, enable_gqa=Hq != Hkv)
 
