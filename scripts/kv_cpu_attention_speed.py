@@ -6,11 +6,14 @@ SmolLM2's layer shape (3 KV heads, 3 query heads each, head dim 64, batch 1), bf
 tokens, KIVI-4 and KIVI-2 at group 32, over a 2,048-token history either fresh (every key group
 whole) or after StreamingLLM's eviction (4 sinks + the newest 1,448: partly evicted key groups, the
 state of the planner's recipes). Prints the median over ``--rounds`` of the mean over ``--reps``
-calls, in µs. For an A/B, run it alternately with ``PYTHONPATH=OTHER_TREE/src``.
+calls, in µs. Then the time of one StreamingLLM eviction of one head in that evicted state (``HeadStore.keep``
+of the sinks and all but the 1-3 oldest other tokens, which re-packs the key codes). For an A/B, run it
+alternately with ``PYTHONPATH=OTHER_TREE/src``.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -51,6 +54,20 @@ def main() -> None:
                 times.append((time.perf_counter() - t0) / args.reps * 1e6)
             state = "evicted (4 sinks + newest)" if evicted else "fresh"
             print(f"KIVI-{bits} {state:27s} {len(stores[0])} tokens/head: {sorted(times)[len(times) // 2]:7.0f} us")
+    for bits in (4, 2):
+        st = layer_state(bits, True)[0]
+        times = []
+        for _ in range(args.rounds):
+            t = 0.0
+            for i in range(args.reps):
+                head = copy.copy(st)  # keep() replaces tensors, never changes them in place
+                idx = torch.cat([torch.arange(4), torch.arange(5 + i % 3, len(st))])
+                t0 = time.perf_counter()
+                head.keep(idx)
+                t += time.perf_counter() - t0
+            times.append(t / args.reps * 1e6)
+        median = sorted(times)[len(times) // 2]
+        print(f"KIVI-{bits} eviction of 1-3 tokens (keep), one head of {len(st)}: {median:7.0f} us")
 
 
 if __name__ == "__main__":

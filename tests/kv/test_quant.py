@@ -14,7 +14,7 @@ def test_pack_unpack_roundtrip_any_length(bits, dim):
         shape = (2, 3, n, 5) if dim == -2 else (2, 3, 5, n)
         codes = torch.randint(0, 1 << bits, shape, generator=g, dtype=torch.uint8)
         packed = quant.pack(codes, bits, dim)
-        assert packed.dtype == torch.uint8
+        assert packed.dtype == torch.uint8 and packed.is_contiguous()
         assert packed.shape[dim] == -(-n * bits // 8)
         assert torch.equal(quant.unpack(packed, bits, dim, n), codes)
 

@@ -245,23 +245,25 @@ class HeadStore:
                 self.k_sink, self.v_sink = self.k_sink[:, si], self.v_sink[:, si]
             idx = idx[idx >= ns] - ns
         qi, ri = idx[idx < self.nq], idx[idx >= self.nq] - self.nq
-        self.k_res, self.v_res = self.k_res[:, ri], self.v_res[:, ri]
+        # index_select, not advanced indexing: the same rows, 2-14x faster for these tensors on the CPU (ad hoc timing)
+        self.k_res, self.v_res = self.k_res.index_select(1, ri), self.v_res.index_select(1, ri)
         if self.q.bits is None:
             if self.channels is not None:
-                self.k_old, self.v_old = self.k_old[:, qi], self.v_old[:, qi]
+                self.k_old, self.v_old = self.k_old.index_select(1, qi), self.v_old.index_select(1, qi)
                 self.nq = int(qi.numel())
             return
         if self.nq == 0:
             return
         b = self.q.bits
-        codes = quant.unpack(self.k_codes, b, dim=1, n=self.nq)[:, qi]
+        codes = quant.unpack(self.k_codes, b, dim=1, n=self.nq).index_select(1, qi)
         gid = self.group_of_tokens(0, self.nq)[qi]
         counts = torch.bincount(gid, minlength=self.group_sizes.numel())
         live = torch.nonzero(counts).flatten()
         self.k_codes = quant.pack(codes, b, dim=1)
-        self.k_scale, self.k_zero = self.k_scale[:, live], self.k_zero[:, live]
+        self.k_scale, self.k_zero = self.k_scale.index_select(1, live), self.k_zero.index_select(1, live)
         self.group_sizes = counts[live].to(torch.int16)
-        self.v_codes, self.v_scale, self.v_zero = self.v_codes[:, qi], self.v_scale[:, qi], self.v_zero[:, qi]
+        self.v_codes, self.v_scale, self.v_zero = (t.index_select(1, qi)
+                                                    for t in (self.v_codes, self.v_scale, self.v_zero))
         self.nq = int(qi.numel())
 
     def compact(self, slack: float = 1.5) -> bool:
