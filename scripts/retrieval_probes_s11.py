@@ -9,6 +9,8 @@ tokens (NOTES.md, session 11).
                                                      # conversations' evidence (leave-one-conversation-out)
     python scripts/retrieval_probes_s11.py lm        # expansion terms from a local LM's next-token
                                                      # distribution (Gemma 3 270M, SmolLM2), weighted BM25
+    python scripts/retrieval_probes_s11.py bound     # the most the rendering can cost: no session
+                                                     # headers and no speaker names (no third list)
 
 Reads questions' evidence only to score and (adapter) to train on the other conversations.
 """
@@ -189,5 +191,17 @@ def lm_probe():
                 sweep(f"lm {'+'.join(models)} {'+'.join(prompts)} top {topk}", extra)
 
 
+# ---------------------------------------------------------------- rendering bound
+def bound_probe():
+    report("default")
+    sp.HEADER = 0
+    report("no session headers")
+    for cv in sp.D["convs"].values():
+        for t in cv["turns"].values():
+            t["cost"] = t["cost_ns"]
+    report("no session headers, no speaker names")
+
+
 if __name__ == "__main__":
-    {"words": words_probe, "adapter": adapter_probe, "lm": lm_probe}[sys.argv[1] if len(sys.argv) > 1 else "words"]()
+    probes = {"words": words_probe, "adapter": adapter_probe, "lm": lm_probe, "bound": bound_probe}
+    probes[sys.argv[1] if len(sys.argv) > 1 else "words"]()
