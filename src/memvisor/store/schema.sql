@@ -50,6 +50,9 @@ CREATE TABLE IF NOT EXISTS item_keys (
     namespace TEXT NOT NULL, key TEXT NOT NULL, id TEXT NOT NULL,
     PRIMARY KEY (namespace, key)
 );
+-- A delete finds its memory's keys by id (without this: a scan of the namespace's keys, 0.18 s at 100k).
+-- Added after release 1's first stores: IF NOT EXISTS builds it on their next open.
+CREATE INDEX IF NOT EXISTS item_keys_by_id ON item_keys (namespace, id);
 
 CREATE VIRTUAL TABLE IF NOT EXISTS items_fts USING fts5 (
     text, context, content='items', content_rowid='rid', tokenize='porter unicode61 remove_diacritics 2'

@@ -268,7 +268,7 @@ class SQLiteStore:
         """What is still on disk of deleted rows goes too, once per close for the namespaces marked by a
         delete (not per delete: a rewrite costs ~0.9 s at 10k memories): FTS5 keeps deleted words in its
         segments until they merge ('optimize' rewrites them; SQLite 3.44's secure-delete option would avoid
-        it), a saved ANN index keeps removed vectors (`VectorIndex.save` rebuilds it from the live keys), and
+        it), a saved ANN index keeps removed vectors (`VectorIndex.save` overwrites their slots first), and
         the WAL keeps old page images until a truncating checkpoint."""
         marks = [r[0] for r in self.db.execute("SELECT key FROM meta WHERE substr(key, 1, ?) = ?",
                                                (len(SCRUB_MARK), SCRUB_MARK))]

@@ -16,6 +16,11 @@ from usearch.index import Index
 
 # Below this many vectors an exhaustive scan is as fast as the graph and exact.
 EXACT_BELOW = 20_000
+# A save after removals overwrites the freed slots (see `_scrub_free_slots`) unless they exceed this share
+# of the live vectors: then a rebuild costs about as much, and it gives their space and graph back.
+COMPACT_SHARE = 0.25
+# Filler keys sit above every SQLite rowid (int64), so they can never name a memory.
+FILLER_KEYS = np.uint64(2**63)
 
 
 class VectorIndex:
@@ -70,9 +75,28 @@ class VectorIndex:
             self.dirty += len(present)
             self.removed += len(present)
 
+    def _scrub_free_slots(self) -> None:
+        """Leave no removed vector in memory (and so in the next saved file). usearch's remove only frees a
+        node's slot, its vector stays, and a deleted memory must not; an add takes a free slot before it
+        grows the index, overwriting the vector there. So filler vectors (random, under keys no memory can
+        have) are added into every free slot and removed again: the cost follows the removals (a rebuild's
+        follows the whole index, ~5k vectors/s on 2 cores), the file keeps its size. Many free slots: rebuild."""
+        slots = self._index.stats.nodes  # live and free
+        free = slots - len(self._index)
+        if free <= 0:
+            return
+        if free > COMPACT_SHARE * len(self._index):
+            self._index = self._compacted()
+            return
+        keys = FILLER_KEYS + np.arange(free, dtype=np.uint64)
+        filler = np.random.default_rng(free).standard_normal((free, self.dim)).astype(np.float32)
+        self._index.add(keys, filler, threads=0)
+        self._index.remove(keys)
+        if self._index.stats.nodes != slots:  # an add appended instead of reusing: usearch changed; be safe
+            self._index = self._compacted()
+
     def _compacted(self) -> Index:
-        """A fresh index of the live keys: usearch's remove only unlinks a node, its vector stays in the
-        saved file, and a deleted memory must not (rebuild cost: about 5k vectors/s on 2 cores)."""
+        """A fresh index of the live keys only."""
         fresh = self._new()
         keys = np.asarray(self._index.keys, dtype=np.uint64)
         if len(keys):
@@ -85,12 +109,14 @@ class VectorIndex:
         if n == 0 or count <= 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         matches = self._index.search(query.astype(np.float32), min(count, n), exact=n <= EXACT_BELOW, threads=1)
-        return matches.keys.astype(np.int64), (1.0 - matches.distances).astype(np.float32)
+        real = matches.keys < FILLER_KEYS  # a search from another thread during a scrub may meet filler
+        return matches.keys[real].astype(np.int64), (1.0 - matches.distances[real]).astype(np.float32)
 
     def save(self) -> None:
         """Write the index then its state, each atomically (write aside, rename)."""
         if self.removed:
-            self._index, self.removed = self._compacted(), 0
+            self._scrub_free_slots()
+            self.removed = 0
         tmp = self._path.with_suffix(".usearch.tmp")
         self._index.save(str(tmp))
         os.replace(tmp, self._path)
