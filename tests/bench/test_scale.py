@@ -44,6 +44,8 @@ def test_scale_command_writes_json_and_table(tmp_path):
     assert run["search_ms"]["p95"] >= run["search_ms"]["p50"] > 0
     assert run["context_ms"]["p50"] > 0 and run["peak_rss_mb"] > 0
     assert run["source_in_top10"] > 0.2  # the query's own memory is usually found
+    assert run["user_search_ms"]["p95"] >= run["user_search_ms"]["p50"] > 0  # searched within its user
+    assert run["user_source_in_top10"] > 0.2
     assert "| memvisor | 300 |" in (out / "scale.md").read_text()
     from memvisor import Memory
 
@@ -56,3 +58,4 @@ def test_scale_command_writes_json_and_table(tmp_path):
     (again,) = json.loads((out / "scale.json").read_text())["runs"]
     assert again["reused_store"] and again["ingest_per_s"] == run["ingest_per_s"]
     assert again["search_ms"]["p50"] > 0 and again["source_in_top10"] == run["source_in_top10"]
+    assert "--reuse" in (out / "scale.md").read_text()  # the recorded command reproduces the run

@@ -180,7 +180,8 @@ def register(bench_app: typer.Typer) -> None:
         """Ingest throughput, search/context latency, RSS and disk per memory at growing sizes."""
         from memvisor.bench.scale import run_scale
 
-        cmd = _command("scale", n=n, systems=systems, mem0_max=mem0_max, queries=queries, seed=seed, out=out)
+        cmd = _command("scale", n=n, systems=systems, mem0_max=mem0_max, queries=queries, seed=seed, out=out,
+                       keep=keep, reuse=reuse)
         run_scale(_ints(n, "--n"), out, [s for s in systems.split(",") if s], mem0_max=mem0_max,
                   queries=queries, mem0_python=mem0_python, seed=seed, command=cmd, keep=keep, reuse=reuse)
         typer.echo((out / "scale.md").read_text())

@@ -88,13 +88,15 @@ def markdown(results: dict) -> str:
              f"Machine: {results['machine']}; date {results['date']}.", ""]
     lines += [f"Command: `{c}`" for c in results.get("commands", [])]
     lines += ["", "| system | n | ingest /s | search p50 / p95 / p99 ms | context p50 / p95 ms (1,024 tok) "
-                  "| source in top 10 | peak RSS MiB | disk B / memory | load avg (1 min) start, end |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "| source in top 10 | one user's search p50 / p95 ms | peak RSS MiB | disk B / memory "
+                  "| load avg (1 min) start, end |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
-        s, c = r["search_ms"], r["context_ms"]
+        s, c, u = r["search_ms"], r["context_ms"], r.get("user_search_ms") or {}
         lines.append(f"| {r['system']} | {r['n']:,} | {_f(r['ingest_per_s'], 0)} | {_f(s['p50'])} / "
                      f"{_f(s['p95'])} / {_f(s['p99'])} | {_f(c['p50'])} / {_f(c['p95'])} | "
-                     f"{_f(r['source_in_top10'], 2)} | {_f(r['peak_rss_mb'], 0)} | "
+                     f"{_f(r['source_in_top10'], 2)} | {_f(u.get('p50'))} / {_f(u.get('p95'))} | "
+                     f"{_f(r['peak_rss_mb'], 0)} | "
                      f"{_f(r['disk_bytes_per_memory'], 0)} | "
                      f"{(r.get('load_average_start') or ['–'])[0]}, {(r.get('load_average_end') or ['–'])[0]} |")
     by = {(r["system"], r["n"]): r for r in runs}

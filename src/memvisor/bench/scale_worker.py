@@ -54,7 +54,7 @@ def run_memvisor(records, queries, home: Path, progress, reuse: bool = False) ->
     rss_after_ingest = current_rss_mb()
     for q in queries[:WARMUP]:
         m.search(q.text, namespace="scale", k=K)
-    search, context, hit = [], [], 0
+    search, context, hit, scoped, scoped_hit = [], [], 0, [], 0
     for q in queries:
         t0 = time.perf_counter()
         hits = m.search(q.text, namespace="scale", k=K)
@@ -63,9 +63,14 @@ def run_memvisor(records, queries, home: Path, progress, reuse: bool = False) ->
         t0 = time.perf_counter()
         m.context(q.text, namespace="scale", budget_tokens=BUDGET)
         context.append(time.perf_counter() - t0)
+        # The usual call of an assistant serving many users: search one user's memories.
+        t0 = time.perf_counter()
+        hits = m.search(q.text, namespace="scale", k=K, user=records[q.target]["user"])
+        scoped.append(time.perf_counter() - t0)
+        scoped_hit += any(h.item.metadata.get("n") == q.target for h in hits)
     m.close()
     return {"ingest_seconds": ingest, "search": search, "context": context, "hit": hit,
-            "rss_after_ingest_mb": rss_after_ingest}
+            "user_search": scoped, "user_hit": scoped_hit, "rss_after_ingest_mb": rss_after_ingest}
 
 
 def run_mem0(records, queries, home: Path, progress, bm25: bool = True) -> dict:
@@ -162,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         "context_ms": percentiles_ms(r["context"]),
         "search_k": K, "context_budget_tokens": BUDGET,
         "source_in_top10": round(r["hit"] / max(1, a.queries), 3),
+        "user_search_ms": percentiles_ms(r["user_search"]) if "user_search" in r else None,
+        "user_source_in_top10": round(r["user_hit"] / max(1, a.queries), 3) if "user_hit" in r else None,
         "peak_rss_mb": peak_rss_mb(),
         "rss_before_mb": rss_before,
         "rss_after_ingest_mb": r["rss_after_ingest_mb"],

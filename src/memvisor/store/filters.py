@@ -32,6 +32,13 @@ class Filters:
             if not isinstance(key, str) or not key.replace("_", "").replace("-", "").isalnum():
                 raise InvalidInput(f"metadata filter key {key!r} must be letters, digits, '_' or '-'")
 
+    @property
+    def narrows(self) -> bool:
+        """Whether more than the namespace's current rows are filtered out (a scope, kind, metadata or
+        time-travel filter): then the admitted rows may be few enough to read first."""
+        return bool(self.user is not None or self.agent is not None or self.session is not None or self.kinds
+                    or self.metadata or self.as_of or self.known_at)
+
     def where(self, alias: str = "items") -> tuple[str, list[Any]]:
         """A SQL condition on the items table (aliased `alias`) and its parameters."""
         a = alias

@@ -1,5 +1,6 @@
-"""A delete looks up its memory's idempotency keys by id through an index (a scan of the namespace's keys
-took 0.18 s per delete at 100k memories), and stores written before that index existed gain it on open."""
+"""The statements that would otherwise scan a namespace use an index, and stores written before an index
+existed gain it on open: a delete looks up its memory's idempotency keys by id (a scan took 0.18 s per
+delete at 100k memories); a scoped search reads the scope's rows (`SQLiteStore.admitted_vectors`)."""
 from __future__ import annotations
 
 import sqlite3
@@ -28,3 +29,16 @@ def test_delete_finds_keys_by_id_through_an_index_also_in_older_stores(tmp_path)
         assert [r["id"] for r in m.store.db.execute("SELECT id FROM item_keys")] == [kept.id]
         again = m.add("the otter swims in the river", namespace="n", key="b")  # the key is free again
         assert again.id != gone.id
+
+
+def test_a_scoped_search_reads_its_scope_through_the_scope_index(tmp_path):
+    from memvisor.store.filters import Filters
+
+    with Memory(tmp_path / "home") as m:
+        m.add("the heron fishes at the pond", namespace="n", user="ana", session="s1", agent="bot")
+        for column, filters in (("user", Filters("n", user="ana")), ("session", Filters("n", session="s1")),
+                                ("agent", Filters("n", agent="bot"))):
+            where, args = filters.where()
+            plan = " ".join(r[-1] for r in m.store.db.execute(
+                f"EXPLAIN QUERY PLAN SELECT items.rid FROM items WHERE {where}", args))
+            assert f"items_{column}" in plan, plan
