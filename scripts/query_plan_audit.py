@@ -41,6 +41,7 @@ def main(source: Path):
             "search as_of": lambda: m.search("camera lens", namespace=ns, as_of=row["valid_from"]),
             "search known_at": lambda: m.search("camera lens", namespace=ns, known_at="2026-01-01T00:00:00Z"),
             "context": lambda: m.context("camera lens in Lyon", namespace=ns),
+            "context user": lambda: m.context("camera lens in Lyon", namespace=ns, user=row["user_id"]),
             "invalidate": lambda: m.invalidate(row["id"], namespace=ns, at="2099-01-01T00:00:00Z"),
             "delete": lambda: m.delete(row["id"], namespace=ns),
         }
