@@ -173,3 +173,29 @@ def test_policies_that_skip_the_history_score_from_shapes_alone(name):
     empty = torch.empty(B, Hkv, T, 0)
     assert torch.equal(pol.scores(empty, empty, lengths=lengths), dense)
     assert {n for n in TOKEN_POLICIES if not make_policy(n).scores_use_kv} == {"streaming", "h2o", "scissorhands"}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_select_without_sorting_keeps_what_the_full_sort_keeps(seed):
+    """``select`` drops the lowest-scored unprotected tokens through the n-th smallest score when every
+    protected token fits; the full lexicographic sort (protected, score, newer) is the reference. Scores
+    drawn from a few values make ties (where the older token must go first), lengths make padding, and
+    some budgets fall below the protected count (the sort path)."""
+    from memvisor.kv.policies.base import _keep_by_sort
+
+    g = torch.Generator().manual_seed(seed)
+    H, T = 4, int(torch.randint(1, 300, (1,), generator=g))
+    scores = torch.randint(0, 1 + seed % 7, (H, T), generator=g).float() * (1 if seed % 2 else 0.37)
+    if seed % 5 == 0:
+        scores[0, :T // 2] = float("-inf")  # a policy may score stored tokens -inf
+    lengths = torch.randint(0, T + 1, (H,), generator=g) if seed % 3 else None
+    protected = torch.rand(H, T, generator=g) < (0.05 * (seed % 4))
+    budget = torch.randint(0, T + 2, (H,), generator=g)
+    got = select(scores, protected, budget, lengths=lengths)
+    valid = torch.arange(T).unsqueeze(0) < (lengths if lengths is not None else torch.full((H,), T)).unsqueeze(1)
+    for h in range(H):
+        n_valid = int(valid[h].sum())
+        want = (torch.nonzero(valid[h]).flatten() if int(budget[h]) >= n_valid else
+                _keep_by_sort(scores[h].double(), valid[h], protected[h] & valid[h], int(budget[h]),
+                              torch.arange(T - 1, -1, -1)))
+        assert torch.equal(got[h], want), h

@@ -1,6 +1,7 @@
 """The statements that would otherwise scan a namespace use an index, and stores written before an index
 existed gain it on open: a delete looks up its memory's idempotency keys by id (a scan took 0.18 s per
-delete at 100k memories); a scoped search reads the scope's rows (`SQLiteStore.admitted_vectors`)."""
+delete at 100k memories); a scoped search counts and reads the scope's rows
+(`SQLiteStore.scope_size`, `admitted_rids`)."""
 from __future__ import annotations
 
 import sqlite3

@@ -29,6 +29,16 @@ from torch import Tensor
 
 from memvisor.kv.storage import HeadStore, StackedHeads, iter_blocks
 
+def default_block(device: torch.device) -> int:
+    """Tokens per block of the decode loop when the cache does not say. Each block costs ~25 torch ops: on
+    the CPU they are cheap and a small block bounds the float32 copy a step holds; on a GPU each op is a
+    kernel launch, so 32k tokens in 1,024-token blocks spent most of a step launching (Llama-3.1-8B shape,
+    H200, 32 layers, KIVI-4: 619 ms a step at 1,024, 84 ms at 16,384, 85 ms at 65,536;
+    ``scripts/kv_gpu_block_size.py``). 16,384 tokens of 8 heads of 128 are 64 MiB of float32 keys, and as
+    much for values, per layer, for one step."""
+    return 16384 if device.type == "cuda" else 1024
+
+
 # From this many queries per forward, attention reads the dequantized history once (see the module
 # docstring). Decode steps (1 query) and short appends stay block-wise.
 DENSE_MIN_QUERIES = 64

@@ -58,7 +58,8 @@ class CacheSpec:
     channel_policy: prunes key channels from storage (ThinK): chosen once per layer at its first
       forward from that forward's newest 32 queries; the residual keeps full width.
     slack: head-tokens evicted below the cap each time it is hit (amortises eviction in decode).
-    block: tokens per block of the attention loop (a multiple of 8).
+    block: tokens per block of the attention loop (a multiple of 8); None: by the cache's device
+      (``attention.default_block``: 1,024 on the CPU, 16,384 on a GPU).
     batch_size: rows the budget is planned for (the byte cost of a token scales with it).
     context_tokens: the context length the budget is planned for (None: unknown). Given, and with
       no ``layer_budget``, layers share the budget in proportion to the tokens each would hold
@@ -76,7 +77,7 @@ class CacheSpec:
     merge_policy: MergePolicy | None = None
     channel_policy: ChannelPolicy | None = None
     slack: int = 32
-    block: int = 1024
+    block: int | None = None
     batch_size: int = 1
     context_tokens: int | None = None
     recipe: str | None = None  # the recipe that built this spec (from_recipe, plan), for reports
@@ -113,9 +114,11 @@ class CacheSpec:
             raise CacheSpecError(f"context_tokens must be an int >= 1 or None, got {self.context_tokens!r}")
         for name in ("group", "residual", "sinks", "slack", "block", "batch_size"):
             v = getattr(self, name)
+            if name == "block" and v is None:
+                continue
             if not isinstance(v, int) or v < (0 if name in ("residual", "sinks", "slack") else 1):
                 raise CacheSpecError(f"{name} must be a positive int, got {v!r}")
-        if self.block % 8:
+        if self.block is not None and self.block % 8:
             raise CacheSpecError(f"block must be a multiple of 8, got {self.block}")
         if self.quant != "none" and self.group % 8:
             raise CacheSpecError(f"group must be a multiple of 8 for KIVI, got {self.group}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from memvisor.kv.attention import layer_attention
+from memvisor.kv.attention import default_block, layer_attention
 from memvisor.kv.budget import BudgetError, TokenCost, token_cost
 from memvisor.kv.gpu.cache_path import DecodeMirror, kernel_applies
 from memvisor.kv.policies.base import ChannelPolicy, HeadBudget, MergePolicy, TokenPolicy, select
@@ -32,7 +32,7 @@ class LayerConfig:
     budget_bytes: byte cap of the layer between forwards (None = unbounded); slack: head-tokens
     evicted below the cap each time the cap is hit, so eviction runs every ``slack`` decode steps
     rather than every step; block: tokens per block of the attention loop (and of the dequantization
-    before a prefill block's SDPA call); fused_decode: decode steps on CUDA run the fused Triton
+    before a prefill block's SDPA call), None: ``attention.default_block`` of the cache's device; fused_decode: decode steps on CUDA run the fused Triton
     kernel where the layer qualifies (kv.gpu.cache_path)."""
 
     layer_idx: int
@@ -44,7 +44,7 @@ class LayerConfig:
     channel: ChannelPolicy | None = None
     budget_bytes: int | None = None
     slack: int = 32
-    block: int = 1024
+    block: int | None = None
     fused_decode: bool = True
 
 
@@ -165,7 +165,8 @@ class LayerCore:
         out = self._fused_decode(query, scaling, softcap) if Tq == 1 else None
         if out is None:
             q_pos = torch.arange(first, first + Tq, device=query.device)
-            out = layer_attention(query, self.stores, q_pos, scaling, self.cfg.window, softcap, self.cfg.block)
+            block = self.cfg.block or default_block(query.device)
+            out = layer_attention(query, self.stores, q_pos, scaling, self.cfg.window, softcap, block)
         self._after_forward(query)
         return out
 

@@ -44,8 +44,9 @@ CREATE INDEX IF NOT EXISTS items_by_id ON items (namespace, id, version);
 CREATE INDEX IF NOT EXISTS items_current ON items (namespace, expired_at, valid_from);
 CREATE INDEX IF NOT EXISTS items_thread ON items (namespace, thread, position);
 CREATE INDEX IF NOT EXISTS items_speaker ON items (namespace, speaker);
--- A scoped search (one user, agent or session) reads that scope's rows first (`SQLiteStore.admitted_vectors`);
--- expired_at third so that these, not items_current, serve it. Built on an older store's next open.
+-- A scoped search (one user, agent or session) counts and reads that scope's rows first
+-- (`text.retrieve.vector_search`); expired_at third so that these, not items_current, serve it.
+-- Built on an older store's next open.
 CREATE INDEX IF NOT EXISTS items_user ON items (namespace, user_id, expired_at);
 CREATE INDEX IF NOT EXISTS items_agent ON items (namespace, agent_id, expired_at);
 CREATE INDEX IF NOT EXISTS items_session ON items (namespace, session_id, expired_at);

@@ -3,6 +3,8 @@
 One function, ``group_attention``: softmax(q·k * scaling) with the causal mask of a prefill block
 and the padding of ragged heads, reduced over each KV head's query group by MEAN (GQA), in float32.
 It yields query chunks so a 4k-token prefill block never materialises a [Hq, 4k, 4k] matrix.
+The products run on the keys' device (a GPU cache's history stays there); lengths and positions may come
+from the CPU. The policies reduce what it yields and keep their statistics on the CPU (see ``_stats``).
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ def group_attention(
     queries: [B, Hq, Tq, D]; keys: [B, Hkv, T, D]; lengths: LongTensor[Hkv] or None (all T valid).
     Query i of the block is the token at position ``lengths[h] - Tq + i`` of head h and attends keys
     ``j <= lengths[h] - Tq + i`` (causal inside the block, everything older before it).
-    probs: float32 [B, Hkv, c, T], the mean over the query group of the softmax rows (each row sums to 1,
+    probs: float32 [B, Hkv, c, T] on the keys' device, the mean over the query group of the softmax rows (each row sums to 1,
     zeros at masked keys), for queries ``start .. start + c - 1``.
-    n_visible: LongTensor[Hkv, c], how many keys each query row sees (for "above average" tests).
+    n_visible: LongTensor[Hkv, c] (same device), how many keys each query row sees (for "above average" tests).
     scaling: logit scale, default 1/sqrt(D) (pass the model's own, e.g. Gemma's query_pre_attn_scalar**-0.5).
     window, positions: sliding-window layers. ``positions`` LongTensor[Hkv, T] gives each stored key's
     absolute position (queries are at the positions of the newest Tq keys); a query at p then also
@@ -56,7 +58,8 @@ def group_attention(
     """
     B, Hq, Tq, D, Hkv, T = check_qk(queries, keys)
     groups = Hq // Hkv
-    valid = valid_mask(lengths, T, Hkv)  # [Hkv, T]
+    dev = keys.device
+    valid = valid_mask(lengths, T, Hkv).to(dev)  # [Hkv, T]
     L = valid.sum(1)  # [Hkv]
     if int(L.min()) < Tq:
         raise PolicyError(
@@ -65,17 +68,17 @@ def group_attention(
     if (window is None) != (positions is None):
         raise PolicyError("sliding-window masking needs both window and positions")
     if positions is not None:
-        positions = torch.as_tensor(positions, dtype=torch.long)
+        positions = torch.as_tensor(positions, dtype=torch.long).to(dev)
         if positions.shape != (Hkv, T):
             raise PolicyError(f"positions must be LongTensor[{Hkv}, {T}], got {tuple(positions.shape)}")
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(D)
     k = keys.float()
-    pos = torch.arange(T)
+    pos = torch.arange(T, device=dev)
     for start in range(0, Tq, chunk):
         stop = min(Tq, start + chunk)
         q = queries[:, :, start:stop].float().reshape(B, Hkv, groups, stop - start, D)
         logits = torch.einsum("bhgqd,bhtd->bhgqt", q, k) * scale
-        limit = L.unsqueeze(1) - Tq + torch.arange(start, stop).unsqueeze(0)  # [Hkv, c] last visible key
+        limit = L.unsqueeze(1) - Tq + torch.arange(start, stop, device=dev).unsqueeze(0)  # [Hkv, c] last visible key
         allowed = pos.view(1, 1, T) <= limit.unsqueeze(2)  # [Hkv, c, T]; padding lies beyond limit
         if positions is not None:
             q_abs = torch.gather(positions, 1, limit)  # [Hkv, c] absolute position of each query

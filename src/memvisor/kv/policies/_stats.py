@@ -1,7 +1,9 @@
 """Bookkeeping for per-token statistics kept by a policy: grow with new tokens, follow eviction.
 
 A statistic is a tensor ``[..., Hkv, T]`` (head axis second to last, token axis last) in the padded
-ragged layout of ``base``: head h's tokens at ``[0, lengths[h])``, zeros beyond.
+ragged layout of ``base``: head h's tokens at ``[0, lengths[h])``, zeros beyond. Statistics live on the
+CPU whatever the cache's device: they are one number per token and head, and the eviction decisions that
+read them (scores, ``select``) run there; only the attention that feeds them runs beside the keys.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def extend(stat: Tensor, T: int) -> Tensor:
         )
     if stat.shape[-1] == T:
         return stat
-    pad = torch.zeros(*stat.shape[:-1], T - stat.shape[-1], dtype=stat.dtype)
+    pad = torch.zeros(*stat.shape[:-1], T - stat.shape[-1], dtype=stat.dtype, device=stat.device)
     return torch.cat([stat, pad], dim=-1)
 
 
@@ -37,7 +39,7 @@ def reindex(stat: Tensor, kept: list[Tensor]) -> Tensor:
         stat = extend(stat, need)
     out = torch.zeros(*stat.shape[:-1], T_new, dtype=stat.dtype)
     for h, idx in enumerate(kept):
-        idx = torch.as_tensor(idx, dtype=torch.long)
+        idx = torch.as_tensor(idx, dtype=torch.long).to(stat.device)
         if idx.numel() and int(idx.min()) < 0:
             raise PolicyError(f"on_evict: head {h} keeps a negative index")
         out[..., h, : idx.numel()] = stat[..., h, idx]
@@ -45,8 +47,9 @@ def reindex(stat: Tensor, kept: list[Tensor]) -> Tensor:
 
 
 def finish_scores(stat: Tensor, T: int, lengths: Tensor | None) -> Tensor:
-    """float32 [B, Hkv, T] scores from a [B, Hkv, <=T] statistic, ``-inf`` at padding."""
-    out = extend(stat.float(), T)
+    """float32 [B, Hkv, T] scores on the CPU from a [B, Hkv, <=T] statistic (on any device), ``-inf`` at
+    padding."""
+    out = extend(stat.float().cpu(), T)
     if lengths is not None:
         out = out.masked_fill(~valid_mask(lengths, T, out.shape[-2]), float("-inf"))
     return out

@@ -56,7 +56,7 @@ class H2O(TokenPolicy):
         for _, probs, _ in group_attention(
             queries, keys, lengths=lengths, scaling=self.scaling, chunk=self.chunk, positions=positions, window=window
         ):
-            acc = acc + probs.sum(2)
+            acc = acc + probs.sum(2).cpu()
         self.acc = acc
 
     def scores(self, keys: Tensor, values: Tensor, *, lengths: Tensor | None = None) -> Tensor:

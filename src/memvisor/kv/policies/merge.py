@@ -42,12 +42,12 @@ class KVMerger(MergePolicy):
     def assign(self, keys_h: Tensor, kept_h: Tensor) -> Tensor:
         """LongTensor[L]: for each token of one head (keys_h [B, L, D]) the kept token it merges into, -1 = dropped."""
         B, L, _ = keys_h.shape
-        ar = torch.arange(L)
-        is_kept = torch.zeros(L, dtype=torch.bool)
+        ar = torch.arange(L, device=keys_h.device)
+        is_kept = torch.zeros(L, dtype=torch.bool, device=keys_h.device)
         is_kept[kept_h] = True
         kn = F.normalize(keys_h.float(), dim=-1)
         sim = (kn[:, :-1] * kn[:, 1:]).sum(-1).mean(0)  # [L-1] cosine of neighbours
-        run = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum((sim <= self.threshold).long(), 0)])
+        run = torch.cat([torch.zeros(1, dtype=torch.long, device=keys_h.device), torch.cumsum((sim <= self.threshold).long(), 0)])
         prev = torch.where(is_kept, ar, -1).cummax(0).values
         nxt = torch.where(is_kept, ar, L).flip(0).cummin(0).values.flip(0)
         prev_ok = (prev >= 0) & (run[prev.clamp(min=0)] == run)
@@ -61,6 +61,7 @@ class KVMerger(MergePolicy):
         if keys.dim() != 4 or keys.shape != values.shape:
             raise PolicyError(f"keys and values must both be [B, Hkv, T, D]; got {tuple(keys.shape)}, {tuple(values.shape)}")
         B, Hkv, T, D = keys.shape
+        dev = keys.device  # the merge runs beside the keys; ``kept`` may come from the CPU
         if len(kept) != Hkv:
             raise PolicyError(f"kept has {len(kept)} index lists for {Hkv} KV heads")
         L_all = valid_mask(lengths, T, Hkv).sum(1).tolist()
@@ -68,7 +69,7 @@ class KVMerger(MergePolicy):
         out_v: list[Tensor] = []
         for h in range(Hkv):
             L = int(L_all[h])
-            idx = torch.as_tensor(kept[h], dtype=torch.long)
+            idx = torch.as_tensor(kept[h], dtype=torch.long).to(dev)
             if idx.numel() and (int(idx.max()) >= L or int(idx.min()) < 0):
                 raise PolicyError(f"head {h}: kept index out of [0, {L})")
             if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
@@ -85,15 +86,15 @@ class KVMerger(MergePolicy):
             slot = torch.searchsorted(idx, piv)
             d2 = (k[:, member] - k[:, piv]).pow(2).sum(-1)  # [B, m]
             if self.sigma is not None:
-                two_s2 = torch.full((B, 1), 2.0 * self.sigma**2)
+                two_s2 = torch.full((B, 1), 2.0 * self.sigma**2, device=dev)
             else:
                 moved = member != piv
-                mean_d2 = d2[:, moved].mean(1, keepdim=True) if bool(moved.any()) else torch.ones(B, 1)
+                mean_d2 = d2[:, moved].mean(1, keepdim=True) if bool(moved.any()) else torch.ones(B, 1, device=dev)
                 two_s2 = 2.0 * mean_d2.clamp(min=1e-12)
             w = torch.exp(-d2 / two_s2)  # [B, m]; pivots have d2 = 0 -> w = 1
-            den = torch.zeros(B, idx.numel()).index_add_(1, slot, w).unsqueeze(-1)
-            nk = torch.zeros(B, idx.numel(), D).index_add_(1, slot, w.unsqueeze(-1) * k[:, member]) / den
-            nv = torch.zeros(B, idx.numel(), D).index_add_(1, slot, w.unsqueeze(-1) * v[:, member]) / den
+            den = torch.zeros(B, idx.numel(), device=dev).index_add_(1, slot, w).unsqueeze(-1)
+            nk = torch.zeros(B, idx.numel(), D, device=dev).index_add_(1, slot, w.unsqueeze(-1) * k[:, member]) / den
+            nv = torch.zeros(B, idx.numel(), D, device=dev).index_add_(1, slot, w.unsqueeze(-1) * v[:, member]) / den
             out_k.append(nk.to(keys.dtype))
             out_v.append(nv.to(values.dtype))
         return out_k, out_v

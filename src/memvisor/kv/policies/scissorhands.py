@@ -69,7 +69,7 @@ class Scissorhands(TokenPolicy):
         ):
             # probs [B, Hkv, c, T]; above-average test against this query's own uniform level
             above = probs > (1.0 / n_visible.float()).view(1, Hkv, -1, 1)
-            rows.append(above.permute(2, 0, 1, 3))  # [c, B, Hkv, T]
+            rows.append(above.permute(2, 0, 1, 3).cpu())  # [c, B, Hkv, T]
         new = torch.cat(rows, 0)
         old = torch.zeros(0, B, Hkv, T, dtype=torch.bool) if self.hits is None else extend(self.hits, T)
         self.hits = torch.cat([old, new], 0)[-self.history :]

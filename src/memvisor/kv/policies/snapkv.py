@@ -89,7 +89,7 @@ class SnapKV(TokenPolicy):
         if w == 0:
             return vote
         for _, probs, _ in group_attention(queries, keys, lengths=lengths, scaling=self.scaling):
-            vote += probs.sum(2)
+            vote += probs.sum(2).cpu()
         L = valid_mask(lengths, T, Hkv).sum(1)
         prefix = torch.arange(T).unsqueeze(0) < (L - w).unsqueeze(1)  # [Hkv, T]
         return vote * prefix

@@ -1,0 +1,132 @@
+"""How long a decode step of the compressed cache takes on the GPU's block-wise torch path, by block size.
+
+Layers that evict or prune (a byte budget, a token policy) never take the fused kernel (kv/gpu/cache_path.py):
+their decode steps run `attention.head_attention`'s loop over ``block``-token blocks, ~25 torch ops a block.
+On a GPU each op is a kernel launch, so a 32k-token history in 1,024-token blocks is ~800 launches per layer
+per step. This times ``LayerCore.update`` + ``attend`` of every layer (eager, as a model runs them) for a
+Llama-3.1-8B-shaped cache (32 layers, 8 KV heads of 128, 32 query heads, random bf16 keys and values) and
+each block size, and checks that the block size does not change the output (same maths, other summation order).
+
+    python scripts/kv_gpu_block_size.py --tokens 8192,32768 --blocks 1024,4096,16384,65536,default --out DIR
+
+("default": the cache's own choice, ``attention.default_block``.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from memvisor.kv.layer import LayerConfig, LayerCore
+from memvisor.kv.policies.h2o import H2O
+from memvisor.kv.policies.streaming import StreamingLLM
+from memvisor.kv.storage import QuantConfig
+
+LAYERS, HQ, HKV, D = 32, 32, 8, 128
+DEV = "cuda"  # --device cpu: a smoke run of this script (tiny sizes)
+
+
+def build(kind: str, tokens: int, block: int | None, gen: torch.Generator) -> list[LayerCore]:
+    bf16_per_layer = tokens * HKV * D * 2 * 2
+    cores = []
+    for i in range(LAYERS):
+        q = QuantConfig(4, 32, 128)
+        if kind == "kivi4":  # append-only, the kernel's case, here on the torch path for reference
+            cfg = LayerConfig(i, None, q, block=block, fused_decode=False)
+        elif kind == "kivi4-stream-4x":  # `auto` at 4x: KIVI-4 + StreamingLLM under a byte budget
+            cfg = LayerConfig(i, None, q, policy=StreamingLLM(4), budget_bytes=bf16_per_layer // 4, block=block)
+        elif kind == "kivi4-h2o-4x":  # ragged heads after eviction: one head at a time
+            cfg = LayerConfig(i, None, q, policy=H2O(recent=32, sinks=4), budget_bytes=bf16_per_layer // 4,
+                              block=block)
+        else:
+            raise ValueError(kind)
+        c = LayerCore(cfg)
+        k = torch.randn(1, HKV, tokens, D, device=DEV, generator=gen).bfloat16()
+        v = torch.randn(1, HKV, tokens, D, device=DEV, generator=gen).bfloat16()
+        c.init(k)
+        for h, st in enumerate(c.stores):  # a prefill's storage without its attention
+            st.append(k[:, h], v[:, h])
+        c.cum = tokens
+        c.compress(force=True)
+        cores.append(c)
+    return cores
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(cores: list[LayerCore], steps: int, gen: torch.Generator,
+               profile: bool = False) -> tuple[float, torch.Tensor]:
+    new = [[torch.randn(1, h, 1, D, device=DEV, generator=gen).bfloat16() for h in (HKV, HKV, HQ)]
+           for _ in range(steps + 2)]
+    outs = []
+
+    def step(i: int) -> None:
+        k1, v1, q1 = new[i]
+        for c in cores:
+            c.update(k1, v1)
+            outs.append(c.attend(q1, D ** -0.5))
+
+    step(0), step(1)
+    _sync()
+    t0 = time.perf_counter()
+    if profile:  # where a step's time goes: the top torch ops by their own CPU time (launches included)
+        from torch.profiler import profile as prof
+        with prof() as p:
+            for i in range(2, steps + 2):
+                step(i)
+            _sync()
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
+    else:
+        for i in range(2, steps + 2):
+            step(i)
+    _sync()
+    ms = (time.perf_counter() - t0) * 1e3 / steps
+    return ms, torch.stack([o.float() for o in outs[:LAYERS]])  # the first step's outputs, every layer
+
+
+def main() -> None:
+    global DEV, LAYERS
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="8192,32768")
+    ap.add_argument("--blocks", default="1024,4096,16384,65536")
+    ap.add_argument("--kinds", default="kivi4,kivi4-stream-4x,kivi4-h2o-4x")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--layers", type=int, default=LAYERS)
+    ap.add_argument("--profile", action="store_true", help="print a torch profile of each timed run")
+    a = ap.parse_args()
+    DEV, LAYERS = a.device, a.layers
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for kind in a.kinds.split(","):
+        for tokens in map(int, a.tokens.split(",")):
+            ref = None
+            for block in (None if b == "default" else int(b) for b in a.blocks.split(",")):
+                gen = torch.Generator(device=DEV).manual_seed(7)
+                cores = build(kind, tokens, block, gen)
+                stored = sum(sum(c.lengths()) for c in cores) // (LAYERS * HKV)
+                ms, out = time_steps(cores, a.steps, gen, a.profile)
+                diff = 0.0 if ref is None else float((out - ref).abs().max())
+                ref = out if ref is None else ref
+                peak = torch.cuda.max_memory_allocated() / 2**20 if DEV == "cuda" else 0.0
+                row = dict(kind=kind, tokens=tokens, block=block, ms_per_step=round(ms, 2),
+                           tokens_per_head=stored, max_abs_diff_vs_first_block=diff, peak_mib=round(peak, 1))
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+                del cores
+                if DEV == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+    (a.out / "block_size.json").write_text(json.dumps(
+        {"card": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
