@@ -1,10 +1,10 @@
 """Decode speed of the compressed KV cache on the CPU against transformers' DynamicCache.
 
-    python scripts/kv_cpu_decode_speed.py [--tokens 2048] [--steps 32] [--budgets 4,8] [--profile]
+    python scripts/kv_cpu_decode_speed.py [--tokens 2048] [--steps 32] [--budgets 4,8] [--policies h2o] [--profile]
 
 SmolLM2 in bf16, 2 torch threads (as `memvisor bench kv`): each cache is prefilled with the same
 random-token context (the compressed ones block-wise, 512 tokens a block, under the planner's recipe
-at each budget), then decodes ``--steps`` greedy tokens; the figure is tokens/s of those steps.
+at each budget, and the same recipe with each of ``--policies`` as its token policy), then decodes ``--steps`` greedy tokens; the figure is tokens/s of those steps.
 After a warm-up, methods run in turn, ``--rounds`` times interleaved (the host's speed drifts), best
 round kept.
 ``--profile`` prints a cProfile of the first compressed method's decode steps instead.
@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--budgets", default="4,8")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--policies", default="", help="token policies to time in the planner's recipe, e.g. h2o")
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -56,9 +57,12 @@ def main() -> None:
         model(input_ids=ids, use_cache=True, **{key: cache})
         return cache
 
-    def compressed(ratio: float):
+    def compressed(ratio: float, policy: str = ""):
         def build():
-            spec = CacheSpec.plan(model.config, int(full / ratio), args.tokens) if ratio else CacheSpec()
+            from memvisor.kv.policies import make_policy
+
+            over = {"token_policy": make_policy(policy)} if policy else {}
+            spec = CacheSpec.plan(model.config, int(full / ratio), args.tokens, **over) if ratio else CacheSpec()
             cache = CompressedCache(model.config, spec)
             prefill_blockwise(model, ids, cache, block=512)
             return cache
@@ -66,6 +70,8 @@ def main() -> None:
 
     methods = {"DynamicCache": plain, "CompressedCache (none)": compressed(0)}
     methods.update({f"auto {b}x": compressed(float(b)) for b in args.budgets.split(",")})
+    methods.update({f"{p} {b}x": compressed(float(b), p) for p in filter(None, args.policies.split(","))
+                    for b in args.budgets.split(",")})
     if args.profile:
         name = [m for m in methods if m.startswith("auto")][0]
         cache = methods[name]()

@@ -221,3 +221,54 @@ def test_prefill_block_ragged_heads_window_batch_and_scaling():
     got = layer_attention(q, stores, q_pos, 0.3, window=220, block=64)
     want = torch.cat([reference(q[b:b + 1], [_dense_copy(st, b) for st in stores], q_pos, 0.3, 220) for b in range(2)])
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def _group_probs(query, stores, q_pos, window):
+    """What a statistics policy computes for itself: ``group_attention`` over the padded dense history."""
+    from memvisor.kv.policies._attention import group_attention
+
+    dense = [st.dense(torch.float32) for st in stores]
+    T = max(k.shape[1] for k, _ in dense)
+    keys = torch.stack([torch.nn.functional.pad(k, (0, 0, 0, T - k.shape[1])) for k, _ in dense], 1)
+    lengths = torch.tensor([k.shape[1] for k, _ in dense])
+    positions = None
+    if window is not None:
+        positions = torch.stack([torch.nn.functional.pad(st.positions(), (0, T - len(st)), value=-(1 << 40))
+                                 for st in stores])
+    (_, probs, n_visible), = group_attention(query, keys, lengths=lengths, scaling=0.125, chunk=4096,
+                                             positions=positions, window=window)
+    return probs, n_visible
+
+
+@pytest.mark.parametrize("case", ["equal", "ragged", "window", "causal-block", "sinks"])
+def test_the_block_loop_hands_out_the_softmax_rows_a_policy_would_compute(case):
+    """``with_probs``: the block loop's exponentials, rescaled to the final maximum and averaged over each
+    query group, are ``group_attention``'s probabilities (the ones H2O and Scissorhands accumulate),
+    for stacked heads, ragged heads (zero-padded), a sliding window, several queries (causal inside the
+    forward) and full-precision sinks; the output itself is unchanged. Blocks of 32 split every history."""
+    Tq = 5 if case == "causal-block" else 1
+    if case == "sinks":
+        g = torch.Generator().manual_seed(3)
+        stores = []
+        for _ in range(2):
+            st = HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(4, 32, 32, sinks=8), False)
+            st.append(torch.randn(B, 300, D, generator=g), torch.randn(B, 300, D, generator=g))
+            stores.append(st)
+    else:
+        stores = build(4, [300, 300, 300], track_pos=True)
+    if case == "ragged":
+        for h, st in enumerate(stores[:2]):
+            st.keep(torch.cat([torch.arange(0, 290, h + 2), torch.arange(290, 300)]))
+    window = 120 if case == "window" else None
+    q = torch.randn(B, 3 * len(stores), Tq, D)
+    n = max(len(st) for st in stores)
+    q_pos = torch.arange(300 - Tq, 300)
+    out, probs, n_visible = layer_attention(q, stores, q_pos, 0.125, window=window, block=32, with_probs=True)
+    assert torch.equal(out, layer_attention(q, stores, q_pos, 0.125, window=window, block=32))
+    want, want_visible = _group_probs(q, stores, q_pos, window)
+    assert probs.shape == (B, len(stores), Tq, n)
+    torch.testing.assert_close(probs, want, atol=1e-6, rtol=1e-4)
+    assert torch.equal(n_visible, want_visible)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(B, len(stores), Tq))
+    if case == "window":
+        assert int(n_visible.max()) == 120 < n  # the window hid the older tokens

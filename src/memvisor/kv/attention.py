@@ -45,12 +45,17 @@ DENSE_MIN_QUERIES = 64
 
 
 def head_attention(q: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor, scaling: float,
-                   window: int | None = None, softcap: float | None = None, block: int = 1024) -> Tensor:
+                   window: int | None = None, softcap: float | None = None, block: int = 1024,
+                   with_probs: bool = False) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """Attention of query groups over what ``store`` holds.
 
     q: [B, H, g, Tq, D] (H KV heads, g query heads each; H == 1 for a single :class:`HeadStore`),
     q_pos: LongTensor[Tq] absolute positions, scaling: multiplier of q.k (1/sqrt(D) usually).
-    Returns float32 [B, H, g, Tq, D].
+    Returns float32 [B, H, g, Tq, D]; ``with_probs``: also the softmax rows averaged over each query
+    group, float32 [B, H, Tq, n] (n stored tokens; zeros where masked), and the keys each row could see,
+    LongTensor[H, Tq] (what ``policies._attention.group_attention`` yields, for ``observe_probs``). They
+    come from the blocks' exponentials rescaled to the final maximum: B x H x g x Tq x n floats more, kept
+    until the end of the call.
     """
     B, H, g, Tq, D = q.shape
     single = isinstance(store, HeadStore)
@@ -62,6 +67,8 @@ def head_attention(q: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor, sc
     acc = torch.zeros(B, H, g * Tq, store.D, device=q.device)
     qi = torch.arange(Tq, device=q.device)
     start = 0
+    blocks: list[tuple[Tensor, Tensor]] = []  # with_probs: each block's exponentials and the max they used
+    seen = torch.zeros(H, g * Tq, dtype=torch.long, device=q.device)
     for k, v, pos in store.blocks(block) if single else iter_blocks(store, block):
         if single:
             k, v = k.unsqueeze(1), v.unsqueeze(1)
@@ -82,17 +89,28 @@ def head_attention(q: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor, sc
         if allowed is not None:
             allowed = allowed.expand(H, Tq, nb).repeat(1, g, 1)  # rows ordered (group, query)
             s.masked_fill_(~allowed.unsqueeze(0), float("-inf"))
+        if with_probs:
+            seen += nb if allowed is None else allowed.sum(-1)
         m_new = torch.maximum(m, s.amax(-1))
         # Rows with nothing visible yet keep m = -inf: shift by 0 there to avoid inf - inf.
         shift = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         p = s.sub_(shift.unsqueeze(-1)).exp_()
+        if with_probs:
+            blocks.append((p, m_new))
         corr = torch.exp(m - shift)
         l = l * corr + p.sum(-1)
         acc = acc * corr.unsqueeze(-1) + torch.matmul(p, v)
         m = m_new
         start += nb
     out = acc / l.clamp_min(1e-30).unsqueeze(-1)
-    return out.reshape(B, H, g, Tq, store.D)
+    out = out.reshape(B, H, g, Tq, store.D)
+    if not with_probs:
+        return out
+    norm = l.clamp_min(1e-30)
+    # A block's row that saw nothing (its max -inf) holds zeros: scale it by 0, not by exp(inf).
+    probs = torch.cat([p * torch.where(torch.isinf(mb), torch.zeros_like(mb), torch.exp(mb - m) / norm).unsqueeze(-1)
+                       for p, mb in blocks], -1) if blocks else torch.zeros(B, H, g * Tq, 0, device=q.device)
+    return out, probs.view(B, H, g, Tq, -1).mean(2), seen.view(H, g, Tq)[:, 0]
 
 
 def sdpa_attention(query: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor, scaling: float,
@@ -127,13 +145,16 @@ def sdpa_attention(query: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor
 
 
 def layer_attention(query: Tensor, stores: list[HeadStore], q_pos: Tensor, scaling: float,
-                    window: int | None = None, softcap: float | None = None, block: int = 1024) -> Tensor:
+                    window: int | None = None, softcap: float | None = None, block: int = 1024,
+                    with_probs: bool = False) -> Tensor | tuple[Tensor, Tensor | None, Tensor | None]:
     """query: [B, Hq, Tq, D]; stores: one per KV head (Hkv = len(stores), Hq % Hkv == 0).
 
     Heads of equal length and key-group layout are processed together (one pass); ragged heads
     one by one. ``Tq >= DENSE_MIN_QUERIES`` without softcap goes through :func:`sdpa_attention`.
     Returns attn_output [B, Tq, Hq, D] in the query dtype (the layout transformers'
-    attention functions return)."""
+    attention functions return); ``with_probs``: ``(out, probs, n_visible)`` as :func:`head_attention`
+    gives them, probs float32 [B, Hkv, Tq, T] zero-padded to the longest head, or ``(out, None, None)``
+    where SDPA ran (it does not return its probabilities)."""
     B, Hq, Tq, D = query.shape
     Hkv = len(stores)
     if Hq % Hkv:
@@ -146,11 +167,18 @@ def layer_attention(query: Tensor, stores: list[HeadStore], q_pos: Tensor, scali
         else:
             out = torch.cat([sdpa_attention(query[:, h * g:(h + 1) * g], st, q_pos, scaling, window, block)
                              for h, st in enumerate(stores)], dim=1)
-        return out.transpose(1, 2).contiguous()
+        out = out.transpose(1, 2).contiguous()
+        return (out, None, None) if with_probs else out
     q5 = query.reshape(B, Hkv, g, Tq, D)
     if stacked:
-        out = head_attention(q5, StackedHeads(stores), q_pos, scaling, window, softcap, block)
+        res = [head_attention(q5, StackedHeads(stores), q_pos, scaling, window, softcap, block, with_probs)]
     else:
-        out = torch.cat([head_attention(q5[:, h:h + 1], st, q_pos, scaling, window, softcap, block)
-                         for h, st in enumerate(stores)], dim=1)
-    return out.reshape(B, Hq, Tq, D).transpose(1, 2).to(query.dtype).contiguous()
+        res = [head_attention(q5[:, h:h + 1], st, q_pos, scaling, window, softcap, block, with_probs)
+               for h, st in enumerate(stores)]
+    parts = [r[0] for r in res] if with_probs else res
+    out = torch.cat(parts, dim=1).reshape(B, Hq, Tq, D).transpose(1, 2).to(query.dtype).contiguous()
+    if not with_probs:
+        return out
+    T = max(r[1].shape[-1] for r in res)
+    probs = torch.cat([F.pad(r[1], (0, T - r[1].shape[-1])) for r in res], dim=1)
+    return out, probs, torch.cat([r[2] for r in res], dim=0)

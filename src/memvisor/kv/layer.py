@@ -14,6 +14,7 @@ so the model's own attention runs on bit-identical inputs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -163,12 +164,27 @@ class LayerCore:
         Tq, first = self._pending
         self._pending = None
         out = self._fused_decode(query, scaling, softcap) if Tq == 1 else None
+        seen = None  # (probs, n_visible) of this forward's attention, for a policy that takes them
         if out is None:
             q_pos = torch.arange(first, first + Tq, device=query.device)
             block = self.cfg.block or default_block(query.device)
-            out = layer_attention(query, self.stores, q_pos, scaling, self.cfg.window, softcap, block)
-        self._after_forward(query)
+            if self._hands_probs(scaling, softcap):
+                out, probs, n_visible = layer_attention(query, self.stores, q_pos, scaling, self.cfg.window, softcap,
+                                                        block, with_probs=True)
+                seen = None if probs is None else (probs, n_visible)
+            else:
+                out = layer_attention(query, self.stores, q_pos, scaling, self.cfg.window, softcap, block)
+        self._after_forward(query, seen)
         return out
+
+    def _hands_probs(self, scaling: float, softcap: float | None) -> bool:
+        """Whether the attention's own probabilities are the ones the policy would compute: it takes them,
+        and its logit scale is the model's (its default 1/sqrt(D) being what every supported model uses)."""
+        pol = self.cfg.policy
+        if pol is None or not pol.needs_queries or not pol.observes_probs or softcap is not None:
+            return False
+        own = getattr(pol, "scaling", None)
+        return math.isclose(own if own is not None else self.stores[0].D ** -0.5, scaling, rel_tol=1e-6)
 
     def _fused_decode(self, query: Tensor, scaling: float, softcap: float | None) -> Tensor | None:
         """One decode step through the fused CUDA kernel, or None where it does not apply: only
@@ -204,9 +220,12 @@ class LayerCore:
         empty = torch.empty(self.stores[0].B, len(self.stores), T, 0)
         return empty, empty, lengths
 
-    def _after_forward(self, query: Tensor) -> None:
+    def _after_forward(self, query: Tensor, seen: tuple[Tensor, Tensor] | None = None) -> None:
         pol = self.cfg.policy
-        if pol is not None and pol.needs_queries:
+        if seen is not None:  # the attention's own probabilities: no second pass over the history
+            lengths = torch.tensor(self.lengths(), dtype=torch.long)
+            pol.observe_probs(*seen, lengths=lengths if bool((lengths != lengths[0]).any()) else None)
+        elif pol is not None and pol.needs_queries:
             self._observe(pol, query)
         before = self.nbytes() if self.observer is not None else 0
         if self.cfg.window is not None:

@@ -12,6 +12,9 @@ How the cache drives a token policy for one layer (B batch, Hkv KV heads, T toke
 
     pol = POLICIES["h2o"](recent=32).fresh()          # one instance per layer
     pol.observe(q, k, lengths=lens)                    # every forward, after appending k (skip if not pol.needs_queries)
+    # or, when pol.observes_probs and the forward ran the block loop (decode, short appends), with the
+    # softmax rows that attention already computed, averaged per query group ([B, Hkv, Tq, T]):
+    pol.observe_probs(probs, n_visible, lengths=lens)
     s = pol.scores(k, v, lengths=lens)                 # [B, Hkv, T] when over budget
     prot = pol.protected_mask(T, lens, n_heads=Hkv)    # [Hkv, T]
     counts = AdaKVHeadBudget().split(s, prot, layer_budget, lengths=lens)   # or an int per head
@@ -24,7 +27,9 @@ How to add a policy:
    (``TokenPolicy``: implement ``scores``; override ``observe``/``protected``/``on_evict``/``reset`` as
    needed; set ``name`` and ``needs_queries``). Keep per-token statistics as ``[..., Hkv, T]`` tensors and
    use ``_stats.extend`` / ``_stats.reindex`` / ``_stats.finish_scores``; get attention rows from
-   ``_attention.group_attention`` (causal block mask, ragged padding, GQA mean).
+   ``_attention.group_attention`` (causal block mask, ragged padding, GQA mean). A policy whose statistics
+   need only those rows implements ``observe_probs`` (``observe`` then feeds it from ``group_attention``)
+   and sets ``observes_probs = True``: decode steps then cost it no second pass over the history.
 2. Docstring: the paper, tensor shapes and units, every knob with its default, GQA reduction, masking.
 3. Register it below in ``POLICIES`` under its short ``name``.
 4. Tests in ``tests/kv/test_policies_<name>.py``: hand-made queries/keys giving known attention, asserting

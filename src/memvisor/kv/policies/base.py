@@ -68,11 +68,16 @@ class TokenPolicy(ABC):
     the queries, so the cache may pass ``keys=None`` and skip dequantizing the history) and
     ``scores_use_kv`` (False: ``scores`` reads only the shapes of ``keys`` and ``values``, so the
     cache may pass ``[B, Hkv, T, 0]`` tensors instead of the dequantized history at each eviction).
+    A policy whose statistics are functions of the attention probabilities alone (H2O, Scissorhands) sets
+    ``observes_probs`` and implements :meth:`observe_probs`: the cache then hands it the probabilities its
+    own attention computed (decode steps and short appends), instead of calling ``observe`` to recompute
+    them from the whole dequantized history.
     """
 
     name: str = "abstract"
     needs_queries: bool = True
     observe_uses_keys: bool = True
+    observes_probs: bool = False
     scores_use_kv: bool = True
     state_attrs: tuple[str, ...] = ()  # attributes holding statistics (not knobs)
 
@@ -93,6 +98,15 @@ class TokenPolicy(ABC):
         stored key and ``window`` (tokens) so queries do not attend keys outside their window.
         Default: no statistics.
         """
+
+    def observe_probs(self, probs: Tensor, n_visible: Tensor, *, lengths: Tensor | None = None) -> None:
+        """Accumulate statistics from one forward's attention probabilities (``observes_probs`` policies).
+
+        probs: float32 [B, Hkv, Tq, T] (any device), each query row's softmax over the layer's keys, averaged
+        over the KV head's query group (GQA), zeros at masked keys and padding; n_visible: LongTensor[Hkv, Tq],
+        the keys each row could see; lengths as in :meth:`observe`. What ``_attention.group_attention`` yields.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not take attention probabilities")
 
     @abstractmethod
     def scores(self, keys: Tensor, values: Tensor, *, lengths: Tensor | None = None) -> Tensor:

@@ -9,7 +9,11 @@ over the KV head's query group (mean), so one query contributes a total mass of 
 Prefill-block queries are causally masked (query i sees keys up to its own position), so in one block
 older tokens collect more mass than newer ones, as in the paper.
 
-Shapes/units: ``observe(queries [B, Hq, Tq, D], keys [B, Hkv, T, D])``; ``scores`` -> float32
+Decode steps: the cache hands ``observe_probs`` the probabilities its own attention computed (the model's
+scale; no second pass over the dequantized history); prefill blocks through SDPA call ``observe``.
+
+Shapes/units: ``observe(queries [B, Hq, Tq, D], keys [B, Hkv, T, D])``,
+``observe_probs(probs [B, Hkv, Tq, T], n_visible [Hkv, Tq])``; ``scores`` -> float32
 [B, Hkv, T], unit = attention probability mass (sum over queries). Tokens appended without being
 observed score 0.
 Knobs: ``recent`` (tokens always kept at the recent end, default 32), ``sinks`` (default 0),
@@ -29,6 +33,7 @@ from memvisor.kv.policies._stats import extend, finish_scores, reindex
 class H2O(TokenPolicy):
     name = "h2o"
     needs_queries = True
+    observes_probs = True
     scores_use_kv = False  # scores come from positions / accumulated statistics
     state_attrs = ("acc",)
 
@@ -50,14 +55,15 @@ class H2O(TokenPolicy):
         positions: Tensor | None = None,
         window: int | None = None,
     ) -> None:
-        B, Hkv, T, _ = keys.shape
-        acc = torch.zeros(B, Hkv, 0) if self.acc is None else self.acc
-        acc = extend(acc, T)
-        for _, probs, _ in group_attention(
+        for _, probs, n_visible in group_attention(
             queries, keys, lengths=lengths, scaling=self.scaling, chunk=self.chunk, positions=positions, window=window
         ):
-            acc = acc + probs.sum(2).cpu()
-        self.acc = acc
+            self.observe_probs(probs, n_visible, lengths=lengths)
+
+    def observe_probs(self, probs: Tensor, n_visible: Tensor, *, lengths: Tensor | None = None) -> None:
+        B, Hkv, _, T = probs.shape
+        acc = torch.zeros(B, Hkv, 0) if self.acc is None else self.acc
+        self.acc = extend(acc, T) + probs.sum(2).cpu()
 
     def scores(self, keys: Tensor, values: Tensor, *, lengths: Tensor | None = None) -> Tensor:
         B, Hkv, T, _ = keys.shape

@@ -12,7 +12,11 @@ queries are causally masked (query i sees keys up to its own position); only the
 When the budget is full the lowest counts go; the newest ``recent`` tokens (default = ``history``:
 they have not yet had a full window to prove themselves) are never dropped.
 
-Shapes/units: ``observe(queries [B, Hq, Tq, D], keys [B, Hkv, T, D])``; internal state bool
+Decode steps: the cache hands ``observe_probs`` the probabilities (and visible-key counts) its own attention
+computed; prefill blocks through SDPA call ``observe``.
+
+Shapes/units: ``observe(queries [B, Hq, Tq, D], keys [B, Hkv, T, D])``,
+``observe_probs(probs [B, Hkv, Tq, T], n_visible [Hkv, Tq])``; internal state bool
 [n <= history, B, Hkv, T]; ``scores`` -> float32 [B, Hkv, T] = count in [0, history] (ties: newer kept).
 Knobs: ``history`` (queries, default 32), ``recent`` (tokens, default history), ``sinks`` (default 0),
 ``scaling`` (logit scale, default 1/sqrt(D)), ``chunk`` (memory only).
@@ -31,6 +35,7 @@ from memvisor.kv.policies._stats import extend, finish_scores, reindex
 class Scissorhands(TokenPolicy):
     name = "scissorhands"
     needs_queries = True
+    observes_probs = True
     scores_use_kv = False  # scores come from positions / accumulated statistics
     state_attrs = ("hits",)
 
@@ -61,16 +66,18 @@ class Scissorhands(TokenPolicy):
         positions: Tensor | None = None,
         window: int | None = None,
     ) -> None:
-        B, Hkv, T, _ = keys.shape
         q = queries[:, :, -self.history :]
-        rows = []
         for _, probs, n_visible in group_attention(
             q, keys, lengths=lengths, scaling=self.scaling, chunk=self.chunk, positions=positions, window=window
         ):
-            # probs [B, Hkv, c, T]; above-average test against this query's own uniform level
-            above = probs > (1.0 / n_visible.float()).view(1, Hkv, -1, 1)
-            rows.append(above.permute(2, 0, 1, 3).cpu())  # [c, B, Hkv, T]
-        new = torch.cat(rows, 0)
+            self.observe_probs(probs, n_visible, lengths=lengths)
+
+    def observe_probs(self, probs: Tensor, n_visible: Tensor, *, lengths: Tensor | None = None) -> None:
+        B, Hkv, Tq, T = probs.shape
+        probs, n_visible = probs[:, :, -self.history :], n_visible[:, -self.history :]
+        # probs [B, Hkv, c, T]; above-average test against this query's own uniform level
+        above = probs > (1.0 / n_visible.float().to(probs.device)).view(1, Hkv, -1, 1)
+        new = above.permute(2, 0, 1, 3).cpu()  # [c, B, Hkv, T]
         old = torch.zeros(0, B, Hkv, T, dtype=torch.bool) if self.hits is None else extend(self.hits, T)
         self.hits = torch.cat([old, new], 0)[-self.history :]
 
