@@ -55,7 +55,7 @@ def head_attention(q: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor, sc
     group, float32 [B, H, Tq, n] (n stored tokens; zeros where masked), and the keys each row could see,
     LongTensor[H, Tq] (what ``policies._attention.group_attention`` yields, for ``observe_probs``). They
     come from the blocks' exponentials rescaled to the final maximum: B x H x g x Tq x n floats more, kept
-    until the end of the call.
+    until the end of the call (about twice that for a moment, while the blocks are joined).
     """
     B, H, g, Tq, D = q.shape
     single = isinstance(store, HeadStore)

@@ -179,7 +179,8 @@ class LayerCore:
 
     def _hands_probs(self, scaling: float, softcap: float | None) -> bool:
         """Whether the attention's own probabilities are the ones the policy would compute: it takes them,
-        and its logit scale is the model's (its default 1/sqrt(D) being what every supported model uses)."""
+        there is no softcap, and its logit scale (default 1/sqrt(D)) is the model's; otherwise ``observe``
+        recomputes them (a model with another scale, e.g. a Gemma whose query_pre_attn_scalar is not D)."""
         pol = self.cfg.policy
         if pol is None or not pol.needs_queries or not pol.observes_probs or softcap is not None:
             return False

@@ -37,7 +37,7 @@ def reindex(stat: Tensor, kept: list[Tensor]) -> Tensor:
     need = max((int(torch.as_tensor(k).max()) + 1 for k in kept if len(k)), default=0)
     if need > stat.shape[-1]:
         stat = extend(stat, need)
-    out = torch.zeros(*stat.shape[:-1], T_new, dtype=stat.dtype)
+    out = torch.zeros(*stat.shape[:-1], T_new, dtype=stat.dtype, device=stat.device)
     for h, idx in enumerate(kept):
         idx = torch.as_tensor(idx, dtype=torch.long).to(stat.device)
         if idx.numel() and int(idx.min()) < 0:

@@ -245,6 +245,7 @@ def _keep_by_sort(s: Tensor, valid: Tensor, prot: Tensor, b: int, newest_first: 
     s[~valid] = float("-inf")
     order = newest_first[torch.argsort(s[newest_first], descending=True, stable=True)]
     order = order[torch.argsort(prot[order].to(torch.int8), descending=True, stable=True)]
+    order = order[valid[order]]  # padding never competes, even against -inf or NaN scores
     return torch.sort(order[:b]).values
 
 
