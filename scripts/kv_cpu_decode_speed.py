@@ -4,7 +4,8 @@
 
 SmolLM2 in bf16, 2 torch threads (as `memvisor bench kv`): each cache is prefilled with the same
 random-token context (the compressed ones block-wise, 512 tokens a block, under the planner's recipe
-at each budget, and the same recipe with each of ``--policies`` as its token policy), then decodes ``--steps`` greedy tokens; the figure is tokens/s of those steps.
+at each budget, and the same recipe with each of ``--policies`` as its token policy), then decodes
+``--steps`` greedy tokens; the figure is tokens/s of those steps.
 After a warm-up, methods run in turn, ``--rounds`` times interleaved (the host's speed drifts), best
 round kept.
 ``--profile`` prints a cProfile of the first compressed method's decode steps instead.

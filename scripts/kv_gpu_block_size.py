@@ -125,7 +125,8 @@ def main() -> None:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
     (a.out / "block_size.json").write_text(json.dumps(
-        {"card": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__, "rows": rows}, indent=1))
+        {"card": torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu", "torch": torch.__version__,
+         "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

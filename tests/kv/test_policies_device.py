@@ -31,7 +31,8 @@ RECIPES = {
 }
 
 
-def _run(device: str, recipe: str, window: int | None = None, evictions: int = 3) -> tuple[list[torch.Tensor], list[list[int]]]:
+def _run(device: str, recipe: str, window: int | None = None,
+         evictions: int = 3) -> tuple[list[torch.Tensor], list[list[int]]]:
     g = torch.Generator().manual_seed(3)
     B, Hq, Hkv, D = 1, 8, 4, 64
     core = LayerCore(LayerConfig(0, window, QuantConfig(4, 32, 32), budget_bytes=160_000, slack=8,

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from memvisor.kv.storage import HeadStore, StackedHeads, iter_blocks
 
+
 def default_block(device: torch.device) -> int:
     """Tokens per block of the decode loop when the cache does not say. Each block costs ~25 torch ops: on
     the CPU they are cheap and a small block bounds the float32 copy a step holds; on a GPU each op is a

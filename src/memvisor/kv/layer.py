@@ -33,8 +33,9 @@ class LayerConfig:
     budget_bytes: byte cap of the layer between forwards (None = unbounded); slack: head-tokens
     evicted below the cap each time the cap is hit, so eviction runs every ``slack`` decode steps
     rather than every step; block: tokens per block of the attention loop (and of the dequantization
-    before a prefill block's SDPA call), None: ``attention.default_block`` of the cache's device; fused_decode: decode steps on CUDA run the fused Triton
-    kernel where the layer qualifies (kv.gpu.cache_path)."""
+    before a prefill block's SDPA call), None: ``attention.default_block`` of the cache's device;
+    fused_decode: decode steps on CUDA run the fused Triton kernel where the layer qualifies
+    (kv.gpu.cache_path)."""
 
     layer_idx: int
     window: int | None

@@ -48,9 +48,10 @@ def group_attention(
     queries: [B, Hq, Tq, D]; keys: [B, Hkv, T, D]; lengths: LongTensor[Hkv] or None (all T valid).
     Query i of the block is the token at position ``lengths[h] - Tq + i`` of head h and attends keys
     ``j <= lengths[h] - Tq + i`` (causal inside the block, everything older before it).
-    probs: float32 [B, Hkv, c, T] on the keys' device, the mean over the query group of the softmax rows (each row sums to 1,
-    zeros at masked keys), for queries ``start .. start + c - 1``.
-    n_visible: LongTensor[Hkv, c] (same device), how many keys each query row sees (for "above average" tests).
+    probs: float32 [B, Hkv, c, T] on the keys' device, the mean over the query group of the softmax rows
+    (each row sums to 1, zeros at masked keys), for queries ``start .. start + c - 1``.
+    n_visible: LongTensor[Hkv, c] (same device), how many keys each query row sees (for "above average"
+    tests).
     scaling: logit scale, default 1/sqrt(D) (pass the model's own, e.g. Gemma's query_pre_attn_scalar**-0.5).
     window, positions: sliding-window layers. ``positions`` LongTensor[Hkv, T] gives each stored key's
     absolute position (queries are at the positions of the newest Tq keys); a query at p then also

@@ -47,7 +47,8 @@ class KVMerger(MergePolicy):
         is_kept[kept_h] = True
         kn = F.normalize(keys_h.float(), dim=-1)
         sim = (kn[:, :-1] * kn[:, 1:]).sum(-1).mean(0)  # [L-1] cosine of neighbours
-        run = torch.cat([torch.zeros(1, dtype=torch.long, device=keys_h.device), torch.cumsum((sim <= self.threshold).long(), 0)])
+        run = torch.cat([torch.zeros(1, dtype=torch.long, device=keys_h.device),
+                         torch.cumsum((sim <= self.threshold).long(), 0)])
         prev = torch.where(is_kept, ar, -1).cummax(0).values
         nxt = torch.where(is_kept, ar, L).flip(0).cummin(0).values.flip(0)
         prev_ok = (prev >= 0) & (run[prev.clamp(min=0)] == run)
