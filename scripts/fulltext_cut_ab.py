@@ -1,4 +1,4 @@
-"""A/B of the full-text common-word cut (`SQLiteStore.common_terms` + `fts_match(words, common)`).
+"""A/B of the full-text common-word cut (`TermStats.common` + `fts_match(words, common)`).
 
     python scripts/fulltext_cut_ab.py --n 100000 --home /tmp/home100k [--queries 100] [--cap 2000]
 
@@ -57,7 +57,7 @@ def main() -> None:
             words = terms(q.text)
             full, t_full = top(db, fts_match(words), 200)
             t0 = time.perf_counter()
-            common = store.common_terms(words, a.cap)
+            common = store.terms.common(words, a.cap)
             cut, _ = top(db, fts_match(words, common), 200)
             ms["all words"].append(t_full)
             ms["cut"].append((time.perf_counter() - t0) * 1e3)  # counting the postings included

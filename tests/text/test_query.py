@@ -25,13 +25,13 @@ def test_store_counts_postings_up_to_the_cap_and_pruned_query_skips_lone_common_
             ["the garden was green", "a shed by the lake", "I bought a kayak", "nothing here"]
     memory.add_many(texts, namespace="q")
     store = memory.store
-    assert store.common_terms(["garden", "shed", "kayak"], cap=3) == {"garden", "shed"}
-    assert store.common_terms(["garden", "shed", "kayak"], cap=6) == set()
+    assert store.terms.common(["garden", "shed", "kayak"], cap=3) == {"garden", "shed"}
+    assert store.terms.common(["garden", "shed", "kayak"], cap=6) == set()
     both = fts_match(["garden", "shed"], {"garden", "shed"})  # 4 rows hold both words
     assert both == '("garden" AND "shed")'
-    assert store.matches_over(both, cap=3) and not store.matches_over(both, cap=4)
+    assert store.terms.matches_over(both, cap=3) and not store.terms.matches_over(both, cap=4)
     words = ["garden", "shed", "kayak"]
-    pruned = fts_match(words, store.common_terms(words, cap=3))
+    pruned = fts_match(words, store.terms.common(words, cap=3))
     hits = {store.rows([rid])[rid]["text"] for rid, _ in store.full_text(pruned, Filters(namespace="q"), 50)}
     # Rows with the rare word or with both common words; not the rows holding one common word alone.
     assert hits == {"I bought a kayak"} | {f"my garden shed number {i}" for i in range(4)}
@@ -42,7 +42,7 @@ def test_store_counts_postings_up_to_the_cap_and_pruned_query_skips_lone_common_
 def test_retriever_leaves_out_a_conjunction_of_common_words_that_is_common_too(memory):
     """End to end at the real cap (2,000 rows): "garden" and "shed" are each in 2,100 rows and together
     in all of them, so full text keeps only the rare word; the dense half still ranks everything."""
-    from memvisor.store.sqlite_store import COMMON_POSTINGS
+    from memvisor.store.term_stats import COMMON_POSTINGS
     from memvisor.text.retrieve import HybridRetriever
 
     memory.add_many([f"garden shed note {i}" for i in range(COMMON_POSTINGS + 100)] + ["a red kayak"],
@@ -59,8 +59,8 @@ def test_store_finds_words_in_more_than_half_of_the_rows_from_spread_windows(mem
     memory.add_many(texts, namespace="q")
     store = memory.store
     # alpha in every row, beta in 3 of 4, gamma in 1 of 4, delta in none
-    assert store.ubiquitous_terms(["alpha", "beta", "gamma", "delta"], window=4, windows=4) == {"alpha", "beta"}
-    assert store.ubiquitous_terms(["alpha"], window=11, windows=4) == set()  # fewer than 4 windows of rows
+    assert store.terms.ubiquitous(["alpha", "beta", "gamma", "delta"], window=4, windows=4) == {"alpha", "beta"}
+    assert store.terms.ubiquitous(["alpha"], window=11, windows=4) == set()  # fewer than 4 windows of rows
 
 
 def test_retriever_leaves_out_a_word_in_most_rows_at_the_real_window(memory):

@@ -69,7 +69,7 @@ def head_attention(q: Tensor, store: HeadStore | StackedHeads, q_pos: Tensor, sc
     qi = torch.arange(Tq, device=q.device)
     start = 0
     blocks: list[tuple[Tensor, Tensor]] = []  # with_probs: each block's exponentials and the max they used
-    seen = torch.zeros(H, g * Tq, dtype=torch.long, device=q.device)
+    seen = torch.zeros(H, g * Tq, dtype=torch.long, device=q.device) if with_probs else None
     for k, v, pos in store.blocks(block) if single else iter_blocks(store, block):
         if single:
             k, v = k.unsqueeze(1), v.unsqueeze(1)

@@ -225,8 +225,7 @@ class LayerCore:
     def _after_forward(self, query: Tensor, seen: tuple[Tensor, Tensor] | None = None) -> None:
         pol = self.cfg.policy
         if seen is not None:  # the attention's own probabilities: no second pass over the history
-            lengths = torch.tensor(self.lengths(), dtype=torch.long)
-            pol.observe_probs(*seen, lengths=lengths if bool((lengths != lengths[0]).any()) else None)
+            pol.observe_probs(*seen, lengths=self._ragged_lengths())
         elif pol is not None and pol.needs_queries:
             self._observe(pol, query)
         before = self.nbytes() if self.observer is not None else 0
@@ -245,17 +244,21 @@ class LayerCore:
         if self.observer is not None:
             self.observer(self.cfg.layer_idx, before, self.nbytes())
 
-    def _observe(self, pol: TokenPolicy, query: Tensor) -> None:
+    def _ragged_lengths(self) -> Tensor | None:
+        """LongTensor[Hkv] of the heads' token counts when they differ (what policies take as ``lengths``)."""
         lengths = torch.tensor(self.lengths(), dtype=torch.long)
-        ragged = bool((lengths != lengths[0]).any())
+        return lengths if bool((lengths != lengths[0]).any()) else None
+
+    def _observe(self, pol: TokenPolicy, query: Tensor) -> None:
+        lengths = self._ragged_lengths()
         extra = {}
         if self.cfg.window is not None:
-            T = int(lengths.max())
+            T = max(self.lengths())
             pad = [torch.nn.functional.pad(st.positions(), (0, T - len(st)), value=-(1 << 40)) for st in self.stores]
             extra = {"positions": torch.stack(pad), "window": self.cfg.window}
         # Policies that read only the queries (SnapKV) get keys=None: no dequantized history.
         keys = self.padded()[0] if getattr(pol, "observe_uses_keys", True) else None
-        pol.observe(query.float(), keys, lengths=lengths if ragged else None, **extra)
+        pol.observe(query.float(), keys, lengths=lengths, **extra)
 
     def _choose_channels(self, query: Tensor, window: int = 32) -> None:
         """ThinK, once per layer (at its first forward): the newest ``window`` queries vote for the

@@ -22,6 +22,7 @@ import numpy as np
 from memvisor import timeutil
 from memvisor.errors import InvalidInput, UnknownMemory, UnknownNamespace
 from memvisor.store.filters import Filters
+from memvisor.store.term_stats import TermStats
 from memvisor.store.vector_index import VectorIndex
 from memvisor.types import MemoryItem
 
@@ -32,14 +33,6 @@ SAVE_EVERY = 50_000
 
 ITEM_COLUMNS = ("rid, id, namespace, version, kind, user_id, agent_id, session_id, thread, position, text, "
                 "context, speaker, metadata, sources, status, valid_from, valid_to, recorded_at, expired_at, seq")
-# Full-text words in more rows than this only match together (text/query.py `fts_match`): scoring every
-# row of a very common word cost 37 ms p50 at 100k rows, 3.6 ms with the cut (scripts/fulltext_cut_ab.py).
-COMMON_POSTINGS = 2000
-# A word in more than half of the full-text rows has a BM25 IDF <= 0, which FTS5 clamps to 1e-6: it
-# cannot change a ranking, only cost its posting list (a user's name in 87% of the 1M scale rows: 60 ms).
-# Its share is estimated from UBIQUITY_WINDOWS windows of UBIQUITY_WINDOW consecutive rowids.
-UBIQUITY_WINDOW, UBIQUITY_WINDOWS = 500, 8
-UBIQUITY_SAMPLE = (UBIQUITY_WINDOW, UBIQUITY_WINDOWS)
 # meta key prefix, + namespace: a delete there still has traces in the files to scrub (at close)
 SCRUB_MARK = "scrub_pending:"
 
@@ -109,8 +102,7 @@ class SQLiteStore:
         (home / "vectors").mkdir(exist_ok=True)
         self._indexes: dict[str, VectorIndex] = {}
         self._speakers: dict[str, tuple[int, frozenset[str]]] = {}
-        self._ubiquity: dict[str, bool] = {}  # word -> verdict, while the rowid range grows < 5%
-        self._ubiquity_at = 0
+        self.terms = TermStats(self.db)  # full-text word statistics for query planning (text/retrieve.py)
 
     def _check_meta(self, embedder_name: str) -> None:
         meta = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
@@ -341,49 +333,6 @@ class SQLiteStore:
                 args += extra
             out.update({r["rid"]: r for r in self.db.execute(sql, args)})
         return out
-
-    def common_terms(self, words: list[str], cap: int = COMMON_POSTINGS) -> set[str]:
-        """The words whose posting lists hold more than `cap` rows (over every namespace: what a query
-        would have to score). Counting stops at cap + 1, so each check costs at most that many
-        posting entries (well under a millisecond), never the whole list."""
-        return {word for word in words if self.matches_over('"' + word.replace('"', '""') + '"', cap)}
-
-    def ubiquitous_terms(self, words: list[str], window: int = UBIQUITY_WINDOW,
-                         windows: int = UBIQUITY_WINDOWS) -> set[str]:
-        """The words in more than half of the full-text rows (zero weight in BM25, see UBIQUITY_WINDOW),
-        estimated from `windows` windows of `window` rowids spread evenly over the rowid range (a seek
-        and at most `window` postings per window and word; about 1 ms per word at 1M rows), so that a
-        store written in blocks (one user, then the next) is sampled across its blocks. Deterministic
-        for a given store; a store of fewer than `windows` windows of rows has none (its common words
-        are few and cheap anyway). Verdicts are kept until the rowid range grows by 5% (a share past half
-        moves slowly), so a query's recurring words (names) cost nothing after their first query."""
-        # two queries: SQLite's one-seek min/max optimisation takes a single min() or max() (both in
-        # one SELECT scanned the table: 135 ms at 1M rows)
-        lo = self.db.execute("SELECT min(rid) FROM items").fetchone()[0]
-        hi = self.db.execute("SELECT max(rid) FROM items").fetchone()[0]
-        if not words or hi is None or hi - lo + 1 < windows * window:
-            return set()
-        cache = self._ubiquity if (window, windows) == UBIQUITY_SAMPLE else {}
-        if cache is self._ubiquity and not self._ubiquity_at <= hi <= self._ubiquity_at * 1.05:
-            cache.clear()
-            self._ubiquity_at = hi
-        todo = [w for w in words if w not in cache]
-        if todo:
-            step = (hi - lo + 1 - window) / max(1, windows - 1)
-            spans = [(lo + round(k * step), lo + round(k * step) + window - 1) for k in range(windows)]
-            rows = sum(self.db.execute("SELECT count(*) FROM items WHERE rid BETWEEN ? AND ?", span)
-                       .fetchone()[0] for span in spans)
-            for word in todo:
-                quoted = '"' + word.replace('"', '""') + '"'
-                hits = sum(self.db.execute("SELECT count(*) FROM items_fts WHERE items_fts MATCH ? AND rowid "
-                                           "BETWEEN ? AND ?", (quoted, *span)).fetchone()[0] for span in spans)
-                cache[word] = 2 * hits > rows
-        return {w for w in words if cache[w]}
-
-    def matches_over(self, match: str, cap: int = COMMON_POSTINGS) -> bool:
-        """Whether the FTS5 expression `match` admits more than `cap` rows, counting no further than cap + 1."""
-        return self.db.execute("SELECT count(*) FROM (SELECT 1 FROM items_fts WHERE items_fts MATCH ? LIMIT ?)",
-                               (match, cap + 1)).fetchone()[0] > cap
 
     def full_text(self, match: str, filters: Filters, limit: int,
                   context_weight: float = 0.5) -> list[tuple[int, float]]:

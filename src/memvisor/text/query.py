@@ -38,7 +38,7 @@ def fts_match(words: str | list[str], common: Collection[str] = (), conjoin_comm
     `words`: the query text, or its words already from `terms()`. Without `common` the expression is
     `a OR b OR c`: every row holding any word is scored, which at 1M rows means hundreds of thousands
     of BM25 evaluations for words like "visited" or "garden". `common` are the words whose posting
-    lists are too long for that (`SQLiteStore.common_terms`); they then only match together:
+    lists are too long for that (`TermStats.common`); they then only match together:
     `r1 OR r2 OR (c1 AND c2)`; one common word beside rarer ones is left out (`r1 OR r2`). The price,
     measured in BENCHMARKS (scale): a row with a rarer word gets no BM25 credit for a common word unless
     it holds all of them (FTS5 scores the phrases of the branches that matched), and rows holding only
@@ -47,7 +47,7 @@ def fts_match(words: str | list[str], common: Collection[str] = (), conjoin_comm
     its whole posting list was the p99 outlier at 100k (43k rows) and grows with the store, and the
     dense half ranks a one-word query by itself. `conjoin_common=False` leaves the common words out
     altogether: for when their conjunction is itself too common ("ines" AND "seville", where Ines lives,
-    cost 290 ms at 470k rows; `HybridRetriever` checks with `SQLiteStore.matches_over`). Words in more
+    cost 290 ms at 470k rows; `HybridRetriever` checks with `TermStats.matches_over`). Words in more
     than half of the rows are removed before this (`retrieve.full_text_match`).
     """
     words = terms(words) if isinstance(words, str) else list(words)

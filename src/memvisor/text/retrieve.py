@@ -162,11 +162,11 @@ def full_text_match(store: SQLiteStore, words: list[str]) -> str | None:
     """The FTS5 expression for a query's content words, priced for the store (text/query.py `fts_match`):
     words in more than half of the rows are left out (zero BM25 weight, the longest posting lists);
     other common words match only together, and not at all when that conjunction is common too."""
-    common = store.common_terms(words)
-    ubiquitous = store.ubiquitous_terms(sorted(common))
+    common = store.terms.common(words)
+    ubiquitous = store.terms.ubiquitous(sorted(common))
     words = [w for w in words if w not in ubiquitous]
     common -= ubiquitous
-    if len(common) > 1 and store.matches_over(fts_match([w for w in words if w in common], common)):
+    if len(common) > 1 and store.terms.matches_over(fts_match([w for w in words if w in common], common)):
         return fts_match(words, common, conjoin_common=False)  # the conjunction is common too
     return fts_match(words, common)
 
