@@ -30,17 +30,21 @@ DEV = "cuda"  # --device cpu: a smoke run of this script (tiny sizes)
 
 
 def build(kind: str, tokens: int, block: int | None, gen: torch.Generator) -> list[LayerCore]:
+    """kind: a recipe below; a "-torch" suffix keeps its decode steps off the fused kernels (the torch path)."""
     bf16_per_layer = tokens * HKV * D * 2 * 2
+    fused = not kind.endswith("-torch")
+    recipe = kind.removesuffix("-torch")
     cores = []
     for i in range(LAYERS):
         q = QuantConfig(4, 32, 128)
-        if kind == "kivi4":  # append-only, the kernel's case, here on the torch path for reference
+        if recipe == "kivi4":  # append-only, the kernel's case, here on the torch path for reference
             cfg = LayerConfig(i, None, q, block=block, fused_decode=False)
-        elif kind == "kivi4-stream-4x":  # `auto` at 4x: KIVI-4 + StreamingLLM under a byte budget
-            cfg = LayerConfig(i, None, q, policy=StreamingLLM(4), budget_bytes=bf16_per_layer // 4, block=block)
-        elif kind == "kivi4-h2o-4x":  # ragged heads after eviction: one head at a time
+        elif recipe == "kivi4-stream-4x":  # `auto` at 4x: KIVI-4 + StreamingLLM under a byte budget
+            cfg = LayerConfig(i, None, q, policy=StreamingLLM(4), budget_bytes=bf16_per_layer // 4, block=block,
+                              fused_decode=fused)
+        elif recipe == "kivi4-h2o-4x":  # ragged heads after eviction: one head at a time
             cfg = LayerConfig(i, None, q, policy=H2O(recent=32, sinks=4), budget_bytes=bf16_per_layer // 4,
-                              block=block)
+                              block=block, fused_decode=fused)
         else:
             raise ValueError(kind)
         c = LayerCore(cfg)
@@ -61,7 +65,7 @@ def _sync() -> None:
 
 
 def time_steps(cores: list[LayerCore], steps: int, gen: torch.Generator,
-               profile: bool = False) -> tuple[float, torch.Tensor]:
+               profile: str | None = None) -> tuple[float, torch.Tensor]:
     new = [[torch.randn(1, h, 1, D, device=DEV, generator=gen).bfloat16() for h in (HKV, HKV, HQ)]
            for _ in range(steps + 2)]
     outs = []
@@ -75,13 +79,23 @@ def time_steps(cores: list[LayerCore], steps: int, gen: torch.Generator,
     step(0), step(1)
     _sync()
     t0 = time.perf_counter()
-    if profile:  # where a step's time goes: the top torch ops by their own CPU time (launches included)
+    if profile == "torch":  # where a step's time goes: the top torch ops by their own CPU time (launches included)
         from torch.profiler import profile as prof
         with prof() as p:
             for i in range(2, steps + 2):
                 step(i)
             _sync()
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
+    elif profile == "python":  # the cache's own functions by cumulative time (the host side of an eager step)
+        import cProfile
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        for i in range(2, steps + 2):
+            step(i)
+        _sync()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("cumulative").print_stats("memvisor", 30)
     else:
         for i in range(2, steps + 2):
             step(i)
@@ -100,7 +114,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--layers", type=int, default=LAYERS)
-    ap.add_argument("--profile", action="store_true", help="print a torch profile of each timed run")
+    ap.add_argument("--profile", choices=("torch", "python"),
+                    help="print a profile of each timed run: torch ops, or the cache's Python functions (cProfile)")
     a = ap.parse_args()
     DEV, LAYERS = a.device, a.layers
     a.out.mkdir(parents=True, exist_ok=True)

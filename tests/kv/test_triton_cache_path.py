@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from memvisor.kv.gpu import triton_available
-from memvisor.kv.gpu.cache_path import DecodeMirror, kernel_applies
+from memvisor.kv.gpu.cache_path import DecodeMirror, HeadStack, kernel_applies
 from memvisor.kv.gpu.layout import KiviLayer
 from memvisor.kv.gpu.planes import to_planes
 from memvisor.kv.layer import LayerConfig, LayerCore
@@ -94,6 +94,47 @@ def test_mirror_append_matches_per_head_appends(bits):
     assert ref[0].nq > 301
 
 
+@pytest.mark.parametrize("bits", [2, 4, None])
+def test_head_stack_keeps_the_heads_as_they_would_be_and_holds_no_second_copy(bits):
+    """``HeadStack`` (the stacked path of layers that evict): appends through it, flushes and evictions leave
+    every head exactly as per-head appends do; what it reads stacked is the heads' own bytes (views)."""
+    g = torch.Generator().manual_seed(20 + (bits or 0))
+    B, H, D = 2, 3, 64
+    q = QuantConfig(bits=bits, group=32, residual=32) if bits else QuantConfig()
+    mk = lambda: [HeadStore(B, D, torch.bfloat16, torch.device("cpu"), q, False) for _ in range(H)]  # noqa: E731
+    fast, ref = mk(), mk()
+    stack = HeadStack()
+    k = torch.randn(B, H, 301, D, generator=g).bfloat16()
+    for stores in (fast, ref):
+        for h, st in enumerate(stores):
+            st.append(k[:, h], k[:, h])
+    names = list(ref[0].tensors())
+    for step in range(120):
+        k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+        stack.append(fast, k, v)
+        for h, st in enumerate(ref):
+            st.append(k[:, h], v[:, h], flush=False)
+        for name in names:
+            base = stack.stacked(fast, name)
+            assert torch.equal(base, torch.stack([getattr(st, name) for st in ref], 1)), (step, name)
+            for h, st in enumerate(fast):  # each head's tensor is its slice of the stacked one
+                assert getattr(st, name).data_ptr() == base[:, h].data_ptr()
+        if step % 25 == 24:  # the same eviction in both
+            keep = torch.sort(torch.randperm(len(ref[0]), generator=g)[: len(ref[0]) * 3 // 4]).values
+            for stores in (fast, ref):
+                for st in stores:
+                    st.keep(keep)
+            # the heads replaced their views: the stack holds nothing that keeps the old stacked tensors alive
+            assert all(r() is None for name in names for r in stack.held[name][0])
+        for stores in (fast, ref):
+            for st in stores:
+                st.flush()
+        for a, b in zip(fast, ref):
+            assert a.nbytes() == b.nbytes() and a.nq == b.nq and a.nr == b.nr
+            for name, t in b.tensors().items():
+                assert torch.equal(getattr(a, name), t), (step, name)
+
+
 def _core(bits: int, fused: bool, **kw) -> LayerCore:
     return LayerCore(LayerConfig(layer_idx=0, window=None, qcfg=QuantConfig(bits=bits, group=32, residual=32),
                                  fused_decode=fused, **kw))
@@ -140,12 +181,87 @@ def test_cuda_decode_runs_the_kernel_and_matches_the_torch_path(bits):
     assert fused.nbytes() == plain.nbytes() + fused.mirror.nbytes(fused.stores)
 
 
+def _count_stacked(monkeypatch) -> list:
+    """Spy on the layer's calls of the stacked kernel path (the real function still runs)."""
+    import memvisor.kv.layer as layer_mod
+
+    calls, real = [], layer_mod.stacked_decode
+    monkeypatch.setattr(layer_mod, "stacked_decode", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @cuda
-def test_cuda_layers_that_evict_or_slide_keep_the_torch_path():
-    budgeted = _core(2, True, budget_bytes=200_000)
+@pytest.mark.parametrize("bits,sinks", [(2, 0), (4, 0), (4, 4), (None, 0)])
+def test_cuda_layers_that_evict_run_the_stacked_kernel_and_match_the_torch_path(bits, sinks, monkeypatch):
+    """StreamingLLM under a byte budget (``auto``'s recipe): every decode step runs the kernel over the heads'
+    own tensors, across evictions that cut key groups short, and gives the torch path's output; both keep the
+    same tokens and bytes."""
+    from memvisor.kv.policies.streaming import StreamingLLM
+
+    calls = _count_stacked(monkeypatch)
+    B, Hq, Hkv, D = 2, 16, 4, 128
+    q = QuantConfig(bits=bits, group=32, residual=32, sinks=sinks) if bits else QuantConfig()
+    # an eighth (a quarter unquantized) of 1,000 bf16 tokens
+    budget = (B * Hkv * 1000 * D * 2 * 2) // (8 if bits else 4)
+    fused, plain = (LayerCore(LayerConfig(0, None, q, policy=StreamingLLM(4), budget_bytes=budget, fused_decode=f))
+                    for f in (True, False))
+    outs = _decode([fused, plain], B, Hq, Hkv, D, 700, 300, "cuda", torch.bfloat16, seed=3)
+    for i, (a, b) in enumerate(outs[1:]):
+        assert _rel(a, b) < 1e-2, (i, _rel(a, b))
+    assert len(calls) == 300 and fused.mirror is None
+    assert fused.evictions == plain.evictions > 5
+    assert fused.lengths() == plain.lengths() and fused.nbytes() == plain.nbytes() <= budget
+    for a, b in zip(fused.stores, plain.stores):  # the same bytes stored, through the stacked appends
+        for name, t in b.tensors().items():
+            assert torch.equal(getattr(a, name), t), name
+    if bits:
+        sizes = fused.stores[0].group_sizes
+        assert bool((sizes < 32).any()), "eviction left every group whole: the group map went untested"
+
+
+@cuda
+@pytest.mark.parametrize("bits", [2, 4])
+def test_cuda_stacked_kernel_reads_scattered_key_groups(bits):
+    """Heads that keep the same scattered tokens (groups of 0-32 survivors, a code byte split across
+    groups): the kernel's per-token key-group rows against the block-wise torch path."""
+    from memvisor.kv.attention import layer_attention
+    from memvisor.kv.gpu.cache_path import stacked_decode, stacked_kernel_applies
+
+    g = torch.Generator(device="cuda").manual_seed(bits)
+    B, Hq, Hkv, D, T = 1, 8, 2, 64, 3000
+    stores = [HeadStore(B, D, torch.bfloat16, torch.device("cuda"), QuantConfig(bits, 32, 32), False)
+              for _ in range(Hkv)]
+    k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).bfloat16()
+    v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).bfloat16()
+    for h, st in enumerate(stores):
+        st.append(k[:, h], v[:, h])
+    keep = torch.sort(torch.randperm(T, device="cuda", generator=g)[: T // 3]).values
+    for st in stores:
+        st.keep(keep)
+    assert stores[0].group_sizes.min() < 8
+    query = torch.randn(B, Hq, 1, D, device="cuda", generator=g).bfloat16() * 3
+    assert stacked_kernel_applies(stores, query, None, None)
+    want = layer_attention(query, stores, torch.tensor([T], device="cuda"), D ** -0.5)
+    got = stacked_decode(query, stores, D ** -0.5, HeadStack())
+    assert got.shape == want.shape and _rel(got, want) < 1e-2, _rel(got, want)
+
+
+@cuda
+def test_cuda_ragged_sliding_or_probability_taking_layers_keep_the_torch_path(monkeypatch):
+    """H2O takes this step's probabilities from the torch loop; a sliding window and ragged heads (Ada-KV
+    budgets) are not what the stacked kernel reads."""
+    from memvisor.kv.policies.h2o import H2O
+    from memvisor.kv.policies.head_adakv import AdaKVHeadBudget
+    from memvisor.kv.policies.snapkv import SnapKV
+
+    calls = _count_stacked(monkeypatch)
+    h2o = _core(2, True, budget_bytes=200_000, policy=H2O(recent=16, sinks=4))
     sliding = LayerCore(LayerConfig(layer_idx=0, window=64, qcfg=QuantConfig(bits=2, group=32, residual=32)))
-    _decode([budgeted, sliding], 1, 8, 2, 64, 300, 5, "cuda", torch.bfloat16)
-    assert budgeted.mirror is None and sliding.mirror is None
+    _decode([h2o, sliding], 1, 8, 2, 64, 300, 5, "cuda", torch.bfloat16)
+    assert h2o.mirror is None and sliding.mirror is None and not calls
+    ragged = _core(4, True, budget_bytes=60_000, policy=SnapKV(window=16), head_budget=AdaKVHeadBudget())
+    _decode([ragged], 1, 8, 2, 64, 600, 5, "cuda", torch.bfloat16)
+    assert len(set(ragged.lengths())) > 1 and not calls
 
 
 @cuda

@@ -22,9 +22,13 @@ from torch import Tensor
 
 from memvisor.kv.attention import default_block, layer_attention
 from memvisor.kv.budget import BudgetError, TokenCost, token_cost
-from memvisor.kv.gpu.cache_path import DecodeMirror, kernel_applies
+from memvisor.kv.gpu.cache_path import DecodeMirror, HeadStack, kernel_applies, stacked_decode, stacked_kernel_applies
 from memvisor.kv.policies.base import ChannelPolicy, HeadBudget, MergePolicy, TokenPolicy, select
 from memvisor.kv.storage import HeadStore, QuantConfig
+
+
+# Decode evicts at least this share of a head's token capacity below the cap each time it evicts (``compress``).
+SLACK_SHARE = 64
 
 
 @dataclass
@@ -32,10 +36,10 @@ class LayerConfig:
     """Everything one layer needs. window: sliding window (tokens) or None for full attention;
     budget_bytes: byte cap of the layer between forwards (None = unbounded); slack: head-tokens
     evicted below the cap each time the cap is hit, so eviction runs every ``slack`` decode steps
-    rather than every step; block: tokens per block of the attention loop (and of the dequantization
-    before a prefill block's SDPA call), None: ``attention.default_block`` of the cache's device;
-    fused_decode: decode steps on CUDA run the fused Triton kernel where the layer qualifies
-    (kv.gpu.cache_path)."""
+    rather than every step (at least 1/:data:`SLACK_SHARE` of the cap unless 0: see ``compress``);
+    block: tokens per block of the attention loop (and of the dequantization before a prefill block's
+    SDPA call), None: ``attention.default_block`` of the cache's device; fused_decode: decode steps on
+    CUDA run a fused Triton kernel where the layer qualifies (kv.gpu.cache_path)."""
 
     layer_idx: int
     window: int | None
@@ -63,6 +67,8 @@ class LayerCore:
         self.evictions = 0
         # Stacked kernel-layout copy of the quantized groups, made at the first fused decode step.
         self.mirror: DecodeMirror | None = None
+        # Layers that evict, on the stacked kernel path: the heads' tensors as views of stacked ones (no copy).
+        self.stack: HeadStack | None = None
         # Called as observer(layer_idx, bytes_before_compression, bytes_after) after each forward.
         self.observer = None
 
@@ -82,7 +88,7 @@ class LayerCore:
         return self.stores is not None
 
     def reset(self) -> None:
-        self.stores, self.cum, self._pending, self._dense, self.mirror = None, 0, None, None, None
+        self.stores, self.cum, self._pending, self._dense, self.mirror, self.stack = None, 0, None, None, None, None
         if self.cfg.policy is not None:
             self.cfg.policy.reset()
 
@@ -129,6 +135,9 @@ class LayerCore:
         if self.mirror is not None and Tq == 1:  # fused decode: one copy into the heads' stacked residual
             self.mirror.append(self.stores, key_states, value_states)
             return None
+        if self.stack is not None and Tq == 1 and len({st.nr for st in self.stores}) == 1:
+            self.stack.append(self.stores, key_states, value_states)
+            return None
         pos = torch.arange(first, first + Tq, device=key_states.device) if self.stores[0].pos is not None else None
         for h, st in enumerate(self.stores):
             st.append(key_states[:, h], value_states[:, h], pos, flush=False)
@@ -164,7 +173,7 @@ class LayerCore:
             raise RuntimeError(f"layer {self.cfg.layer_idx}: attend() without a preceding update()")
         Tq, first = self._pending
         self._pending = None
-        out = self._fused_decode(query, scaling, softcap) if Tq == 1 else None
+        out = self._fused_decode(query, scaling, softcap) if Tq == 1 and self.cfg.fused_decode else None
         seen = None  # (probs, n_visible) of this forward's attention, for a policy that takes them
         if out is None:
             q_pos = torch.arange(first, first + Tq, device=query.device)
@@ -189,16 +198,21 @@ class LayerCore:
         return math.isclose(own if own is not None else self.stores[0].D ** -0.5, scaling, rel_tol=1e-6)
 
     def _fused_decode(self, query: Tensor, scaling: float, softcap: float | None) -> Tensor | None:
-        """One decode step through the fused CUDA kernel, or None where it does not apply: only
-        layers that never evict or prune (their heads stay equal, their key groups whole) qualify;
-        ragged heads take the block-wise torch path."""
+        """One decode step through a fused CUDA kernel, or None where none applies (kv/gpu/cache_path.py):
+        layers that never evict or prune read their stacked mirror; layers that evict, while their heads
+        stack, read the heads' own tensors; ragged heads, and policies that take this step's attention
+        probabilities (H2O, Scissorhands), take the block-wise torch path."""
         c = self.cfg
-        if self.mirror is None:
-            append_only = (c.policy is None and c.budget_bytes is None and c.merge is None and c.channel is None)
-            if not (c.fused_decode and append_only and kernel_applies(self.stores, query, c.window, softcap)):
-                return None
+        if self.mirror is not None:
+            return self.mirror.attend(query, self.stores, scaling)
+        append_only = c.policy is None and c.budget_bytes is None and c.merge is None and c.channel is None
+        if append_only and kernel_applies(self.stores, query, c.window, softcap):
             self.mirror = DecodeMirror(c.qcfg)
-        return self.mirror.attend(query, self.stores, scaling)
+            return self.mirror.attend(query, self.stores, scaling)
+        if not self._hands_probs(scaling, softcap) and stacked_kernel_applies(self.stores, query, c.window, softcap):
+            self.stack = self.stack or HeadStack()
+            return stacked_decode(query, self.stores, scaling, self.stack)
+        return None
 
     # ------------------------------------------------------------------ compression
     def padded(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
@@ -304,8 +318,13 @@ class LayerCore:
         # more than a quarter of the cap (small budgets would otherwise lose most of their tokens).
         # A forward of more than ``slack`` tokens (a prefill block) evicts at every forward anyway:
         # no slack there, so a prefilled cache sits at its budget instead of ``slack`` below it.
+        # An eviction re-packs the whole history (O(n)), so the slack grows with the cap: evicting a fixed share
+        # keeps eviction's cost per decode step flat as the history grows (Llama-3.1-8B shape on an H200, 32k tokens
+        # at 4x: 32 head-tokens meant one 18 ms eviction every 8 layer-steps, most of a step). It costs at most
+        # 1/SLACK_SHARE of the kept tokens just after an eviction; below 2,048 tokens a head the fixed slack rules.
         bulk = added is not None and added > self.cfg.slack
-        slack = 0 if force or bulk else min(self.cfg.slack, cap // 4)
+        share = max(self.cfg.slack, cap // SLACK_SHARE) if self.cfg.slack else 0
+        slack = 0 if force or bulk else min(share, cap // 4)
         target = max(cap - slack, 0) * Hkv
         for _ in range(8):  # partial key groups after eviction can cost more than estimated: re-check
             self._evict_to(target)

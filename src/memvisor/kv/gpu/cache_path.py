@@ -1,4 +1,11 @@
-"""The compressed cache's decode step through the fused CUDA kernel.
+"""The compressed cache's decode step through the fused CUDA kernels.
+
+Two paths. Append-only layers (below) read a stacked planes-layout mirror through the fastest kernel. Layers
+that evict (a byte budget, StreamingLLM, SnapKV...) cannot hold a mirror's second copy under their budget:
+while their heads stay alike (equal token counts and key groups), :func:`stacked_decode` runs the cache-layout
+"dequant" kernel over the heads' own tensors, which :class:`HeadStack` keeps as views of stacked ones (no copy
+per step), reading each token's key scale row from the group sizes eviction left (``KiviLayer.key_groups``).
+Heads made ragged by per-head budgets or per-head token choices (H2O, SnapKV) take the torch path.
 
 A layer qualifies when it only ever appends (KIVI quantization with nothing else: no token policy, byte
 budget, merging, channel pruning, full-precision sinks or sliding window, so its heads stay equal in length
@@ -24,12 +31,14 @@ fresh residual tensors; the next append stacks them into the buffer again.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
 from memvisor.kv.gpu.layout import KiviLayer
 from memvisor.kv.gpu.planes import SLOTS, PlanesLayer, to_planes
-from memvisor.kv.storage import HeadStore, QuantConfig
+from memvisor.kv.storage import HeadStore, QuantConfig, StackedHeads
 
 
 def _pow2(n: int) -> bool:
@@ -46,6 +55,84 @@ def kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, s
             and q.bits is not None and q.vbits == q.bits and q.sinks == 0 and _pow2(st.D) and _pow2(q.group)
             and st.D % q.group == 0 and query.dtype in (torch.float16, torch.bfloat16)
             and st.dtype == query.dtype and all(s.channels is None for s in stores) and triton_available())
+
+
+def stacked_kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, softcap: float | None) -> bool:
+    """Whether this decode step of a layer that evicts can run :func:`stacked_decode`: one new token on CUDA
+    with Triton, no sliding window, softcap or pruned key channels, keys and values of one width (or both
+    unquantized), head_dim a power of two >= 16, and heads that stack (equal counts and key groups).
+    query: [B, Hq, Tq, D]."""
+    from memvisor.kv.gpu import triton_available
+
+    q, st = stores[0].q, stores[0]
+    return (query.shape[2] == 1 and query.is_cuda and window is None and softcap is None and q.vbits == q.bits
+            and _pow2(st.D) and query.dtype in (torch.float16, torch.bfloat16) and st.dtype == query.dtype
+            and all(s.channels is None for s in stores) and triton_available() and StackedHeads.compatible(stores))
+
+
+class HeadStack:
+    """A layer's heads' tensors held as views of one stacked tensor per name (``[B, H, ...]``), so a decode step
+    reads them stacked without copying them, and appends its token to every head's residual in one copy.
+
+    A name is stacked once (one copy), then each head's tensor IS ``base[:, h]``: no byte is held twice, and
+    ``nbytes()`` of the heads still counts every byte. A head that replaces its tensor (a flush, an eviction)
+    breaks the identity check, and the next read stacks that name again (every ~10-100 decode steps). Only weak
+    references are kept: a stacked tensor the heads no longer use is freed at once, not at the next read."""
+
+    def __init__(self) -> None:
+        # name -> (weak references to the heads' views, the stacked shape and strides)
+        self.held: dict[str, tuple[list[weakref.ref], torch.Size, tuple[int, ...]]] = {}
+
+    def stacked(self, stores: list[HeadStore], name: str) -> Tensor:
+        """``[B, H, ...]``: the heads' tensor ``name`` stacked on axis 1 (a view of what they hold)."""
+        held = self.held.get(name)
+        if held is not None:
+            refs, shape, stride = held
+            first = getattr(stores[0], name)
+            if len(refs) == len(stores) and all(getattr(st, name) is r() for st, r in zip(stores, refs)):
+                # the heads' views are alive, so their stacked storage is: view it whole again
+                return first.as_strided(shape, stride, first.storage_offset())
+        base = torch.stack([getattr(st, name) for st in stores], 1)
+        self._adopt(stores, name, base)
+        return base
+
+    def append(self, stores: list[HeadStore], k: Tensor, v: Tensor) -> None:
+        """One decode step's token, k, v ``[B, H, 1, D]``, into every head's residual (what
+        ``HeadStore.append(..., flush=False)`` does per head): one concatenation per tensor, not one per head.
+        The heads' residuals must be of one length."""
+        for name, x in (("k_res", k), ("v_res", v)):
+            self._adopt(stores, name, torch.cat([self.stacked(stores, name), x.to(stores[0].dtype)], 2))
+
+    def _adopt(self, stores: list[HeadStore], name: str, base: Tensor) -> None:
+        views = base.unbind(1)
+        for st, view in zip(stores, views):
+            setattr(st, name, view)
+        self.held[name] = ([weakref.ref(v) for v in views], base.shape, base.stride())
+
+
+def stacked_decode(query: Tensor, stores: list[HeadStore], scaling: float, stack: HeadStack) -> Tensor:
+    """query [B, Hq, 1, D] -> attention output [B, 1, Hq, D] in the query dtype, through one kernel launch
+    (and its combine) over heads that :func:`stacked_kernel_applies` accepted, read through ``stack``.
+
+    Full-precision sinks join the residual: a decode query sees every stored token, so their order does not
+    matter. Unquantized heads run the bf16 flash-decoding kernel."""
+    from memvisor.kv.gpu.triton_decode import dense_decode_attention_triton, kivi_decode_attention
+
+    q, st0 = stores[0].q, stores[0]
+    k_full, v_full = stack.stacked(stores, "k_res"), stack.stacked(stores, "v_res")
+    if st0.ns:
+        k_full = torch.cat([stack.stacked(stores, "k_sink"), k_full], 2)
+        v_full = torch.cat([stack.stacked(stores, "v_sink"), v_full], 2)
+    q1 = query[:, :, 0].contiguous()
+    if q.bits is None:
+        return dense_decode_attention_triton(q1, k_full.contiguous(), v_full.contiguous(), scaling).unsqueeze(1)
+    names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = (stack.stacked(stores, n) for n in names)
+    # every group whole (k_scale holds nq / G rows) unless eviction cut some: then each token's row, int32
+    whole = k_scale.shape[2] * q.group == st0.nq
+    groups = None if whole else st0.group_of_tokens(0, st0.nq).to(torch.int32)
+    layer = KiviLayer(q.bits, q.group, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_full, v_full, groups)
+    return kivi_decode_attention(q1, layer, scaling, variant="dequant").unsqueeze(1)
 
 
 class DecodeMirror:

@@ -47,6 +47,10 @@ class KiviLayer:
     v_zero: torch.Tensor
     k_res: torch.Tensor
     v_res: torch.Tensor
+    # int32 [t_quant]: the key-scale row of each quantized token where eviction cut groups short (the
+    # cache's ``group_sizes``; then k_scale/k_zero hold one row per group, whatever its size, and t_quant need
+    # not be a multiple of G); None: token t's row is t // G. Read by the "dequant" kernel only.
+    key_groups: torch.Tensor | None = None
 
     @property
     def t_quant(self) -> int:

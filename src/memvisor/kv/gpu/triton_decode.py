@@ -43,10 +43,12 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_log2,
+def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, KGI, sm_scale_log2,
                        T_q, T_r, tps, skc_bh, sks_bh, svc_bh, svs_bh, skr_bh, svr_bh,
                        GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                       G: tl.constexpr, BLOCK_N: tl.constexpr):
+                       G: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_MAP: tl.constexpr = False):
+    """The "dequant" split: each token addressed on its own, so a split may start anywhere. ``GROUP_MAP``:
+    token t's key scale row is ``KGI[t]`` (int32, shared by the heads: key groups cut by eviction), not t // G."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_rows = tl.num_programs(1)
@@ -71,7 +73,11 @@ def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_log2,
             # keys: byte row t // PER holds PER consecutive tokens of one channel
             kb = tl.load(KC + pid_bh * skc_bh + (offs_n // PER)[:, None] * D + offs_d[None, :], mask=m2, other=0)
             kq = (kb.to(tl.int32) >> ((offs_n % PER) * BITS)[:, None]) & MASK
-            kofs = pid_bh * sks_bh + (offs_n // G)[:, None] * D + offs_d[None, :]
+            if GROUP_MAP:
+                krow = tl.load(KGI + offs_n, mask=n_mask, other=0)
+            else:
+                krow = offs_n // G
+            kofs = pid_bh * sks_bh + krow[:, None] * D + offs_d[None, :]
             ks = tl.load(KS + kofs, mask=m2, other=0.0).to(tl.float32)
             kz = tl.load(KZ + kofs, mask=m2, other=0.0).to(tl.float32)
             k = (kq.to(tl.float32) * ks + kz).to(q.dtype)
@@ -233,6 +239,8 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
         raise KVLayoutError(f"the {variant} kernel needs a power-of-two group >= 16 dividing head_dim, got {g}")
     if variant == "tile" and block_n % g:
         raise KVLayoutError(f"the tile kernel needs block_n a multiple of the group ({g}), got {block_n}")
+    if layer.key_groups is not None and variant != "dequant":
+        raise KVLayoutError("key groups cut by eviction (key_groups) are read by the 'dequant' kernel only")
     tile = g if variant == "factored" else block_n
     n_split, tps = _split_plan(b * hkv, layer.t_quant, tile, sm_count, waves)
     if variant == "dequant" and tps % g and n_split > 1:
@@ -257,9 +265,10 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
             GROUPS=groups, GP=gp, ROWS=rows, D=d, BITS=layer.bits, G=g, BLOCK_R=block_n,
             K_RESHAPE=k_reshape, V_RESHAPE=v_reshape, num_warps=num_warps, num_stages=num_stages)
     else:
+        kgi = layer.key_groups
         _kivi_split_kernel[(b * hkv, n_rows)](
-            q, *tensors, op, lp, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,
-            GROUPS=groups, GP=gp, D=d, BITS=layer.bits, G=g, BLOCK_N=block_n,
+            q, *tensors, op, lp, q if kgi is None else kgi, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,
+            GROUPS=groups, GP=gp, D=d, BITS=layer.bits, G=g, BLOCK_N=block_n, GROUP_MAP=kgi is not None,
             num_warps=num_warps, num_stages=num_stages)
     return _combine(op, lp, q, n_rows)
 
