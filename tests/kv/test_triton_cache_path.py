@@ -135,6 +135,25 @@ def test_head_stack_keeps_the_heads_as_they_would_be_and_holds_no_second_copy(bi
                 assert torch.equal(getattr(a, name), t), (step, name)
 
 
+def test_head_stack_frees_stacked_sinks_when_heads_evict_different_sinks():
+    """One head keeps every sink, another loses one: both replace their sink tensors, so no head keeps the old
+    stacked sinks alive (with the other head's slice in them, which no head counts)."""
+    g = torch.Generator().manual_seed(5)
+    B, H, D = 1, 2, 64
+    stores = [HeadStore(B, D, torch.bfloat16, torch.device("cpu"), QuantConfig(4, 32, 32, sinks=4), False)
+              for _ in range(H)]
+    k = torch.randn(B, H, 200, D, generator=g).bfloat16()
+    for h, st in enumerate(stores):
+        st.append(k[:, h], k[:, h])
+    stack = HeadStack()
+    assert stack.stacked(stores, "k_sink").shape == (B, H, 4, D)
+    n = len(stores[0])
+    stores[0].keep(torch.arange(n))  # keeps every token, its sinks included
+    stores[1].keep(torch.arange(1, n))  # loses sink 0
+    assert all(r() is None for r in stack.held["k_sink"][0])
+    assert stores[0].ns == 4 and stores[1].ns == 3
+
+
 def _core(bits: int, fused: bool, **kw) -> LayerCore:
     return LayerCore(LayerConfig(layer_idx=0, window=None, qcfg=QuantConfig(bits=bits, group=32, residual=32),
                                  fused_decode=fused, **kw))

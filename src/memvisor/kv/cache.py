@@ -57,9 +57,9 @@ class CacheSpec:
     merge_policy: folds evicted tokens into kept ones instead of dropping them (KVMerger).
     channel_policy: prunes key channels from storage (ThinK): chosen once per layer at its first
       forward from that forward's newest 32 queries; the residual keeps full width.
-    slack: head-tokens evicted below the cap each time it is hit (amortises eviction in decode); past 2,048
-      tokens a head, 1/64 of the cap (an eviction re-packs the history: a fixed share keeps its cost per
-      step flat); 0: evict at every step the cap is exceeded.
+    slack: head-tokens evicted below the cap each time it is hit (amortises eviction in decode), or 1/64 of
+      the cap where that is more (past 64 x slack tokens a head, 2,048 at the default: an eviction re-packs
+      the history, and a fixed share keeps its cost per step flat); 0: evict whenever the cap is exceeded.
     block: tokens per block of the attention loop (a multiple of 8); None: by the cache's device
       (``attention.default_block``: 1,024 on the CPU, 16,384 on a GPU).
     batch_size: rows the budget is planned for (the byte cost of a token scales with it).

@@ -321,7 +321,8 @@ class LayerCore:
         # An eviction re-packs the whole history (O(n)), so the slack grows with the cap: evicting a fixed share
         # keeps eviction's cost per decode step flat as the history grows (Llama-3.1-8B shape on an H200, 32k tokens
         # at 4x: 32 head-tokens meant one 18 ms eviction every 8 layer-steps, most of a step). It costs at most
-        # 1/SLACK_SHARE of the kept tokens just after an eviction; below 2,048 tokens a head the fixed slack rules.
+        # 1/SLACK_SHARE of the kept tokens just after an eviction; below SLACK_SHARE x slack tokens a head (2,048 at
+        # the default 32) the fixed slack rules.
         bulk = added is not None and added > self.cfg.slack
         share = max(self.cfg.slack, cap // SLACK_SHARE) if self.cfg.slack else 0
         slack = 0 if force or bulk else min(share, cap // 4)

@@ -241,8 +241,9 @@ class HeadStore:
         ns = self.ns
         if ns:
             si = idx[idx < ns]
-            if si.numel() < ns:
-                self.k_sink, self.v_sink = self.k_sink[:, si], self.v_sink[:, si]
+            # re-indexed even when every sink stays: a head must not keep a view of a layer's stacked sinks
+            # (gpu/cache_path.HeadStack) that other heads replaced, which would hold their bytes uncounted
+            self.k_sink, self.v_sink = self.k_sink.index_select(1, si), self.v_sink.index_select(1, si)
             idx = idx[idx >= ns] - ns
         qi, ri = idx[idx < self.nq], idx[idx >= self.nq] - self.nq
         # index_select, not advanced indexing: the same rows, faster on the CPU (scripts/kv_cpu_attention_speed.py)

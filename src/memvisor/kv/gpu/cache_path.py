@@ -5,9 +5,10 @@ that evict (a byte budget, StreamingLLM, SnapKV...) cannot hold a mirror's secon
 while their heads stay alike (equal token counts and key groups), :func:`stacked_decode` runs the cache-layout
 "dequant" kernel over the heads' own tensors, which :class:`HeadStack` keeps as views of stacked ones (no copy
 per step), reading each token's key scale row from the group sizes eviction left (``KiviLayer.key_groups``).
-Heads made ragged by per-head budgets or per-head token choices (H2O, SnapKV) take the torch path.
+Heads made ragged by per-head budgets or per-head token choices (SnapKV, Ada-KV budgets) take the torch path,
+and so do H2O and Scissorhands, which take each step's attention probabilities from its loop.
 
-A layer qualifies when it only ever appends (KIVI quantization with nothing else: no token policy, byte
+The mirror path: a layer qualifies when it only ever appends (KIVI quantization with nothing else: no token policy, byte
 budget, merging, channel pruning, full-precision sinks or sliding window, so its heads stay equal in length
 and every key group whole) and the step is a single new token on CUDA with Triton, in fp16/bf16, without a logit softcap,
 with head_dim and group powers of two >= 16 (the group dividing head_dim), and keys and values of one

@@ -33,8 +33,10 @@ class KiviLayer:
     """One layer's quantized cache in the agreed layout (see module docstring for shapes).
 
     ``k_res``/``v_res`` hold the newest tokens in full precision; ``t_quant`` is the number of
-    quantized tokens (a multiple of ``group``), so the layer holds ``t_quant + k_res.shape[2]``
-    tokens in order: quantized first, residual after.
+    quantized tokens (a multiple of ``group``, except with ``key_groups``), so the layer holds
+    ``t_quant + k_res.shape[2]`` tokens in order: quantized first, residual after. With ``key_groups``
+    (groups cut by eviction) ``k_scale``/``k_zero`` hold one row per group; :meth:`validate` and the
+    torch reference check the agreed layout only, and the "dequant" kernel alone reads such a layer.
     """
 
     bits: int
