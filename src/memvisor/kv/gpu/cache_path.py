@@ -8,12 +8,12 @@ per step), reading each token's key scale row from the group sizes eviction left
 Heads made ragged by per-head budgets or per-head token choices (SnapKV, Ada-KV budgets) take the torch path,
 and so do H2O and Scissorhands, which take each step's attention probabilities from its loop.
 
-The mirror path: a layer qualifies when it only ever appends (KIVI quantization with nothing else: no token policy, byte
-budget, merging, channel pruning, full-precision sinks or sliding window, so its heads stay equal in length
-and every key group whole) and the step is a single new token on CUDA with Triton, in fp16/bf16, without a logit softcap,
-with head_dim and group powers of two >= 16 (the group dividing head_dim), and keys and values of one
-bit width. Everything else (prefill blocks, ragged heads after eviction, sliding layers, the CPU) takes
-the block-by-block torch path of :mod:`memvisor.kv.attention`.
+The mirror path: a layer qualifies when it only ever appends (KIVI quantization with nothing else: no token
+policy, byte budget, merging, channel pruning, full-precision sinks or sliding window, so its heads stay equal in
+length and every key group whole) and the step is a single new token on CUDA with Triton, in fp16/bf16, without
+a logit softcap, with head_dim and group powers of two >= 16 (the group dividing head_dim), and keys and values
+of one bit width. What neither path takes (prefill blocks, ragged heads, sliding layers, the CPU) runs the
+block-by-block torch path of :mod:`memvisor.kv.attention`.
 
 The kernel reads a layer's heads stacked (``[B, Hkv, ...]``), which the per-head
 :class:`~memvisor.kv.storage.HeadStore` objects are not. :class:`DecodeMirror` keeps that stacked copy
