@@ -46,29 +46,30 @@ def _pow2(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
-def kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, softcap: float | None) -> bool:
-    """Whether this decode step of an append-only KIVI layer can run the fused kernel (module docstring).
-    query: [B, Hq, Tq, D]."""
-    from memvisor.kv.gpu import triton_available
-
-    q, st = stores[0].q, stores[0]
-    return (query.shape[2] == 1 and query.is_cuda and window is None and softcap is None
-            and q.bits is not None and q.vbits == q.bits and q.sinks == 0 and _pow2(st.D) and _pow2(q.group)
-            and st.D % q.group == 0 and query.dtype in (torch.float16, torch.bfloat16)
-            and st.dtype == query.dtype and all(s.channels is None for s in stores) and triton_available())
-
-
-def stacked_kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, softcap: float | None) -> bool:
-    """Whether this decode step of a layer that evicts can run :func:`stacked_decode`: one new token on CUDA
-    with Triton, no sliding window, softcap or pruned key channels, keys and values of one width (or both
-    unquantized), head_dim a power of two >= 16, and heads that stack (equal counts and key groups).
-    query: [B, Hq, Tq, D]."""
+def _kernel_step(stores: list[HeadStore], query: Tensor, window: int | None, softcap: float | None) -> bool:
+    """What both fused paths need of a decode step: one new token on CUDA with Triton, no sliding window,
+    softcap or pruned key channels, keys and values of one width, head_dim a power of two >= 16, and
+    fp16/bf16 queries in the cache's dtype. query: [B, Hq, Tq, D]."""
     from memvisor.kv.gpu import triton_available
 
     q, st = stores[0].q, stores[0]
     return (query.shape[2] == 1 and query.is_cuda and window is None and softcap is None and q.vbits == q.bits
             and _pow2(st.D) and query.dtype in (torch.float16, torch.bfloat16) and st.dtype == query.dtype
-            and all(s.channels is None for s in stores) and triton_available() and StackedHeads.compatible(stores))
+            and all(s.channels is None for s in stores) and triton_available())
+
+
+def kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, softcap: float | None) -> bool:
+    """Whether this decode step of an append-only KIVI layer can run the fused kernel (module docstring):
+    :func:`_kernel_step`, quantized, no sinks, a power-of-two group dividing head_dim. query: [B, Hq, Tq, D]."""
+    q, D = stores[0].q, stores[0].D
+    return (_kernel_step(stores, query, window, softcap) and q.bits is not None and q.sinks == 0
+            and _pow2(q.group) and D % q.group == 0)
+
+
+def stacked_kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, softcap: float | None) -> bool:
+    """Whether this decode step of a layer that evicts can run :func:`stacked_decode`: :func:`_kernel_step`
+    (quantized or not), and heads that stack (equal counts and key groups). query: [B, Hq, Tq, D]."""
+    return _kernel_step(stores, query, window, softcap) and StackedHeads.compatible(stores)
 
 
 class HeadStack:
