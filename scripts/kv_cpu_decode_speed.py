@@ -8,6 +8,7 @@ at each budget, and the same recipe with each of ``--policies`` as its token pol
 ``--steps`` greedy tokens; the figure is tokens/s of those steps.
 After a warm-up, methods run in turn, ``--rounds`` times interleaved (the host's speed drifts), best
 round kept.
+``--torch-path`` adds `auto` on the block-wise torch path (``CacheSpec.fused_decode=False``: no CPU kernel).
 ``--profile`` prints a cProfile of the first compressed method's decode steps instead.
 """
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--policies", default="", help="token policies to time in the planner's recipe, e.g. h2o")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--sort", default="cumulative", help="the profile's order (pstats: cumulative, tottime)")
+    ap.add_argument("--torch-path", action="store_true", help="also time `auto` with fused_decode=False")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, _tok = load_local_model("smollm2", dtype=torch.bfloat16)
@@ -58,11 +61,12 @@ def main() -> None:
         model(input_ids=ids, use_cache=True, **{key: cache})
         return cache
 
-    def compressed(ratio: float, policy: str = ""):
+    def compressed(ratio: float, policy: str = "", fused: bool = True):
         def build():
             from memvisor.kv.policies import make_policy
 
             over = {"token_policy": make_policy(policy)} if policy else {}
+            over["fused_decode"] = fused
             spec = CacheSpec.plan(model.config, int(full / ratio), args.tokens, **over) if ratio else CacheSpec()
             cache = CompressedCache(model.config, spec)
             prefill_blockwise(model, ids, cache, block=512)
@@ -71,6 +75,8 @@ def main() -> None:
 
     methods = {"DynamicCache": plain, "CompressedCache (none)": compressed(0)}
     methods.update({f"auto {b}x": compressed(float(b)) for b in args.budgets.split(",")})
+    if args.torch_path:
+        methods.update({f"auto {b}x torch path": compressed(float(b), fused=False) for b in args.budgets.split(",")})
     methods.update({f"{p} {b}x": compressed(float(b), p) for p in filter(None, args.policies.split(","))
                     for b in args.budgets.split(",")})
     if args.profile:
@@ -80,7 +86,7 @@ def main() -> None:
         prof.enable()
         decode(model, key, cache, 42, args.tokens, args.steps)
         prof.disable()
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
+        pstats.Stats(prof).sort_stats(args.sort).print_stats(35)
         return
     decode(model, key, plain(), 42, args.tokens, 8)  # warm-up: the process's first steps are slow
     best: dict[str, float] = {}

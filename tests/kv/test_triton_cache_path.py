@@ -176,11 +176,12 @@ def _decode(cores, B, Hq, Hkv, D, prefill, steps, device, dtype, seed=0):
 
 
 @pytest.mark.parametrize("bits", [2, 4])
-def test_cpu_decode_takes_the_torch_path(bits):
+def test_cpu_decode_takes_no_triton_path(bits):
+    """On the CPU the numba kernel (tests/kv/test_cpu_decode.py) serves decode, never the CUDA mirror or stack."""
     fused, plain = _core(bits, True), _core(bits, False)
     outs = _decode([fused, plain], 1, 8, 2, 64, 100, 40, "cpu", torch.bfloat16)
-    for a, b in outs:
-        assert torch.equal(a, b)
+    for a, b in outs:  # the same maths summed in another order: one bf16 rounding apart at most
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
     assert fused.mirror is None and fused.nbytes() == plain.nbytes()
     q = torch.zeros(1, 8, 1, 64, dtype=torch.bfloat16)
     assert not kernel_applies(fused.stores, q, None, None)

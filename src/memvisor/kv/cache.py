@@ -66,6 +66,8 @@ class CacheSpec:
     context_tokens: the context length the budget is planned for (None: unknown). Given, and with
       no ``layer_budget``, layers share the budget in proportion to the tokens each would hold
       uncompressed (a sliding layer ``min(T, window - 1)``, a full one T) instead of equally.
+    fused_decode: decode steps of quantized layers run a fused kernel where one applies (numba on the CPU,
+      Triton on CUDA); False: always the block-wise torch path (the reference; slower).
     """
 
     budget_bytes: int | None = None
@@ -82,6 +84,7 @@ class CacheSpec:
     block: int | None = None
     batch_size: int = 1
     context_tokens: int | None = None
+    fused_decode: bool = True
     recipe: str | None = None  # the recipe that built this spec (from_recipe, plan), for reports
 
     @classmethod
@@ -184,7 +187,7 @@ class CompressedCache(HFCache):
                 policy=spec.token_policy.fresh() if spec.token_policy is not None else None,
                 head_budget=spec.head_budget, merge=spec.merge_policy, channel=spec.channel_policy,
                 budget_bytes=layer_bytes[i],
-                slack=spec.slack, block=spec.block))
+                slack=spec.slack, block=spec.block, fused_decode=spec.fused_decode))
             for i in range(n_layers)
         ]
         super().__init__(cores)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from memvisor.kv import cpu as cpu_decode
 from memvisor.kv.attention import default_block, layer_attention
 from memvisor.kv.budget import BudgetError, TokenCost, token_cost
 from memvisor.kv.gpu.cache_path import DecodeMirror, HeadStack, kernel_applies, stacked_decode, stacked_kernel_applies
@@ -38,8 +39,8 @@ class LayerConfig:
     evicted below the cap each time the cap is hit, so eviction runs every ``slack`` decode steps
     rather than every step (at least 1/:data:`SLACK_SHARE` of the cap unless 0: see ``compress``);
     block: tokens per block of the attention loop (and of the dequantization before a prefill block's
-    SDPA call), None: ``attention.default_block`` of the cache's device; fused_decode: decode steps on
-    CUDA run a fused Triton kernel where the layer qualifies (kv.gpu.cache_path)."""
+    SDPA call), None: ``attention.default_block`` of the cache's device; fused_decode: decode steps
+    run a fused kernel where the layer qualifies: numba on the CPU (kv.cpu), Triton on CUDA (kv.gpu.cache_path)."""
 
     layer_idx: int
     window: int | None
@@ -173,7 +174,7 @@ class LayerCore:
             raise RuntimeError(f"layer {self.cfg.layer_idx}: attend() without a preceding update()")
         Tq, first = self._pending
         self._pending = None
-        out = self._fused_decode(query, scaling, softcap) if Tq == 1 and self.cfg.fused_decode else None
+        out = self._fused_decode(query, scaling, softcap, first) if Tq == 1 and self.cfg.fused_decode else None
         seen = None  # (probs, n_visible) of this forward's attention, for a policy that takes them
         if out is None:
             q_pos = torch.arange(first, first + Tq, device=query.device)
@@ -197,12 +198,15 @@ class LayerCore:
         own = getattr(pol, "scaling", None)
         return math.isclose(own if own is not None else self.stores[0].D ** -0.5, scaling, rel_tol=1e-6)
 
-    def _fused_decode(self, query: Tensor, scaling: float, softcap: float | None) -> Tensor | None:
-        """One decode step through a fused CUDA kernel, or None where none applies (kv/gpu/cache_path.py):
+    def _fused_decode(self, query: Tensor, scaling: float, softcap: float | None, q_pos: int) -> Tensor | None:
+        """One decode step through a fused kernel, or None where none applies. On the CPU, quantized layers run
+        the numba kernel (kv/cpu/cache_path.py). On CUDA (kv/gpu/cache_path.py):
         layers that never evict or prune read their stacked mirror; layers that evict, while their heads
         stack, read the heads' own tensors; ragged heads, and policies that take this step's attention
         probabilities (H2O, Scissorhands), take the block-wise torch path."""
         c = self.cfg
+        if cpu_decode.applies(self.stores, query) and not self._hands_probs(scaling, softcap):
+            return cpu_decode.decode(query, self.stores, scaling, q_pos, c.window, softcap)
         if self.mirror is not None:
             return self.mirror.attend(query, self.stores, scaling)
         append_only = c.policy is None and c.budget_bytes is None and c.merge is None and c.channel is None

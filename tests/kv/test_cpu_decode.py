@@ -1,0 +1,150 @@
+"""The numba CPU decode kernel (memvisor.kv.cpu) against the block-wise torch path it replaces for decode steps."""
+
+import pytest
+import torch
+
+from memvisor.kv.attention import layer_attention
+from memvisor.kv.cpu import applies, available, decode
+from memvisor.kv.layer import LayerConfig, LayerCore
+from memvisor.kv.policies.h2o import H2O
+from memvisor.kv.policies.streaming import StreamingLLM
+from memvisor.kv.storage import HeadStore, QuantConfig
+
+pytestmark = pytest.mark.skipif(not available(), reason="numba is not installed (the kv extra)")
+
+
+def _heads(Hkv=2, B=1, D=64, n=300, bits=4, vbits=None, group=32, residual=32, sinks=0, window=False,
+           dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    stores = []
+    for _ in range(Hkv):
+        st = HeadStore(B, D, dtype, torch.device("cpu"), QuantConfig(bits, group, residual, vbits, sinks), window)
+        k = torch.randn(B, n, D, generator=g) * (1 + 3 * torch.rand(D, generator=g))  # outlier channels
+        st.append(k, torch.randn(B, n, D, generator=g), torch.arange(n) if window else None)
+        stores.append(st)
+    return stores
+
+
+def _query(stores, g=3, seed=1, dtype=torch.float32):
+    B, D = stores[0].B, stores[0].D
+    return torch.randn(B, g * len(stores), 1, D, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 2
+
+
+def _check(stores, q, q_pos=None, window=None, softcap=None, scaling=0.125, tol=2e-5):
+    """decode() equals layer_attention() (the torch path) on these stores, to float32 rounding."""
+    q_pos = len(stores[0]) - 1 if q_pos is None else q_pos
+    assert applies(stores, q)
+    ref = layer_attention(q, stores, torch.tensor([q_pos]), scaling, window, softcap)
+    out = decode(q, stores, scaling, q_pos, window, softcap)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("bits,vbits", [(4, None), (2, None), (4, 2), (2, 4)])
+@pytest.mark.parametrize("group", [8, 32, 64])
+def test_fresh_heads_match_the_torch_path(bits, vbits, group):
+    stores = _heads(bits=bits, vbits=vbits, group=group, D=128 if group == 64 else 64)
+    assert stores[0].nq > 0 and stores[0].nr > 0
+    _check(stores, _query(stores))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_partly_evicted_key_groups_and_ragged_heads(bits):
+    """StreamingLLM cuts the oldest group short; a scattered eviction leaves groups of every size, and heads
+    of different lengths (what H2O/SnapKV leave) run one by one."""
+    stores = _heads(Hkv=3, bits=bits, n=400, sinks=4)
+    stores[0].keep(torch.cat([torch.arange(4), torch.arange(37, len(stores[0]))]))
+    g = torch.Generator().manual_seed(5)
+    scattered = torch.sort(torch.randperm(len(stores[1]), generator=g)[:250]).values
+    stores[1].keep(scattered)
+    sizes = stores[1].group_sizes.tolist()
+    assert len(set(sizes)) > 3 and len({len(st) for st in stores}) == 3
+    _check(stores, _query(stores), q_pos=500)
+
+
+def test_batch_rows_sinks_and_mixed_widths():
+    stores = _heads(Hkv=2, B=2, bits=4, vbits=2, sinks=4, n=333)
+    assert stores[0].ns == 4
+    _check(stores, _query(stores, g=4))
+
+
+def test_only_residual_tokens():
+    stores = _heads(n=20, residual=32)
+    assert stores[0].nq == 0
+    _check(stores, _query(stores))
+
+
+def test_pruned_key_channels():
+    """ThinK: quantized keys store only the kept channels; the query is projected onto them."""
+    stores = _heads(n=64, residual=16)
+    g = torch.Generator().manual_seed(3)
+    for st in stores:
+        st.set_channels(torch.sort(torch.randperm(64, generator=g)[:40]).values)
+        st.append(*(torch.randn(1, 100, 64, generator=g) for _ in range(2)))
+    assert stores[0].k_codes.shape[-1] == 40
+    _check(stores, _query(stores))
+
+
+def test_sliding_window_and_softcap():
+    stores = _heads(n=300, window=True)
+    q = _query(stores)
+    # A small logit scale flattens the softmax, so one token more or less in the window moves the output.
+    for window in (127, 128, 129):  # about half the stored tokens are out of the window
+        _check(stores, q, window=window, scaling=0.01)
+    _check(stores, q, softcap=5.0)
+    last = len(stores[0]) - 1
+    out = [decode(q, stores, 0.01, last, w) for w in (128, 129, None)]
+    assert (out[0] - out[1]).abs().max() > 1e-3 and (out[0] - out[2]).abs().max() > 1e-2
+
+
+def test_bf16_heads():
+    stores = _heads(dtype=torch.bfloat16, sinks=2)
+    _check(stores, _query(stores, dtype=torch.bfloat16), tol=1e-2)
+
+
+def _core(fused, policy=None, budget=None):
+    return LayerCore(LayerConfig(layer_idx=0, window=None, qcfg=QuantConfig(4, 32, 32, sinks=2), policy=policy,
+                                 budget_bytes=budget, fused_decode=fused))
+
+
+@pytest.mark.parametrize("policy", [None, "streaming"])
+def test_layer_decode_steps_match_the_torch_path(policy):
+    """A layer under a byte budget, decoding: prefill, then 60 steps with flushes and evictions; the kernel's
+    outputs match the torch path's at every step, and both keep the same bytes."""
+    make = (lambda: StreamingLLM(sinks=4)) if policy else (lambda: None)
+    budget = 40_000 if policy else None
+    cores = [_core(True, make(), budget), _core(False, make(), budget)]
+    g = torch.Generator().manual_seed(0)
+    for i, n in enumerate([200] + [1] * 60):
+        k, v = torch.randn(1, 2, n, 64, generator=g), torch.randn(1, 2, n, 64, generator=g)
+        q = torch.randn(1, 6, n, 64, generator=g)
+        outs = []
+        for c in cores:
+            assert c.update(k, v) is None
+            outs.append(c.attend(q, 0.125))
+        torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
+    assert cores[0].nbytes() == cores[1].nbytes()
+    if policy:
+        assert cores[0].evictions > 0
+
+
+def test_policies_that_take_the_steps_probabilities_keep_the_torch_path(monkeypatch):
+    """H2O scores from the decode step's own softmax rows (LayerCore._hands_probs): the kernel does not give them."""
+    import memvisor.kv.cpu as cpu
+
+    def fail(*a, **k):
+        raise AssertionError("the kernel ran")
+    core = _core(True, H2O(recent=8), 40_000)
+    g = torch.Generator().manual_seed(0)
+    core.update(torch.randn(1, 2, 100, 64, generator=g), torch.randn(1, 2, 100, 64, generator=g))
+    core.attend(torch.randn(1, 6, 100, 64, generator=g), 0.125)
+    monkeypatch.setattr(cpu, "decode", fail)
+    core.update(torch.randn(1, 2, 1, 64, generator=g), torch.randn(1, 2, 1, 64, generator=g))
+    core.attend(torch.randn(1, 6, 1, 64, generator=g), 0.125)
+
+
+def test_does_not_apply_to_prefill_or_unquantized_layers():
+    stores = _heads()
+    assert not applies(stores, torch.zeros(1, 6, 2, 64))
+    plain = _heads(bits=None)
+    assert not applies(plain, torch.zeros(1, 6, 1, 64))
