@@ -6,7 +6,6 @@ import torch
 from memvisor.kv.attention import layer_attention
 from memvisor.kv.cpu import applies, available, decode
 from memvisor.kv.layer import LayerConfig, LayerCore
-from memvisor.kv.policies.h2o import H2O
 from memvisor.kv.policies.streaming import StreamingLLM
 from memvisor.kv.storage import HeadStore, QuantConfig
 
@@ -128,19 +127,38 @@ def test_layer_decode_steps_match_the_torch_path(policy):
         assert cores[0].evictions > 0
 
 
-def test_policies_that_take_the_steps_probabilities_keep_the_torch_path(monkeypatch):
-    """H2O scores from the decode step's own softmax rows (LayerCore._hands_probs): the kernel does not give them."""
-    import memvisor.kv.cpu as cpu
+@pytest.mark.parametrize("window", [None, 100])
+def test_probabilities_for_policies_that_take_them(window):
+    """H2O/Scissorhands take the decode step's softmax rows (LayerCore._hands_probs): the kernel gives what the
+    torch path gives, ragged heads zero-padded, masked tokens zero."""
+    stores = _heads(Hkv=3, n=300, window=window is not None)
+    stores[1].keep(torch.arange(0, 300, 2))
+    q = _query(stores)
+    ref = layer_attention(q, stores, torch.tensor([299]), 0.01, window, with_probs=True)
+    got = decode(q, stores, 0.01, 299, window, with_probs=True)
+    torch.testing.assert_close(got[0], ref[0], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-7, rtol=1e-5)
+    assert torch.equal(got[2], ref[2])
+    assert got[1][0, 1, 0, 150:].abs().max() == 0  # past the shorter head's length
 
-    def fail(*a, **k):
-        raise AssertionError("the kernel ran")
-    core = _core(True, H2O(recent=8), 40_000)
+
+@pytest.mark.parametrize("policy", ["h2o", "scissorhands"])
+def test_layer_with_a_policy_that_observes_probabilities(policy):
+    """A layer under H2O/Scissorhands decodes through the kernel and evicts the same tokens as the torch path."""
+    from memvisor.kv.policies import make_policy
+
+    cores = [_core(fused, make_policy(policy), 40_000) for fused in (True, False)]
     g = torch.Generator().manual_seed(0)
-    core.update(torch.randn(1, 2, 100, 64, generator=g), torch.randn(1, 2, 100, 64, generator=g))
-    core.attend(torch.randn(1, 6, 100, 64, generator=g), 0.125)
-    monkeypatch.setattr(cpu, "decode", fail)
-    core.update(torch.randn(1, 2, 1, 64, generator=g), torch.randn(1, 2, 1, 64, generator=g))
-    core.attend(torch.randn(1, 6, 1, 64, generator=g), 0.125)
+    for n in [200] + [1] * 60:
+        k, v = torch.randn(1, 2, n, 64, generator=g), torch.randn(1, 2, n, 64, generator=g)
+        q = torch.randn(1, 6, n, 64, generator=g)
+        outs = []
+        for c in cores:
+            assert c.update(k, v) is None
+            outs.append(c.attend(q, 64 ** -0.5))
+        torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=2e-5)
+    assert cores[0].evictions > 0 and cores[0].lengths() == cores[1].lengths()
+    assert cores[0].nbytes() == cores[1].nbytes()
 
 
 def test_does_not_apply_to_prefill_or_unquantized_layers():

@@ -174,8 +174,11 @@ class LayerCore:
             raise RuntimeError(f"layer {self.cfg.layer_idx}: attend() without a preceding update()")
         Tq, first = self._pending
         self._pending = None
-        out = self._fused_decode(query, scaling, softcap, first) if Tq == 1 and self.cfg.fused_decode else None
-        seen = None  # (probs, n_visible) of this forward's attention, for a policy that takes them
+        out, seen = None, None  # seen: (probs, n_visible) of this forward's attention, for a policy that takes them
+        if Tq == 1 and self.cfg.fused_decode and cpu_decode.applies(self.stores, query):
+            out, seen = self._cpu_decode(query, scaling, softcap, first)
+        elif Tq == 1 and self.cfg.fused_decode:
+            out = self._fused_decode(query, scaling, softcap)
         if out is None:
             q_pos = torch.arange(first, first + Tq, device=query.device)
             block = self.cfg.block or default_block(query.device)
@@ -198,15 +201,22 @@ class LayerCore:
         own = getattr(pol, "scaling", None)
         return math.isclose(own if own is not None else self.stores[0].D ** -0.5, scaling, rel_tol=1e-6)
 
-    def _fused_decode(self, query: Tensor, scaling: float, softcap: float | None, q_pos: int) -> Tensor | None:
-        """One decode step through a fused kernel, or None where none applies. On the CPU, quantized layers run
-        the numba kernel (kv/cpu/cache_path.py). On CUDA (kv/gpu/cache_path.py):
+    def _cpu_decode(self, query: Tensor, scaling: float, softcap: float | None, q_pos: int
+                    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """A quantized layer's decode step on the CPU through the numba kernel (kv/cpu/cache_path.py), every
+        head (ragged or not); with the step's probabilities for a policy that takes them (H2O, Scissorhands)."""
+        if not self._hands_probs(scaling, softcap):
+            return cpu_decode.decode(query, self.stores, scaling, q_pos, self.cfg.window, softcap), None
+        out, probs, n_visible = cpu_decode.decode(query, self.stores, scaling, q_pos, self.cfg.window, softcap,
+                                                  with_probs=True)
+        return out, (probs, n_visible)
+
+    def _fused_decode(self, query: Tensor, scaling: float, softcap: float | None) -> Tensor | None:
+        """One decode step through a fused CUDA kernel, or None where none applies (kv/gpu/cache_path.py):
         layers that never evict or prune read their stacked mirror; layers that evict, while their heads
         stack, read the heads' own tensors; ragged heads, and policies that take this step's attention
         probabilities (H2O, Scissorhands), take the block-wise torch path."""
         c = self.cfg
-        if cpu_decode.applies(self.stores, query) and not self._hands_probs(scaling, softcap):
-            return cpu_decode.decode(query, self.stores, scaling, q_pos, c.window, softcap)
         if self.mirror is not None:
             return self.mirror.attend(query, self.stores, scaling)
         append_only = c.policy is None and c.budget_bytes is None and c.merge is None and c.channel is None

@@ -116,7 +116,7 @@ def _value_lanes(p, codes, scale, zero, bits, t0, acc):
 
 @njit(cache=True, fastmath=FAST, nogil=True, boundscheck=False)
 def decode_head(q, qk, k_sink, v_sink, k_codes, k_scale, k_zero, group_sizes, v_codes, v_scale, v_zero,
-                k_res, v_res, bits, vbits, nq, pos, min_pos, softcap, out):
+                k_res, v_res, bits, vbits, nq, pos, min_pos, softcap, out, probs):
     """One KV head's attention for one new token, all batch rows.
 
     q: float32 [B, R, D], the R query heads sharing this KV head, already multiplied by the logit scale;
@@ -126,7 +126,9 @@ def decode_head(q, qk, k_sink, v_sink, k_codes, k_scale, k_zero, group_sizes, v_
     [ng]; ``v_codes`` uint8 [B, nq, D*vbits/8], ``v_scale, v_zero`` float32 [B, nq, D/G]); the residual
     ``k_res, v_res`` float32 [B, nr, D]. pos: int64 [ns + nq + nr] absolute positions, or empty when every
     token is visible; a token with ``pos < min_pos`` is outside the sliding window. softcap: 0 for none.
-    Writes ``out`` float32 [B, R, D]. Scores take R x n float32 (n = stored tokens), a few KB."""
+    Writes ``out`` float32 [B, R, D], and the softmax rows averaged over the R query heads into ``probs``
+    float32 [B, n] unless it is empty (H2O and Scissorhands take them). Scores take R x n float32 (n = stored
+    tokens), a few KB."""
     B, R, D = q.shape
     ns, nr = k_sink.shape[1], k_res.shape[1]
     n = ns + nq + nr
@@ -155,6 +157,12 @@ def decode_head(q, qk, k_sink, v_sink, k_codes, k_scale, k_zero, group_sizes, v_
             inv = np.float32(1.0) / total if total > 0 else np.float32(0.0)  # no visible token: zeros
             for t in range(n):
                 s[r, t] *= inv
+        if probs.shape[0]:
+            for t in range(n):
+                a = np.float32(0.0)
+                for r in range(R):
+                    a += s[r, t]
+                probs[b, t] = a / R
         acc[:] = 0.0
         _dense_values(s, v_sink[b], 0, acc)
         if nq:
