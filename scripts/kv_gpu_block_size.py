@@ -85,7 +85,9 @@ def time_steps(cores: list[LayerCore], steps: int, gen: torch.Generator,
             for i in range(2, steps + 2):
                 step(i)
             _sync()
-        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), flush=True)
+        table = p.key_averages()
+        print(table.table(sort_by="self_cpu_time_total", row_limit=30), flush=True)
+        print(table.table(sort_by="self_device_time_total", row_limit=15), flush=True)
     elif profile == "python":  # the cache's own functions by cumulative time (the host side of an eager step)
         import cProfile
         import pstats
@@ -96,6 +98,15 @@ def time_steps(cores: list[LayerCore], steps: int, gen: torch.Generator,
         _sync()
         pr.disable()
         pstats.Stats(pr).sort_stats("cumulative").print_stats("memvisor", 30)
+        pstats.Stats(pr).sort_stats("tottime").print_stats(30)  # own time: torch ops, syncs, Triton's launcher
+    elif profile == "steps":  # each step's own time (synchronized after each): steady steps against flushes, evictions
+        ends = []
+        for i in range(2, steps + 2):
+            step(i)
+            _sync()
+            ends.append(time.perf_counter())
+        each = [(b - a) * 1e3 for a, b in zip([t0] + ends, ends)]
+        print(json.dumps({"step_ms": [round(x, 2) for x in each]}), flush=True)
     else:
         for i in range(2, steps + 2):
             step(i)
@@ -114,8 +125,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--layers", type=int, default=LAYERS)
-    ap.add_argument("--profile", choices=("torch", "python"),
-                    help="print a profile of each timed run: torch ops, or the cache's Python functions (cProfile)")
+    ap.add_argument("--profile", choices=("torch", "python", "steps"),
+                    help="print a profile of each timed run: torch ops, the cache's Python functions (cProfile), or "
+                         "each step's milliseconds (a sync after each step)")
     a = ap.parse_args()
     DEV, LAYERS = a.device, a.layers
     a.out.mkdir(parents=True, exist_ok=True)

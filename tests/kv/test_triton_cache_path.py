@@ -116,9 +116,10 @@ def test_head_stack_keeps_the_heads_as_they_would_be_and_holds_no_second_copy(bi
             st.append(k[:, h], v[:, h], flush=False)
         for name in names:
             base = stack.stacked(fast, name)
-            assert torch.equal(base, torch.stack([getattr(st, name) for st in ref], 1)), (step, name)
+            axis = 0 if name == "group_sizes" else 1  # group sizes [ng] stack to [H, ng], the rest after the batch
+            assert torch.equal(base, torch.stack([getattr(st, name) for st in ref], axis)), (step, name)
             for h, st in enumerate(fast):  # each head's tensor is its slice of the stacked one
-                assert getattr(st, name).data_ptr() == base[:, h].data_ptr()
+                assert getattr(st, name).data_ptr() == base.select(axis, h).data_ptr()
         if step % 25 == 24:  # the same eviction in both
             keep = torch.sort(torch.randperm(len(ref[0]), generator=g)[: len(ref[0]) * 3 // 4]).values
             for stores in (fast, ref):
@@ -154,6 +155,74 @@ def test_head_stack_frees_stacked_sinks_when_heads_evict_different_sinks():
     assert stores[0].ns == 4 and stores[1].ns == 3
 
 
+@pytest.mark.parametrize("bits,sinks", [(2, 0), (4, 0), (4, 4), (None, 0)])
+def test_head_stack_flushes_and_evicts_all_heads_as_each_head_would(bits, sinks):
+    """``HeadStack.flush`` / ``keep`` (one op over the stacked heads) leave every head with the bytes that
+    ``HeadStore.flush`` / ``keep`` give it, through group edges, scattered evictions (key groups cut short, a
+    code byte split) and odd counts of quantized tokens; the heads hold views of the stack's tensors, and the
+    stack knows their group sizes are equal without comparing them."""
+    g = torch.Generator().manual_seed(40 + (bits or 0) + sinks)
+    B, H, D = 2, 3, 64
+    q = QuantConfig(bits=bits, group=32, residual=32, sinks=sinks) if bits else QuantConfig()
+    mk = lambda: [HeadStore(B, D, torch.bfloat16, torch.device("cpu"), q, False) for _ in range(H)]  # noqa: E731
+    fast, ref = mk(), mk()
+    k = torch.randn(B, H, 301, D, generator=g).bfloat16()
+    for stores in (fast, ref):
+        for h, st in enumerate(stores):
+            st.append(k[:, h], k[:, h])
+    stack, cut, odd = HeadStack(), False, False
+    for step in range(160):
+        k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g)
+        stack.append(fast, k, v)
+        for h, st in enumerate(ref):
+            st.append(k[:, h], v[:, h], flush=False)
+        assert stack.flush(fast) == (bits is not None)
+        if step % 23 == 22:  # scattered survivors, then (step 45, 91...) only the newest: both paths alike
+            n = len(ref[0])
+            keep = (torch.sort(torch.randperm(n, generator=g)[: n * 3 // 4]).values if step % 2 else
+                    torch.arange(n // 5, n))
+            assert stack.keep(fast, [keep.clone() for _ in fast])
+            for st in ref:
+                st.keep(keep)
+            for stores in (fast, ref):
+                for st in stores:
+                    st.compact()
+        for st in ref:
+            st.flush()
+        for a, b in zip(fast, ref):
+            assert a.nbytes() == b.nbytes() and a.nq == b.nq and a.nr == b.nr and a.ns == b.ns, step
+            for name, t in b.tensors().items():
+                assert torch.equal(getattr(a, name), t), (step, name)
+        if bits:
+            assert stack.compatible(fast) and stack.equal_groups is not None
+            assert all(st.group_sizes is r() for st, r in zip(fast, stack.equal_groups))
+            for name in ("k_codes", "k_scale", "group_sizes", "v_codes", "k_res"):  # views of one tensor each
+                base = stack.stacked(fast, name)
+                assert all(getattr(st, name).data_ptr() == base.select(0 if name == "group_sizes" else 1, h).data_ptr()
+                           for h, st in enumerate(fast)), name
+        if bits:
+            cut |= bool((fast[0].group_sizes < 32).any())
+            odd |= fast[0].nq % (8 // bits) != 0
+    assert bits is None or (cut and odd), "no eviction cut a key group or split a code byte"
+
+
+def test_head_stack_leaves_heads_that_differ_to_the_per_head_path():
+    """Heads that keep different tokens, or whose group sizes differ, are not evicted or flushed stacked."""
+    g = torch.Generator().manual_seed(9)
+    B, H, D = 1, 2, 64
+    stores = [HeadStore(B, D, torch.bfloat16, torch.device("cpu"), QuantConfig(4, 32, 32), False) for _ in range(H)]
+    k = torch.randn(B, H, 200, D, generator=g).bfloat16()
+    for h, st in enumerate(stores):
+        st.append(k[:, h], k[:, h])
+    stack = HeadStack()
+    n = len(stores[0])
+    assert not stack.keep(stores, [torch.arange(n), torch.arange(1, n)])
+    stores[1].keep(torch.cat([torch.arange(0, 40), torch.arange(41, n)]))  # head 1 alone loses a token
+    stores[0].keep(torch.arange(1, n))  # the same count, other key groups
+    assert stores[0].group_sizes.shape == stores[1].group_sizes.shape
+    assert not stack.compatible(stores) and not stack.flush(stores)
+
+
 def _core(bits: int, fused: bool, **kw) -> LayerCore:
     return LayerCore(LayerConfig(layer_idx=0, window=None, qcfg=QuantConfig(bits=bits, group=32, residual=32),
                                  fused_decode=fused, **kw))
@@ -173,6 +242,30 @@ def _decode(cores, B, Hq, Hkv, D, prefill, steps, device, dtype, seed=0):
             step.append(c.attend(qy, D ** -0.5))
         outs.append(step)
     return outs
+
+
+@pytest.mark.parametrize("bits,sinks", [(2, 0), (4, 4), (None, 0)])
+def test_layer_flushes_and_evicts_through_its_head_stack_as_head_by_head(bits, sinks):
+    """A layer on the stacked kernel path (here a CPU layer given the ``HeadStack`` a CUDA layer takes) quantizes
+    and evicts through the stack under StreamingLLM and a byte budget: the same tokens, bytes and outputs as a
+    layer that does it head by head."""
+    from memvisor.kv.policies.streaming import StreamingLLM
+
+    B, Hq, Hkv, D = 1, 8, 4, 64
+    q = QuantConfig(bits=bits, group=32, residual=32, sinks=sinks) if bits else QuantConfig()
+    budget = (B * Hkv * 1000 * D * 2 * 2) // (8 if bits else 4)
+    stacked, plain = (LayerCore(LayerConfig(0, None, q, policy=StreamingLLM(4), budget_bytes=budget))
+                      for _ in range(2))
+    stacked.stack = HeadStack()
+    outs = _decode([stacked, plain], B, Hq, Hkv, D, 700, 200, "cpu", torch.bfloat16, seed=3)
+    for i, (a, b) in enumerate(outs):
+        assert torch.equal(a, b), i
+    assert stacked.evictions == plain.evictions > 5
+    assert stacked.lengths() == plain.lengths() and stacked.nbytes() == plain.nbytes() <= budget
+    for a, b in zip(stacked.stores, plain.stores):
+        for name, t in b.tensors().items():
+            assert torch.equal(getattr(a, name), t), name
+    assert stacked.stack.held["k_res"][0][0]() is stacked.stores[0].k_res  # the heads hold the stack's views
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -264,6 +357,25 @@ def test_cuda_stacked_kernel_reads_scattered_key_groups(bits):
     want = layer_attention(query, stores, torch.tensor([T], device="cuda"), D ** -0.5)
     got = stacked_decode(query, stores, D ** -0.5, HeadStack())
     assert got.shape == want.shape and _rel(got, want) < 1e-2, _rel(got, want)
+
+
+@cuda
+def test_cuda_dequant_kernel_matches_the_reference_across_residual_lengths():
+    """The cache-layout kernel and its combine with residuals of 0, 1, 15, 16 and 17 tokens (Triton compiles other
+    variants of the kernel for them: a length of 1 as a constant, multiples of 16 as such), each launched twice."""
+    from memvisor.kv.gpu import decode_attention_reference, quantize_layer
+    from memvisor.kv.gpu.triton_decode import kivi_decode_attention
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for t in (1000 + 32, 1000 + 33, 1000 + 47, 1000 + 48, 1000 + 49, 1000 + 32, 1000 + 33):
+        k = torch.randn(1, 4, t, 128, device="cuda", generator=g).bfloat16().float()
+        layer = quantize_layer(k, k * 0.5, 4, 32, 32)
+        layer.k_res, layer.v_res = layer.k_res.bfloat16().contiguous(), layer.v_res.bfloat16().contiguous()
+        q = torch.randn(1, 16, 128, device="cuda", generator=g).bfloat16()
+        want = decode_attention_reference(q, layer)
+        for _ in range(2):
+            got = kivi_decode_attention(q, layer, variant="dequant")
+            assert _rel(got, want) < 1e-2, (t, _rel(got, want))
 
 
 @cuda

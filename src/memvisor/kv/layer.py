@@ -223,9 +223,12 @@ class LayerCore:
         if append_only and kernel_applies(self.stores, query, c.window, softcap):
             self.mirror = DecodeMirror(c.qcfg)
             return self.mirror.attend(query, self.stores, scaling)
-        if not self._hands_probs(scaling, softcap) and stacked_kernel_applies(self.stores, query, c.window, softcap):
-            self.stack = self.stack or HeadStack()
-            return stacked_decode(query, self.stores, scaling, self.stack)
+        if self._hands_probs(scaling, softcap):
+            return None
+        stack = self.stack or HeadStack()  # kept once the layer takes the kernel (it also routes appends)
+        if stacked_kernel_applies(self.stores, query, c.window, softcap, stack):
+            self.stack = stack
+            return stacked_decode(query, self.stores, scaling, stack)
         return None
 
     # ------------------------------------------------------------------ compression
@@ -263,14 +266,19 @@ class LayerCore:
             self._choose_channels(query)
         # Quantize first: the budget is judged on what the layer will keep storing, not on a
         # prefill block still waiting in full precision.
-        for st in self.stores:
-            st.flush()
+        self._flush()
         if self.cfg.budget_bytes is not None:
             self.compress(added=query.shape[2])
-            for st in self.stores:
-                st.flush()
+            self._flush()
         if self.observer is not None:
             self.observer(self.cfg.layer_idx, before, self.nbytes())
+
+    def _flush(self) -> None:
+        """Quantize the heads' full residual groups (``HeadStore.flush``): on the stacked kernel path in one op
+        over all heads (``HeadStack.flush``), else head by head."""
+        if self.stack is None or not self.stack.flush(self.stores):
+            for st in self.stores:
+                st.flush()
 
     def _ragged_lengths(self) -> Tensor | None:
         """LongTensor[Hkv] of the heads' token counts when they differ (what policies take as ``lengths``)."""
@@ -382,8 +390,11 @@ class LayerCore:
                 pos = None if st.pos is None else st.pos[idx.to(st.pos.device)]
                 st.replace(k, v, pos, sinks_kept=int((idx < st.ns).sum()))
         else:
-            for st, idx in zip(self.stores, kept):
-                st.keep(idx)
+            # on the stacked kernel path heads that keep the same tokens evict in one op (HeadStack.keep)
+            if self.stack is None or not self.stack.keep(self.stores, kept):
+                for st, idx in zip(self.stores, kept):
+                    st.keep(idx)
+            for st in self.stores:
                 st.compact()
         if self.cfg.policy is not None:
             self.cfg.policy.on_evict(kept)

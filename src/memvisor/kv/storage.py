@@ -277,9 +277,10 @@ class HeadStore:
         if self.q.bits is None or self.nq == 0:
             return False
         G, b = self.q.group, self.q.bits
-        sizes = self.group_sizes.tolist()
-        if len(sizes) <= slack * -(-self.nq // G):
+        # the count first: reading the sizes back is a GPU sync, and most evictions leave nothing to merge
+        if self.group_sizes.numel() <= slack * -(-self.nq // G):
             return False
+        sizes = self.group_sizes.tolist()
         runs, cur, total = [], [], 0  # greedy: consecutive groups whose sizes sum to <= G
         for i, n in enumerate(sizes):
             if cur and total + n > G:
@@ -457,8 +458,10 @@ class StackedHeads:
     group_of_tokens = HeadStore.group_of_tokens
 
     @staticmethod
-    def compatible(stores: list[HeadStore]) -> bool:
-        """True when the stores can be stacked: same token counts and the same key groups."""
+    def compatible(stores: list[HeadStore], groups_equal: bool = False) -> bool:
+        """True when the stores can be stacked: same token counts and the same key groups. ``groups_equal``: the
+        caller knows the heads' group sizes are equal (``gpu.cache_path.HeadStack`` made or checked them), so
+        their values are not compared (on a GPU that read back is a sync); their shapes still are."""
         a = stores[0]
         for st in stores[1:]:
             if st.nq != a.nq or st.nr != a.nr or st.ns != a.ns or (st.channels is None) != (a.channels is None):
@@ -467,7 +470,7 @@ class StackedHeads:
                 return False
             if a.q.bits is not None and st.group_sizes.shape != a.group_sizes.shape:
                 return False
-        if a.q.bits is None or len(stores) == 1:
+        if a.q.bits is None or len(stores) == 1 or groups_equal:
             return True
         # one comparison of all heads' group sizes: on a GPU each reduction read back is a sync
         return bool((torch.stack([st.group_sizes for st in stores[1:]]) == a.group_sizes).all())

@@ -7,6 +7,10 @@ while their heads stay alike (equal token counts and key groups), :func:`stacked
 per step), reading each token's key scale row from the group sizes eviction left (``KiviLayer.key_groups``).
 Heads made ragged by per-head budgets or per-head token choices (SnapKV, Ada-KV budgets) take the torch path,
 and so do H2O and Scissorhands, which take each step's attention probabilities from its loop.
+On that path the layer also quantizes full residual groups (:meth:`HeadStack.flush`) and evicts tokens every
+head drops (:meth:`HeadStack.keep`) in one op per tensor over the stacked heads, not head by head, and the stack
+knows the heads' group sizes are equal without reading them back: outside evictions this path reads no GPU
+value back (the policy's own work aside).
 
 The mirror path: a layer qualifies when it only ever appends (KIVI quantization with nothing else: no token
 policy, byte budget, merging, channel pruning, full-precision sinks or sliding window, so its heads stay equal in
@@ -37,6 +41,7 @@ import weakref
 import torch
 from torch import Tensor
 
+from memvisor.kv import quant
 from memvisor.kv.gpu.layout import KiviLayer
 from memvisor.kv.gpu.planes import SLOTS, PlanesLayer, to_planes
 from memvisor.kv.storage import HeadStore, QuantConfig, StackedHeads
@@ -66,27 +71,43 @@ def kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, s
             and _pow2(q.group) and D % q.group == 0)
 
 
-def stacked_kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, softcap: float | None) -> bool:
+def stacked_kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, softcap: float | None,
+                           stack: HeadStack | None = None) -> bool:
     """Whether this decode step of a layer that evicts can run :func:`stacked_decode`: :func:`_kernel_step`
-    (quantized or not), and heads that stack (equal counts and key groups). query: [B, Hq, Tq, D]."""
-    return _kernel_step(stores, query, window, softcap) and StackedHeads.compatible(stores)
+    (quantized or not), and heads that stack (equal counts and key groups; through ``stack``'s knowledge of their
+    group sizes where given, with no read back of them). query: [B, Hq, Tq, D]."""
+    if not _kernel_step(stores, query, window, softcap):
+        return False
+    return stack.compatible(stores) if stack is not None else StackedHeads.compatible(stores)
+
+
+def _stack_axis(name: str) -> int:
+    """The axis a head tensor is stacked on: after the batch axis, except the group sizes ([ng] -> [H, ng])."""
+    return 0 if name == "group_sizes" else 1
 
 
 class HeadStack:
-    """A layer's heads' tensors held as views of one stacked tensor per name (``[B, H, ...]``), so a decode step
-    reads them stacked without copying them, and appends its token to every head's residual in one copy.
+    """A layer's heads' tensors held as views of one stacked tensor per name (``[B, H, ...]``; group sizes
+    ``[H, ng]``), so a decode step reads them stacked without copying them, appends its token to every head's
+    residual in one copy, and quantizes (:meth:`flush`) or evicts (:meth:`keep`) all heads in one op each.
 
     A name is stacked once (one copy), then each head's tensor IS ``base[:, h]``: no byte is held twice, and
-    ``nbytes()`` of the heads still counts every byte. A head that replaces its tensor (a flush, an eviction)
-    breaks the identity check, and the next read stacks that name again (every ~10-100 decode steps). Only weak
-    references are kept: a stacked tensor the heads no longer use is freed at once, not at the next read."""
+    ``nbytes()`` of the heads still counts every byte. A head that replaces its tensor elsewhere (a per-head
+    flush or eviction) breaks the identity check, and the next read stacks that name again. Only weak references
+    are kept: a stacked tensor the heads no longer use is freed at once, not at the next read.
+
+    The stack also knows when the heads' group sizes are equal without reading them back from the GPU (a sync
+    per layer and step otherwise): it made them (flush, keep) or compared them once since they last changed."""
 
     def __init__(self) -> None:
         # name -> (weak references to the heads' views, the stacked shape and strides)
         self.held: dict[str, tuple[list[weakref.ref], torch.Size, tuple[int, ...]]] = {}
+        # weak references to the heads' group-size tensors known to hold equal values (None: none known)
+        self.equal_groups: list[weakref.ref] | None = None
 
     def stacked(self, stores: list[HeadStore], name: str) -> Tensor:
-        """``[B, H, ...]``: the heads' tensor ``name`` stacked on axis 1 (a view of what they hold)."""
+        """The heads' tensor ``name`` stacked (``[B, H, ...]``; ``[H, ng]`` for group sizes): a view of what
+        they hold."""
         held = self.held.get(name)
         if held is not None:
             refs, shape, stride = held
@@ -94,7 +115,7 @@ class HeadStack:
             if len(refs) == len(stores) and all(getattr(st, name) is r() for st, r in zip(stores, refs)):
                 # the heads' views are alive, so their stacked storage is: view it whole again
                 return first.as_strided(shape, stride, first.storage_offset())
-        base = torch.stack([getattr(st, name) for st in stores], 1)
+        base = torch.stack([getattr(st, name) for st in stores], _stack_axis(name))
         self._adopt(stores, name, base)
         return base
 
@@ -105,11 +126,110 @@ class HeadStack:
         for name, x in (("k_res", k), ("v_res", v)):
             self._adopt(stores, name, torch.cat([self.stacked(stores, name), x.to(stores[0].dtype)], 2))
 
+    def compatible(self, stores: list[HeadStore]) -> bool:
+        """``StackedHeads.compatible(stores)``, comparing the heads' group sizes (a GPU read back) only when
+        they changed since the stack last made or compared them: once per flush or eviction done elsewhere."""
+        known = self._groups_known(stores)
+        ok = StackedHeads.compatible(stores, groups_equal=known)
+        if ok and not known:
+            self._know_groups(stores)
+        return ok
+
+    def flush(self, stores: list[HeadStore]) -> bool:
+        """What ``HeadStore.flush`` does to each head, on all heads at once (one quantization and one
+        concatenation per tensor, not one per head, and no re-stacking at the next read); the same bytes.
+        Only for alike heads (:meth:`compatible`) of a quantized layer without positions, pruned channels or
+        sink slots still to fill; returns False, doing nothing, otherwise (the caller flushes head by head)."""
+        st0, q = stores[0], stores[0].q
+        if (q.bits is None or st0.pos is not None or st0.channels is not None or any(st.sink_room for st in stores)
+                or not self.compatible(stores)):
+            return False
+        G, per, nq = q.group, 8 // q.bits, st0.nq
+        n = (st0.nr - q.residual) // G * G  # the oldest whole groups beyond the residual's R tokens
+        if n <= 0:
+            return True
+        k_res, v_res = self.stacked(stores, "k_res"), self.stacked(stores, "v_res")
+        kc, ks, kz = quant.quantize_keys(k_res[:, :, :n], q.bits, G)
+        vc, vs, vz = quant.quantize_values(v_res[:, :, :n], q.vbits, G)
+        k_codes = self.stacked(stores, "k_codes")
+        if nq % per == 0:
+            k_codes = torch.cat([k_codes, kc], 2)
+        else:  # the stored tail byte is partly filled (after an eviction): re-pack, as HeadStore._append_key_codes
+            old, fresh = quant.unpack(k_codes, q.bits, dim=2, n=nq), quant.unpack(kc, q.bits, dim=2, n=n)
+            k_codes = quant.pack(torch.cat([old, fresh], 2), q.bits, dim=2)
+        sizes = torch.full((len(stores), n // G), G, dtype=torch.int16, device=st0.device)
+        new = {"k_codes": k_codes, "group_sizes": torch.cat([self.stacked(stores, "group_sizes"), sizes], 1)}
+        for name, x in (("k_scale", ks), ("k_zero", kz), ("v_codes", vc), ("v_scale", vs), ("v_zero", vz)):
+            new[name] = torch.cat([self.stacked(stores, name), x], 2)
+        new["k_res"] = k_res[:, :, n:].clone(memory_format=torch.contiguous_format)
+        new["v_res"] = v_res[:, :, n:].clone(memory_format=torch.contiguous_format)
+        self._adopt_all(stores, new)
+        for st in stores:
+            st.nq = nq + n
+        return True
+
+    def keep(self, stores: list[HeadStore], kept: list[Tensor]) -> bool:
+        """What ``HeadStore.keep(idx)`` does to each head, on all heads at once, when every head keeps the same
+        sorted indices ``kept[h]`` (StreamingLLM, a budget without a policy): one gather per tensor, and the
+        range checks and index splits on ``kept``'s own device (the CPU for those policies: no GPU read back).
+        Only for alike heads (:meth:`compatible`) without positions or pruned channels; returns False, doing
+        nothing, otherwise (the caller evicts head by head)."""
+        st0, q = stores[0], stores[0].q
+        idx = kept[0]
+        if (st0.pos is not None or st0.channels is not None or not all(torch.equal(idx, k) for k in kept[1:])
+                or not self.compatible(stores)):
+            return False
+        idx = idx.long()
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(st0)):
+            raise IndexError(f"keep indices out of range for heads holding {len(st0)} tokens")
+        ns, nq, dev = st0.ns, st0.nq, st0.device
+        si, idx = idx[idx < ns], idx[idx >= ns] - ns
+        qi, ri = idx[idx < nq], idx[idx >= nq] - nq
+        si, qi, ri = si.to(dev), qi.to(dev), ri.to(dev)
+        new = {"k_res": self.stacked(stores, "k_res").index_select(2, ri),
+               "v_res": self.stacked(stores, "v_res").index_select(2, ri)}
+        if ns:  # re-indexed even when every sink stays, as HeadStore.keep does
+            new["k_sink"] = self.stacked(stores, "k_sink").index_select(2, si)
+            new["v_sink"] = self.stacked(stores, "v_sink").index_select(2, si)
+        quantized = q.bits is not None and nq > 0
+        if quantized:
+            codes = quant.unpack(self.stacked(stores, "k_codes"), q.bits, dim=2, n=nq).index_select(2, qi)
+            # the heads' key groups are equal: head 0's tell every head's surviving groups and their sizes
+            counts = torch.bincount(st0.group_of_tokens(0, nq)[qi], minlength=st0.group_sizes.numel())
+            live = torch.nonzero(counts).flatten()
+            new["k_codes"] = quant.pack(codes, q.bits, dim=2)
+            new["k_scale"] = self.stacked(stores, "k_scale").index_select(2, live)
+            new["k_zero"] = self.stacked(stores, "k_zero").index_select(2, live)
+            new["group_sizes"] = counts[live].to(torch.int16).expand(len(stores), -1).contiguous()
+            for name in ("v_codes", "v_scale", "v_zero"):
+                new[name] = self.stacked(stores, name).index_select(2, qi)
+        self._adopt_all(stores, new)
+        if quantized:
+            for st in stores:
+                st.nq = int(qi.numel())
+        return True
+
     def _adopt(self, stores: list[HeadStore], name: str, base: Tensor) -> None:
-        views = base.unbind(1)
+        views = base.unbind(_stack_axis(name))
         for st, view in zip(stores, views):
             setattr(st, name, view)
         self.held[name] = ([weakref.ref(v) for v in views], base.shape, base.stride())
+
+    def _adopt_all(self, stores: list[HeadStore], new: dict[str, Tensor]) -> None:
+        """Give the heads views of these stacked tensors (the group sizes, if among them, equal in every row)."""
+        for name, base in new.items():
+            self._adopt(stores, name, base)
+        if "group_sizes" in new:
+            self._know_groups(stores)
+
+    def _groups_known(self, stores: list[HeadStore]) -> bool:
+        refs = self.equal_groups
+        return (refs is not None and len(refs) == len(stores)
+                and all(st.group_sizes is r() for st, r in zip(stores, refs)))
+
+    def _know_groups(self, stores: list[HeadStore]) -> None:
+        if stores[0].q.bits is not None:
+            self.equal_groups = [weakref.ref(st.group_sizes) for st in stores]
 
 
 def stacked_decode(query: Tensor, stores: list[HeadStore], scaling: float, stack: HeadStack) -> Tensor:
