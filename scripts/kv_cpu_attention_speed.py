@@ -7,9 +7,9 @@ tokens, KIVI-4 and KIVI-2 at group 32, over a 2,048-token history either fresh (
 whole) or after StreamingLLM's eviction (4 sinks + the newest 1,448: partly evicted key groups, the
 state of the planner's recipes). Prints the median over ``--rounds`` of the mean over ``--reps``
 calls, in µs, for the block-wise torch path and (numba installed) the CPU decode kernel
-(``memvisor.kv.cpu``), alternating within each round. Then the time of one StreamingLLM eviction of one head in that evicted state (``HeadStore.keep``
-of the sinks and all but the 1-3 oldest other tokens, which re-packs the key codes). For an A/B, run it
-alternately with ``PYTHONPATH=OTHER_TREE/src``.
+(``memvisor.kv.cpu``), alternating within each round. Then the time of one StreamingLLM eviction of one
+head in that evicted state (``HeadStore.keep`` of the sinks and all but the 1-3 oldest other tokens, which
+re-packs the key codes). For an A/B, run it alternately with ``PYTHONPATH=OTHER_TREE/src``.
 """
 from __future__ import annotations
 

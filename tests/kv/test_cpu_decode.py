@@ -166,3 +166,14 @@ def test_does_not_apply_to_prefill_or_unquantized_layers():
     assert not applies(stores, torch.zeros(1, 6, 2, 64))
     plain = _heads(bits=None)
     assert not applies(plain, torch.zeros(1, 6, 1, 64))
+
+
+def test_without_numba_the_torch_path_runs_and_says_so(monkeypatch):
+    import memvisor.kv.cpu.cache_path as cache_path
+
+    monkeypatch.setattr(cache_path, "available", lambda: False)
+    cache_path._warn_unavailable.cache_clear()
+    stores = _heads()
+    with pytest.warns(UserWarning, match=r"memvisor\[kv\]"):
+        assert not applies(stores, _query(stores))
+    cache_path._warn_unavailable.cache_clear()

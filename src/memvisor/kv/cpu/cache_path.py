@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import warnings
 
 import numpy as np
 import torch
@@ -27,11 +28,21 @@ def available() -> bool:
     return importlib.util.find_spec("numba") is not None
 
 
+@functools.cache
+def _warn_unavailable() -> None:
+    warnings.warn("memvisor.kv: numba is not installed, so CPU decode steps of quantized layers run the block-wise "
+                  "torch path (2-3x slower a layer); install the kv extra: pip install 'memvisor[kv]'", stacklevel=3)
+
+
 def applies(stores: list[HeadStore], query: Tensor) -> bool:
-    """Whether this step can run :func:`decode`: one new token on the CPU, a quantized layer, numba installed.
-    query: [B, Hq, Tq, D]."""
-    return (query.device.type == "cpu" and query.shape[2] == 1 and stores[0].q.bits is not None
-            and available())
+    """Whether this step can run :func:`decode`: one new token on the CPU, a quantized layer, numba installed
+    (warns once when it is not). query: [B, Hq, Tq, D]."""
+    if query.device.type != "cpu" or query.shape[2] != 1 or stores[0].q.bits is None:
+        return False
+    if not available():
+        _warn_unavailable()
+        return False
+    return True
 
 
 def _f32(t: Tensor) -> np.ndarray:
