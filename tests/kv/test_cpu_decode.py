@@ -166,6 +166,10 @@ def test_does_not_apply_to_prefill_or_unquantized_layers():
     assert not applies(stores, torch.zeros(1, 6, 2, 64))
     plain = _heads(bits=None)
     assert not applies(plain, torch.zeros(1, 6, 1, 64))
+    narrow = _heads(bits=2, group=2, n=40)  # a value group of 2 channels shares a byte with another group
+    assert not applies(narrow, torch.zeros(1, 6, 1, 64))
+    smallest = _heads(bits=2, group=4, n=60, residual=8)  # one byte per value group: the kernel's smallest
+    _check(smallest, _query(smallest))
 
 
 def test_without_numba_the_torch_path_runs_and_says_so(monkeypatch):

@@ -35,9 +35,11 @@ def _warn_unavailable() -> None:
 
 
 def applies(stores: list[HeadStore], query: Tensor) -> bool:
-    """Whether this step can run :func:`decode`: one new token on the CPU, a quantized layer, numba installed
-    (warns once when it is not). query: [B, Hq, Tq, D]."""
-    if query.device.type != "cpu" or query.shape[2] != 1 or stores[0].q.bits is None:
+    """Whether this step can run :func:`decode`: one new token on the CPU, a quantized layer whose value groups
+    span whole code bytes (G a multiple of 8 / value bits: the kernel's lanes), numba installed (warns once when
+    it is not). query: [B, Hq, Tq, D]."""
+    q = stores[0].q
+    if query.device.type != "cpu" or query.shape[2] != 1 or q.bits is None or q.group % (8 // q.vbits):
         return False
     if not available():
         _warn_unavailable()

@@ -57,7 +57,7 @@ def _key_scores(qk, codes, scale, zero, group_sizes, bits, nq, s, t0):
     kbuf = np.empty(Dk, np.float32)
     g, left = 0, np.int64(group_sizes[0]) if nq else 0
     for t in range(nq):
-        while left == 0:  # the next group (keep() drops emptied groups; skipping any left is harmless)
+        while left == 0:  # the next group with tokens (keep() drops emptied groups; this skips any left)
             g += 1
             left = np.int64(group_sizes[g])
         left -= 1
