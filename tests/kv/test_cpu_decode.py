@@ -181,3 +181,42 @@ def test_without_numba_the_torch_path_runs_and_says_so(monkeypatch):
     with pytest.warns(UserWarning, match=r"memvisor\[kv\]"):
         assert not applies(stores, _query(stores))
     cache_path._warn_unavailable.cache_clear()
+
+
+def test_four_bit_values_in_groups_of_two_channels():
+    """The narrowest groups the kernel takes: one code byte per value group (4-bit values, G = 2)."""
+    stores = _heads(bits=4, group=2, n=50, residual=4)
+    _check(stores, _query(stores))
+
+
+def test_pruned_channels_sinks_window_batch_and_merged_groups_together():
+    """ThinK channels, full-precision sinks, a sliding window, two batch rows, then a scattered eviction whose
+    partly emptied key groups compact() merges (re-quantized groups of other sizes)."""
+    g = torch.Generator().manual_seed(11)
+    stores = _heads(Hkv=2, B=2, n=40, residual=16, sinks=3, window=True)
+    for st in stores:
+        st.set_channels(torch.sort(torch.randperm(64, generator=g)[:48]).values)
+        st.append(*(torch.randn(2, 300, 64, generator=g) for _ in range(2)), torch.arange(40, 340))
+    keep = torch.sort(torch.randperm(len(stores[0]), generator=g)[:200]).values
+    for st in stores:
+        st.keep(keep)
+    merged = stores[0].compact()
+    stores[1].compact()
+    assert merged and stores[0].ns > 0 and stores[0].k_codes.shape[-1] == 48
+    q = _query(stores, g=2)
+    _check(stores, q, q_pos=339, window=200, scaling=0.02)
+    got = decode(q, stores, 0.02, 339, 200, with_probs=True)
+    ref = layer_attention(q, stores, torch.tensor([339]), 0.02, 200, with_probs=True)
+    torch.testing.assert_close(got[1], ref[1], atol=1e-7, rtol=1e-5)
+    assert torch.equal(got[2], ref[2])
+
+
+def test_decode_refuses_what_it_does_not_serve():
+    stores = _heads(bits=2, group=2, n=40)
+    with pytest.raises(ValueError, match="whole code bytes"):
+        decode(_query(stores), stores, 0.125, 39)
+    plain_positions = _heads(n=40)
+    with pytest.raises(ValueError, match="positions"):
+        decode(_query(plain_positions), plain_positions, 0.125, 39, window=16)
+    with pytest.raises(ValueError, match="softcap"):
+        decode(_query(plain_positions), plain_positions, 0.125, 39, softcap=0.0)

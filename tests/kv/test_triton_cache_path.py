@@ -223,6 +223,25 @@ def test_head_stack_leaves_heads_that_differ_to_the_per_head_path():
     assert not stack.compatible(stores) and not stack.flush(stores)
 
 
+def test_head_stack_rechecks_groups_a_head_changed_alone():
+    """Once the stack knows its heads' key groups are equal (it made them), a per-head eviction that changes one
+    head's groups (same group count) makes it compare them again, not trust what it knew."""
+    g = torch.Generator().manual_seed(4)
+    B, H, D = 1, 2, 64
+    stores = [HeadStore(B, D, torch.bfloat16, torch.device("cpu"), QuantConfig(4, 32, 32), False) for _ in range(H)]
+    k = torch.randn(B, H, 200, D, generator=g).bfloat16()
+    for h, st in enumerate(stores):
+        st.append(k[:, h], k[:, h], flush=False)
+    stack = HeadStack()
+    assert stack.flush(stores) and stack.compatible(stores)  # made by the stack: known equal
+    n = len(stores[0])
+    assert stack.keep(stores, [torch.arange(1, n)] * H) and stack.compatible(stores)
+    stores[1].keep(torch.cat([torch.arange(0, 40), torch.arange(41, n - 1)]))  # head 1 alone: other groups
+    stores[0].keep(torch.arange(1, n - 1))
+    assert stores[0].group_sizes.shape == stores[1].group_sizes.shape and len(stores[0]) == len(stores[1])
+    assert not stack.compatible(stores) and not stack.flush(stores)
+
+
 def _core(bits: int, fused: bool, **kw) -> LayerCore:
     return LayerCore(LayerConfig(layer_idx=0, window=None, qcfg=QuantConfig(bits=bits, group=32, residual=32),
                                  fused_decode=fused, **kw))

@@ -60,6 +60,15 @@ def decode(query: Tensor, stores: list[HeadStore], scaling: float, q_pos: int, w
     past its length and at masked tokens; T the longest head) and n_visible LongTensor[Hkv, 1]."""
     from memvisor.kv.cpu.kernels import decode_head
 
+    q0 = stores[0].q
+    if q0.bits is None or q0.group % (8 // q0.vbits) or query.shape[2] != 1:
+        raise ValueError(f"the CPU decode kernel takes one new token of a quantized layer whose value groups span "
+                         f"whole code bytes (got {query.shape[2]} tokens, {q0.vbits}-bit values in groups of "
+                         f"{q0.group}): check applies() first; layer_attention serves the rest")
+    if window is not None and any(st.pos is None for st in stores):
+        raise ValueError("a sliding-window head must store token positions")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
     B, Hq, _, D = query.shape
     Hkv = len(stores)
     g = Hq // Hkv
