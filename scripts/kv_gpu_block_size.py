@@ -22,6 +22,8 @@ import torch
 
 from memvisor.kv.layer import LayerConfig, LayerCore
 from memvisor.kv.policies.h2o import H2O
+from memvisor.kv.policies.head_adakv import AdaKVHeadBudget
+from memvisor.kv.policies.knorm import KeyNorm
 from memvisor.kv.policies.streaming import StreamingLLM
 from memvisor.kv.storage import QuantConfig
 
@@ -42,9 +44,13 @@ def build(kind: str, tokens: int, block: int | None, gen: torch.Generator) -> li
         elif recipe == "kivi4-stream-4x":  # `auto` at 4x: KIVI-4 + StreamingLLM under a byte budget
             cfg = LayerConfig(i, None, q, policy=StreamingLLM(4), budget_bytes=bf16_per_layer // 4, block=block,
                               fused_decode=fused)
-        elif recipe == "kivi4-h2o-4x":  # ragged heads after eviction: one head at a time
+        elif recipe == "kivi4-h2o-4x":  # takes each step's probabilities: the torch path, one head at a time
             cfg = LayerConfig(i, None, q, policy=H2O(recent=32, sinks=4), budget_bytes=bf16_per_layer // 4,
                               block=block, fused_decode=fused)
+        elif recipe in ("kivi4-knorm-4x", "kivi4-knorm-adakv-4x"):  # per-head token choices: ragged heads
+            cfg = LayerConfig(i, None, q, policy=KeyNorm(sinks=4, recent=32), budget_bytes=bf16_per_layer // 4,
+                              head_budget=AdaKVHeadBudget() if "adakv" in recipe else None, block=block,
+                              fused_decode=fused)
         else:
             raise ValueError(kind)
         c = LayerCore(cfg)

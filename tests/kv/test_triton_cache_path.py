@@ -313,12 +313,12 @@ def test_cuda_decode_runs_the_kernel_and_matches_the_torch_path(bits):
     assert fused.nbytes() == plain.nbytes() + fused.mirror.nbytes(fused.stores)
 
 
-def _count_stacked(monkeypatch) -> list:
-    """Spy on the layer's calls of the stacked kernel path (the real function still runs)."""
+def _count(monkeypatch, name: str) -> list:
+    """Spy on the layer's calls of a kernel path, ``stacked_decode`` or ``ragged_decode`` (the real one runs)."""
     import memvisor.kv.layer as layer_mod
 
-    calls, real = [], layer_mod.stacked_decode
-    monkeypatch.setattr(layer_mod, "stacked_decode", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], getattr(layer_mod, name)
+    monkeypatch.setattr(layer_mod, name, lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -330,7 +330,7 @@ def test_cuda_layers_that_evict_run_the_stacked_kernel_and_match_the_torch_path(
     same tokens and bytes."""
     from memvisor.kv.policies.streaming import StreamingLLM
 
-    calls = _count_stacked(monkeypatch)
+    calls = _count(monkeypatch, "stacked_decode")
     B, Hq, Hkv, D = 2, 16, 4, 128
     q = QuantConfig(bits=bits, group=32, residual=32, sinks=sinks) if bits else QuantConfig()
     # an eighth (a quarter unquantized) of 1,000 bf16 tokens
@@ -398,21 +398,61 @@ def test_cuda_dequant_kernel_matches_the_reference_across_residual_lengths():
 
 
 @cuda
-def test_cuda_ragged_sliding_or_probability_taking_layers_keep_the_torch_path(monkeypatch):
-    """H2O takes this step's probabilities from the torch loop; a sliding window and ragged heads (Ada-KV
-    budgets) are not what the stacked kernel reads."""
+def test_cuda_sliding_or_probability_taking_layers_keep_the_torch_path(monkeypatch):
+    """H2O takes this step's probabilities from the torch loop; a sliding window is not what the kernels read."""
     from memvisor.kv.policies.h2o import H2O
-    from memvisor.kv.policies.head_adakv import AdaKVHeadBudget
-    from memvisor.kv.policies.snapkv import SnapKV
 
-    calls = _count_stacked(monkeypatch)
+    stacked, ragged = _count(monkeypatch, "stacked_decode"), _count(monkeypatch, "ragged_decode")
     h2o = _core(2, True, budget_bytes=200_000, policy=H2O(recent=16, sinks=4))
     sliding = LayerCore(LayerConfig(layer_idx=0, window=64, qcfg=QuantConfig(bits=2, group=32, residual=32)))
     _decode([h2o, sliding], 1, 8, 2, 64, 300, 5, "cuda", torch.bfloat16)
-    assert h2o.mirror is None and sliding.mirror is None and not calls
-    ragged = _core(4, True, budget_bytes=60_000, policy=SnapKV(window=16), head_budget=AdaKVHeadBudget())
-    _decode([ragged], 1, 8, 2, 64, 600, 5, "cuda", torch.bfloat16)
-    assert len(set(ragged.lengths())) > 1 and not calls
+    assert h2o.mirror is None and sliding.mirror is None and not stacked and not ragged
+
+
+@cuda
+@pytest.mark.parametrize("bits,sinks,B", [(4, 0, 1), (2, 4, 2), (None, 0, 1)])
+def test_cuda_ragged_heads_run_the_kernel_head_by_head_and_match_the_torch_path(bits, sinks, B, monkeypatch):
+    """SnapKV with Ada-KV head budgets leaves heads of different lengths and key groups: every decode step runs
+    the kernel once per head, never the stacked launch, and gives the torch path's output over the same tokens."""
+    from memvisor.kv.policies.head_adakv import AdaKVHeadBudget
+    from memvisor.kv.policies.snapkv import SnapKV
+
+    stacked, ragged = _count(monkeypatch, "stacked_decode"), _count(monkeypatch, "ragged_decode")
+    q = QuantConfig(bits=bits, group=32, residual=32, sinks=sinks) if bits else QuantConfig()
+    budget = (B * 4 * 1000 * 128 * 2 * 2) // (8 if bits else 4)
+    fused, plain = (LayerCore(LayerConfig(0, None, q, policy=SnapKV(window=16), head_budget=AdaKVHeadBudget(),
+                                          budget_bytes=budget, fused_decode=f)) for f in (True, False))
+    outs = _decode([fused, plain], B, 16, 4, 128, 900, 120, "cuda", torch.bfloat16, seed=5)
+    assert len(set(fused.lengths())) > 1, "the heads stayed alike: the ragged path went untested"
+    for i, (a, b) in enumerate(outs[1:]):
+        assert a.shape == (B, 1, 16, 128) and _rel(a, b) < 1e-2, (i, _rel(a, b))
+    assert len(ragged) == 120 and not stacked and fused.mirror is None and fused.stack is None
+    assert fused.lengths() == plain.lengths() and fused.nbytes() == plain.nbytes() <= budget
+
+
+@cuda
+@pytest.mark.parametrize("bits", [2, 4])
+def test_cuda_ragged_kernel_reads_each_heads_own_scattered_groups(bits):
+    """Heads keeping different scattered tokens (different counts, group sizes and sinks per head), batch of 2:
+    the per-head launches against the block-wise torch path."""
+    from memvisor.kv.attention import layer_attention
+    from memvisor.kv.gpu.cache_path import ragged_decode, ragged_kernel_applies, stacked_kernel_applies
+
+    g = torch.Generator(device="cuda").manual_seed(bits)
+    B, Hq, Hkv, D, T = 2, 8, 2, 64, 2000
+    stores = [HeadStore(B, D, torch.bfloat16, torch.device("cuda"), QuantConfig(bits, 32, 32, sinks=4), False)
+              for _ in range(Hkv)]
+    k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).bfloat16()
+    v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).bfloat16()
+    for h, st in enumerate(stores):
+        st.append(k[:, h], v[:, h])
+        st.keep(torch.sort(torch.randperm(T, device="cuda", generator=g)[: T // (2 + h)]).values)
+    assert len(stores[0]) != len(stores[1]) and stores[1].group_sizes.min() < 8
+    query = torch.randn(B, Hq, 1, D, device="cuda", generator=g).bfloat16() * 3
+    assert ragged_kernel_applies(stores, query, None, None) and not stacked_kernel_applies(stores, query, None, None)
+    want = layer_attention(query, stores, torch.tensor([T], device="cuda"), D ** -0.5)
+    got = ragged_decode(query, stores, D ** -0.5)
+    assert got.shape == want.shape and _rel(got, want) < 1e-2, _rel(got, want)
 
 
 @cuda

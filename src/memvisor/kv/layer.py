@@ -23,7 +23,8 @@ from torch import Tensor
 from memvisor.kv import cpu as cpu_decode
 from memvisor.kv.attention import default_block, layer_attention
 from memvisor.kv.budget import BudgetError, TokenCost, token_cost
-from memvisor.kv.gpu.cache_path import DecodeMirror, HeadStack, kernel_applies, stacked_decode, stacked_kernel_applies
+from memvisor.kv.gpu.cache_path import (DecodeMirror, HeadStack, kernel_applies, ragged_decode, ragged_kernel_applies,
+                                        stacked_decode, stacked_kernel_applies)
 from memvisor.kv.policies.base import ChannelPolicy, HeadBudget, MergePolicy, TokenPolicy, select
 from memvisor.kv.storage import HeadStore, QuantConfig
 
@@ -214,8 +215,8 @@ class LayerCore:
     def _fused_decode(self, query: Tensor, scaling: float, softcap: float | None) -> Tensor | None:
         """One decode step through a fused CUDA kernel, or None where none applies (kv/gpu/cache_path.py):
         layers that never evict or prune read their stacked mirror; layers that evict, while their heads
-        stack, read the heads' own tensors; ragged heads, and policies that take this step's attention
-        probabilities (H2O, Scissorhands), take the block-wise torch path."""
+        stack, read the heads' own tensors in one launch, and ragged heads in one launch each; policies that
+        take this step's attention probabilities (H2O, Scissorhands) take the block-wise torch path."""
         c = self.cfg
         if self.mirror is not None:
             return self.mirror.attend(query, self.stores, scaling)
@@ -229,6 +230,8 @@ class LayerCore:
         if stacked_kernel_applies(self.stores, query, c.window, softcap, stack):
             self.stack = stack
             return stacked_decode(query, self.stores, scaling, stack)
+        if ragged_kernel_applies(self.stores, query, c.window, softcap):
+            return ragged_decode(query, self.stores, scaling)
         return None
 
     # ------------------------------------------------------------------ compression

@@ -5,8 +5,9 @@ that evict (a byte budget, StreamingLLM, SnapKV...) cannot hold a mirror's secon
 while their heads stay alike (equal token counts and key groups), :func:`stacked_decode` runs the cache-layout
 "dequant" kernel over the heads' own tensors, which :class:`HeadStack` keeps as views of stacked ones (no copy
 per step), reading each token's key scale row from the group sizes eviction left (``KiviLayer.key_groups``).
-Heads made ragged by per-head budgets or per-head token choices (SnapKV, Ada-KV budgets) take the torch path,
-and so do H2O and Scissorhands, which take each step's attention probabilities from its loop.
+Heads made ragged by per-head budgets or per-head token choices (SnapKV, Knorm, Ada-KV budgets) run the same
+kernel once per head (:func:`ragged_decode`); H2O and Scissorhands, which take each step's attention
+probabilities from its loop, take the torch path.
 On that path the layer also quantizes full residual groups (:meth:`HeadStack.flush`) and evicts tokens every
 head drops (:meth:`HeadStack.keep`) in one op per tensor over the stacked heads, not head by head, and the stack
 knows the heads' group sizes are equal without reading them back: outside evictions this path reads no GPU
@@ -79,6 +80,12 @@ def stacked_kernel_applies(stores: list[HeadStore], query: Tensor, window: int |
     if not _kernel_step(stores, query, window, softcap):
         return False
     return stack.compatible(stores) if stack is not None else StackedHeads.compatible(stores)
+
+
+def ragged_kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, softcap: float | None) -> bool:
+    """Whether this decode step of a layer whose heads do not stack can run :func:`ragged_decode`: what
+    :func:`_kernel_step` asks of the step, the heads' own counts and key groups whatever they are."""
+    return _kernel_step(stores, query, window, softcap)
 
 
 def _stack_axis(name: str) -> int:
@@ -238,23 +245,46 @@ def stacked_decode(query: Tensor, stores: list[HeadStore], scaling: float, stack
 
     Full-precision sinks join the residual: a decode query sees every stored token, so their order does not
     matter. Unquantized heads run the bf16 flash-decoding kernel."""
+    return _launch(query[:, :, 0].contiguous(), stores[0], lambda name: stack.stacked(stores, name),
+                   scaling).unsqueeze(1)
+
+
+def ragged_decode(query: Tensor, stores: list[HeadStore], scaling: float) -> Tensor:
+    """query [B, Hq, 1, D] -> attention output [B, 1, Hq, D]: heads that do not stack (per-head token choices
+    or budgets: SnapKV, Knorm, Ada-KV) each through their own launch of the kernel :func:`stacked_decode`
+    runs, over that head's tensors viewed as a one-head stack (no copy for a batch of one). The caller checked
+    :func:`_kernel_step`; its group's queries are the head's ``Hq / Hkv`` consecutive query heads."""
+    g = query.shape[1] // len(stores)
+    outs = [_launch(query[:, h * g:(h + 1) * g, 0].contiguous(), st, lambda name, st=st: _one_head(st, name),
+                    scaling) for h, st in enumerate(stores)]
+    return torch.cat(outs, 1).unsqueeze(1)
+
+
+def _one_head(st: HeadStore, name: str) -> Tensor:
+    """A head's tensor ``name`` ``[B, ...]`` as a one-head stack ``[B, 1, ...]``, addressed by the kernel as a
+    layer's: a view when the batch is one or the tensor is contiguous (a head of a stack with B > 1: a copy)."""
+    return getattr(st, name).contiguous().unsqueeze(1)
+
+
+def _launch(q1: Tensor, st0: HeadStore, stacked, scaling: float) -> Tensor:
+    """q1 [B, Hq, D] over the heads whose stacked tensors ``stacked(name)`` gives (``[B, H, ...]``, alike heads:
+    ``st0`` speaks for all) -> [B, Hq, D]: the "dequant" kernel, or the bf16 flash-decoding one unquantized."""
     from memvisor.kv.gpu.triton_decode import dense_decode_attention_triton, kivi_decode_attention
 
-    q, st0 = stores[0].q, stores[0]
-    k_full, v_full = stack.stacked(stores, "k_res"), stack.stacked(stores, "v_res")
+    q = st0.q
+    k_full, v_full = stacked("k_res"), stacked("v_res")
     if st0.ns:
-        k_full = torch.cat([stack.stacked(stores, "k_sink"), k_full], 2)
-        v_full = torch.cat([stack.stacked(stores, "v_sink"), v_full], 2)
-    q1 = query[:, :, 0].contiguous()
+        k_full = torch.cat([stacked("k_sink"), k_full], 2)
+        v_full = torch.cat([stacked("v_sink"), v_full], 2)
     if q.bits is None:
-        return dense_decode_attention_triton(q1, k_full.contiguous(), v_full.contiguous(), scaling).unsqueeze(1)
+        return dense_decode_attention_triton(q1, k_full.contiguous(), v_full.contiguous(), scaling)
     names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
-    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = (stack.stacked(stores, n) for n in names)
+    k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = (stacked(n) for n in names)
     # every group whole (k_scale holds nq / G rows) unless eviction cut some: then each token's row, int32
     whole = k_scale.shape[2] * q.group == st0.nq
     groups = None if whole else st0.group_of_tokens(0, st0.nq).to(torch.int32)
     layer = KiviLayer(q.bits, q.group, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_full, v_full, groups)
-    return kivi_decode_attention(q1, layer, scaling, variant="dequant").unsqueeze(1)
+    return kivi_decode_attention(q1, layer, scaling, variant="dequant")
 
 
 class DecodeMirror:
