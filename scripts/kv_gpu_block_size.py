@@ -41,9 +41,12 @@ def build(kind: str, tokens: int, block: int | None, gen: torch.Generator) -> li
         q = QuantConfig(4, 32, 128)
         if recipe == "kivi4":  # append-only, the kernel's case, here on the torch path for reference
             cfg = LayerConfig(i, None, q, block=block, fused_decode=False)
-        elif recipe == "kivi4-stream-4x":  # `auto` at 4x: KIVI-4 + StreamingLLM under a byte budget
+        elif recipe == "kivi4-stream-4x":  # `auto` at 4x until session 16: KIVI-4 + StreamingLLM under a byte budget
             cfg = LayerConfig(i, None, q, policy=StreamingLLM(4), budget_bytes=bf16_per_layer // 4, block=block,
                               fused_decode=fused)
+        elif recipe == "kivi-k4v2-stream-4x":  # `auto` at 4x since session 16: keys 4 / values 2 bits, residual 32
+            cfg = LayerConfig(i, None, QuantConfig(4, 32, 32, value_bits=2), policy=StreamingLLM(4),
+                              budget_bytes=bf16_per_layer // 4, block=block, fused_decode=fused)
         elif recipe == "kivi4-h2o-4x":  # takes each step's probabilities: the torch path, one head at a time
             cfg = LayerConfig(i, None, q, policy=H2O(recent=32, sinks=4), budget_bytes=bf16_per_layer // 4,
                               block=block, fused_decode=fused)

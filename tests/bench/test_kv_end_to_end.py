@@ -26,7 +26,10 @@ def test_bench_kv_writes_results_in_the_issue_shape(tmp_path):
     assert res.exit_code == 0, res.output
     data = json.loads((out / "results.json").read_text())
     assert data["model"] == "smollm2" and data["peers"] == {}
+    (depths,) = data["meta"]["needle_depths"]  # one task: its needle's place in the context, a fraction
+    assert len(depths) == 1 and 0.05 < depths[0] < 0.95
     fig = data["methods"]["kivi2+h2o"]["4x"]
+    assert fig["needle_hits"] == [fig["needle_accuracy"] == 1.0]
     assert ISSUE_FIGURES <= set(fig)
     assert 3.5 <= fig["ratio"] and fig["bytes_per_token"] * fig["ratio"] == pytest.approx(
         data["uncompressed"]["full"]["bytes_per_token"])

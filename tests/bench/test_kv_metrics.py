@@ -87,6 +87,7 @@ def test_aggregate_and_report(tmp_path):
     assert fig["ratio"] == 4.0 and fig["bits_per_element"] == 4.0 and fig["bytes_per_token"] == 25.0
     assert fig["needle_retention"] == 1.0  # the second hit does not count: the reference missed it
     assert fig["needle_accuracy"] == 1.0 and fig["kl"] == pytest.approx(0.1)
+    assert fig["needle_hits"] == [True, True] and aggregate(ref, ref)["needle_hits"] == [True, False]
     assert aggregate(runs, ref, ref_scale=0.5)["ratio"] == 2.0  # float32 references: the ratio stays against bf16
     results = {"model": "smollm2", "uncompressed": {"full": aggregate(ref, ref)},
                "methods": {"kivi2": {"4x": fig}}, "peers": {"kvpress-snapkv": {"4x": fig},

@@ -38,6 +38,9 @@ def test_multikey_distractors_have_other_keys_and_values():
     assert len(set(words)) == 8  # keys share no word
     others = [line for line in task.context.split(". ") if "magic number for" in line and task.answers[0] not in line]
     assert len(others) == 3
+    # the asked key is the one whose needle holds the answer
+    assert task.asked in task.keys and task.asked in task.question
+    assert f"for {task.asked} is: {task.answers[0]}" in task.context
 
 
 def test_values_have_seven_digits_and_no_adjacent_repeat():

@@ -8,7 +8,7 @@ from transformers import Gemma3TextConfig, LlamaConfig
 
 from memvisor.kv import BudgetError, CacheSpec, CompressedCache, token_cost
 from memvisor.kv.budget import split_by_span, split_layers
-from memvisor.kv.planner import CANDIDATES, MIN_COVERAGE, choose, coverage
+from memvisor.kv.planner import CANDIDATES, FULL_COVERAGE, MIN_COVERAGE, choose, coverage
 from memvisor.kv.policies import StreamingLLM
 
 GEMMA = Gemma3TextConfig(num_hidden_layers=18, hidden_size=640, intermediate_size=256, num_attention_heads=4,
@@ -71,11 +71,21 @@ def test_coverage_is_what_the_cache_really_holds():
     assert cache.nbytes() <= budget
 
 
-def test_plan_keeps_precision_while_enough_context_fits():
-    # SmolLM2 at 4x and 8x: KIVI-4 with the 128-token residual (the measured best there)
-    for ratio in (4, 8):
-        name, fields, cov = choose(SMOL, bf16_bytes(SMOL) // ratio, T)
-        assert name == "kivi4-stream" and fields["residual"] == 128 and cov[name] >= MIN_COVERAGE
+def test_plan_keeps_every_token_where_4_bit_keys_allow_then_precision_while_enough_fits():
+    # SmolLM2 at 4x: KIVI-4 would evict the oldest 29%; 4-bit keys with 2-bit values keep 95% (session 16)
+    name, fields, cov = choose(SMOL, bf16_bytes(SMOL) // 4, T)
+    assert cov["kivi4-stream"] < FULL_COVERAGE <= cov[name] and name == "kivi-k4v2-stream"
+    assert fields["quant"] == "kivi-k4v2" and fields["residual"] == 32
+    # 3x: KIVI-4 with the 128-token residual keeps nearly everything itself
+    name, _, cov = choose(SMOL, bf16_bytes(SMOL) // 3, T)
+    assert name == "kivi4-stream" and cov[name] >= FULL_COVERAGE
+    # 8x: no 4-bit-key candidate keeps 95%: precision while 30% fits (KIVI-4, 128-token residual)
+    name, fields, cov = choose(SMOL, bf16_bytes(SMOL) // 8, T)
+    assert max(c for n, c in cov.items() if n != "kivi2-stream") < FULL_COVERAGE
+    assert name == "kivi4-stream" and fields["residual"] == 128 and MIN_COVERAGE <= cov[name] < FULL_COVERAGE
+    # 2-bit keys are never chosen for coverage alone: Gemma 3 at 4x keeps every token only with KIVI-2
+    name, _, cov = choose(GEMMA, bf16_bytes(GEMMA) // 4, T)
+    assert cov["kivi2-stream"] >= FULL_COVERAGE > cov["kivi-k4v2-stream"] and name == "kivi4-stream"
     # Gemma 3 at 8x: the 128-token residual would leave under 0.3 of the span: fewer bits instead
     name, _, cov = choose(GEMMA, bf16_bytes(GEMMA) // 8, T)
     assert cov["kivi4-stream"] < MIN_COVERAGE and name != "kivi4-stream"

@@ -323,16 +323,16 @@ def _count(monkeypatch, name: str) -> list:
 
 
 @cuda
-@pytest.mark.parametrize("bits,sinks", [(2, 0), (4, 0), (4, 4), (None, 0)])
-def test_cuda_layers_that_evict_run_the_stacked_kernel_and_match_the_torch_path(bits, sinks, monkeypatch):
-    """StreamingLLM under a byte budget (``auto``'s recipe): every decode step runs the kernel over the heads'
-    own tensors, across evictions that cut key groups short, and gives the torch path's output; both keep the
-    same tokens and bytes."""
+@pytest.mark.parametrize("bits,sinks,vbits", [(2, 0, None), (4, 0, None), (4, 4, None), (None, 0, None), (4, 0, 2)])
+def test_cuda_layers_that_evict_run_the_stacked_kernel_and_match_the_torch_path(bits, sinks, vbits, monkeypatch):
+    """StreamingLLM under a byte budget (``auto``'s recipes, keys 4 / values 2 bits among them): every decode step
+    runs the kernel over the heads' own tensors, across evictions that cut key groups short, and gives the torch
+    path's output; both keep the same tokens and bytes."""
     from memvisor.kv.policies.streaming import StreamingLLM
 
     calls = _count(monkeypatch, "stacked_decode")
     B, Hq, Hkv, D = 2, 16, 4, 128
-    q = QuantConfig(bits=bits, group=32, residual=32, sinks=sinks) if bits else QuantConfig()
+    q = QuantConfig(bits=bits, group=32, residual=32, sinks=sinks, value_bits=vbits) if bits else QuantConfig()
     # an eighth (a quarter unquantized) of 1,000 bf16 tokens
     budget = (B * Hkv * 1000 * D * 2 * 2) // (8 if bits else 4)
     fused, plain = (LayerCore(LayerConfig(0, None, q, policy=StreamingLLM(4), budget_bytes=budget, fused_decode=f))
@@ -431,8 +431,8 @@ def test_cuda_ragged_heads_run_the_kernel_head_by_head_and_match_the_torch_path(
 
 
 @cuda
-@pytest.mark.parametrize("bits", [2, 4])
-def test_cuda_ragged_kernel_reads_each_heads_own_scattered_groups(bits):
+@pytest.mark.parametrize("bits,vbits", [(2, None), (4, None), (4, 2)])
+def test_cuda_ragged_kernel_reads_each_heads_own_scattered_groups(bits, vbits):
     """Heads keeping different scattered tokens (different counts, group sizes and sinks per head), batch of 2:
     the per-head launches against the block-wise torch path."""
     from memvisor.kv.attention import layer_attention
@@ -440,7 +440,7 @@ def test_cuda_ragged_kernel_reads_each_heads_own_scattered_groups(bits):
 
     g = torch.Generator(device="cuda").manual_seed(bits)
     B, Hq, Hkv, D, T = 2, 8, 2, 64, 2000
-    stores = [HeadStore(B, D, torch.bfloat16, torch.device("cuda"), QuantConfig(bits, 32, 32, sinks=4), False)
+    stores = [HeadStore(B, D, torch.bfloat16, torch.device("cuda"), QuantConfig(bits, 32, 32, vbits, sinks=4), False)
               for _ in range(Hkv)]
     k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).bfloat16()
     v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).bfloat16()

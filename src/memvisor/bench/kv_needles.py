@@ -46,7 +46,7 @@ _KEY_B = ["falcon", "harbor", "lantern", "meadow", "compass", "glacier", "orchar
 class NeedleTask:
     """One task: ``context`` text (haystack with needles), ``question``, ``answer_prefix`` (the
     start of the model's answer, appended after the question), ``answers`` (any one is correct),
-    needle ``depths`` (fraction of the haystack), ``kind``."""
+    needle ``depths`` (fraction of the haystack), ``kind``, ``asked`` (the key the question names)."""
 
     kind: str
     context: str
@@ -55,6 +55,7 @@ class NeedleTask:
     answers: list[str]
     keys: list[str]
     depths: list[float]
+    asked: str = ""
 
 
 def _sentence(rng: random.Random) -> str:
@@ -140,7 +141,7 @@ def make_task(kind: str, tokens: int, count_tokens, seed: int) -> NeedleTask:
     # The answer prefix repeats the needle's own words up to the value, so the model only has to
     # copy what followed them in the context (induction): a 135M model does that reliably at 4k.
     prefix = f"The special magic number for {key} is:"
-    return NeedleTask(kind, context, question, prefix, answers, keys, depths)
+    return NeedleTask(kind, context, question, prefix, answers, keys, depths, key)
 
 
 def task_kinds(samples: int) -> list[str]:

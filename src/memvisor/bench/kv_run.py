@@ -20,6 +20,7 @@ import copy
 import datetime as _dt
 import json
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,7 @@ class Prompt:
     question: torch.Tensor  # [1, Tq] question + answer prefix ids
     answers: list[str]
     kind: str
+    depths: list[float] = field(default_factory=list)  # where the asked needle sits: tokens before it / context tokens
 
 
 def build_prompts(tok: Any, cfg: KvBenchConfig) -> list[Prompt]:
@@ -88,10 +90,14 @@ def build_prompts(tok: Any, cfg: KvBenchConfig) -> list[Prompt]:
     prompts = []
     for i, kind in enumerate(task_kinds(cfg.samples)):
         task = make_task(kind, cfg.tokens - head_tokens, count, seed=cfg.seed * 1000 + i)
-        ctx = tok(head + task.context, return_tensors="pt")["input_ids"]
+        text = head + task.context
+        ctx = tok(text, return_tensors="pt")["input_ids"]
         q = tok(q_tpl.format(q=task.question, prefix=task.answer_prefix), add_special_tokens=False,
                 return_tensors="pt")["input_ids"]
-        prompts.append(Prompt(ctx, q, task.answers, kind))
+        # StreamingLLM forgets the oldest tokens: a needle's depth says whether an eviction could reach it
+        starts = [m.start() for m in re.finditer(re.escape(f"for {task.asked} is:"), text)]
+        depths = [round(len(tok(text[:i])["input_ids"]) / ctx.shape[1], 3) for i in starts]
+        prompts.append(Prompt(ctx, q, task.answers, kind, depths))
     return prompts
 
 
@@ -196,6 +202,7 @@ def aggregate(runs: list[dict], refs: list[dict], ref_scale: float = 1.0) -> dic
         "decode_tokens_per_s": mean("decode_tokens_per_s"),
         "samples": len(runs),
         "needle_accuracy_by_kind": _by_kind(runs),
+        "needle_hits": [bool(r["needle_hit"]) for r in runs],  # per task, in the order of meta.kinds
     }
 
 
@@ -279,7 +286,8 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
                  f"{cfg.threads}", "torch": torch.__version__, "transformers": TRANSFORMERS_VERSION,
                  "dtype": cfg.dtype, "context_tokens": [p.ctx.shape[1] for p in prompts],
                  "kinds": [p.kind for p in prompts], "gen_tokens": cfg.gen_tokens,
-                 "reference_needle_hits": [r["needle_hit"] for r in refs]},
+                 "reference_needle_hits": [r["needle_hit"] for r in refs],
+                 "needle_depths": [p.depths for p in prompts]},
     }
     log(f"uncompressed: {_brief(results['uncompressed']['full'])}")
     if cfg.floor:

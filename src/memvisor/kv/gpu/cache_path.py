@@ -53,23 +53,24 @@ def _pow2(n: int) -> bool:
 
 
 def _kernel_step(stores: list[HeadStore], query: Tensor, window: int | None, softcap: float | None) -> bool:
-    """What both fused paths need of a decode step: one new token on CUDA with Triton, no sliding window,
-    softcap or pruned key channels, keys and values of one width, head_dim a power of two >= 16, and
-    fp16/bf16 queries in the cache's dtype. query: [B, Hq, Tq, D]."""
+    """What every fused path needs of a decode step: one new token on CUDA with Triton, no sliding window,
+    softcap or pruned key channels, head_dim a power of two >= 16, and fp16/bf16 queries in the cache's
+    dtype. query: [B, Hq, Tq, D]."""
     from memvisor.kv.gpu import triton_available
 
-    q, st = stores[0].q, stores[0]
-    return (query.shape[2] == 1 and query.is_cuda and window is None and softcap is None and q.vbits == q.bits
+    st = stores[0]
+    return (query.shape[2] == 1 and query.is_cuda and window is None and softcap is None
             and _pow2(st.D) and query.dtype in (torch.float16, torch.bfloat16) and st.dtype == query.dtype
             and all(s.channels is None for s in stores) and triton_available())
 
 
 def kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, softcap: float | None) -> bool:
     """Whether this decode step of an append-only KIVI layer can run the fused kernel (module docstring):
-    :func:`_kernel_step`, quantized, no sinks, a power-of-two group dividing head_dim. query: [B, Hq, Tq, D]."""
+    :func:`_kernel_step`, quantized, keys and values of one width, no sinks, a power-of-two group dividing
+    head_dim. query: [B, Hq, Tq, D]."""
     q, D = stores[0].q, stores[0].D
-    return (_kernel_step(stores, query, window, softcap) and q.bits is not None and q.sinks == 0
-            and _pow2(q.group) and D % q.group == 0)
+    return (_kernel_step(stores, query, window, softcap) and q.bits is not None and q.vbits == q.bits
+            and q.sinks == 0 and _pow2(q.group) and D % q.group == 0)
 
 
 def stacked_kernel_applies(stores: list[HeadStore], query: Tensor, window: int | None, softcap: float | None,
@@ -283,7 +284,8 @@ def _launch(q1: Tensor, st0: HeadStore, stacked, scaling: float) -> Tensor:
     # every group whole (k_scale holds nq / G rows) unless eviction cut some: then each token's row, int32
     whole = k_scale.shape[2] * q.group == st0.nq
     groups = None if whole else st0.group_of_tokens(0, st0.nq).to(torch.int32)
-    layer = KiviLayer(q.bits, q.group, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_full, v_full, groups)
+    layer = KiviLayer(q.bits, q.group, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_full, v_full, groups,
+                      vbits=q.vbits)
     return kivi_decode_attention(q1, layer, scaling, variant="dequant")
 
 

@@ -53,6 +53,13 @@ class KiviLayer:
     # cache's ``group_sizes``; then k_scale/k_zero hold one row per group, whatever its size, and t_quant need
     # not be a multiple of G); None: token t's row is t // G. Read by the "dequant" kernel only.
     key_groups: torch.Tensor | None = None
+    # values' bit width where it differs from the keys' (``bits``): KIVI with 4-bit keys and 2-bit values.
+    # Read by the "dequant" kernel only; None: ``bits``.
+    vbits: int | None = None
+
+    @property
+    def value_bits(self) -> int:
+        return self.bits if self.vbits is None else self.vbits
 
     @property
     def t_quant(self) -> int:
@@ -73,7 +80,8 @@ class KiviLayer:
     def validate(self) -> None:
         """Raise ``KVLayoutError`` if shapes or dtypes break the agreed layout."""
         check_bits_group(self.bits, self.group)
-        per = 8 // self.bits
+        check_bits_group(self.value_bits, self.group)
+        per, vper = 8 // self.bits, 8 // self.value_bits
         b, h, t, d_packed = self.v_codes.shape
         d = self.k_codes.shape[3]
         if self.k_res.shape[:2] != (b, h) or self.k_res.shape[3] != d:
@@ -82,13 +90,13 @@ class KiviLayer:
             raise KVLayoutError(f"residual values {tuple(self.v_res.shape)} != residual keys {tuple(self.k_res.shape)}")
         if t % self.group:
             raise KVLayoutError(f"quantized token count {t} is not a multiple of group {self.group}")
-        if d % self.group or d % per:
-            raise KVLayoutError(f"head_dim {d} must be a multiple of group {self.group} and of {per}")
+        if d % self.group or d % vper:
+            raise KVLayoutError(f"head_dim {d} must be a multiple of group {self.group} and of {vper}")
         expect = {
             "k_codes": ((b, h, t // per, d), torch.uint8),
             "k_scale": ((b, h, t // self.group, d), torch.float16),
             "k_zero": ((b, h, t // self.group, d), torch.float16),
-            "v_codes": ((b, h, t, d // per), torch.uint8),
+            "v_codes": ((b, h, t, d // vper), torch.uint8),
             "v_scale": ((b, h, t, d // self.group), torch.float16),
             "v_zero": ((b, h, t, d // self.group), torch.float16),
         }
@@ -96,8 +104,8 @@ class KiviLayer:
             got = getattr(self, name)
             if tuple(got.shape) != shape or got.dtype != dtype:
                 raise KVLayoutError(f"{name}: expected {dtype} {shape}, got {got.dtype} {tuple(got.shape)}")
-        if d_packed * per != d:
-            raise KVLayoutError(f"v_codes last dim {d_packed} * {per} != head_dim {d}")
+        if d_packed * vper != d:
+            raise KVLayoutError(f"v_codes last dim {d_packed} * {vper} != head_dim {d}")
 
 
 def check_bits_group(bits: int, group: int) -> None:

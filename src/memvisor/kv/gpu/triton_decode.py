@@ -46,14 +46,19 @@ _LOG2E = 1.4426950408889634
 def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, KGI, sm_scale_log2,
                        T_q, T_r, tps, skc_bh, sks_bh, svc_bh, svs_bh, skr_bh, svr_bh,
                        GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                       G: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_MAP: tl.constexpr = False):
+                       G: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_MAP: tl.constexpr = False,
+                       VBITS: tl.constexpr = 0):
     """The "dequant" split: each token addressed on its own, so a split may start anywhere. ``GROUP_MAP``:
-    token t's key scale row is ``KGI[t]`` (int32, shared by the heads: key groups cut by eviction), not t // G."""
+    token t's key scale row is ``KGI[t]`` (int32, shared by the heads: key groups cut by eviction), not t // G.
+    ``VBITS``: the values' bit width where it differs from the keys' ``BITS`` (0: the same)."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_rows = tl.num_programs(1)
     PER: tl.constexpr = 8 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
+    VB: tl.constexpr = BITS if VBITS == 0 else VBITS
+    VPER: tl.constexpr = 8 // VB
+    VMASK: tl.constexpr = (1 << VB) - 1
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + (pid_bh * GROUPS + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < GROUPS)[:, None],
@@ -65,7 +70,7 @@ def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, KGI, sm_scale_
     if pid_s < n_rows - 1:
         start = pid_s * tps
         end = tl.minimum(start + tps, T_q)
-        v_shift = ((offs_d % PER) * BITS)[None, :]
+        v_shift = ((offs_d % VPER) * VB)[None, :]
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
@@ -81,10 +86,10 @@ def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, KGI, sm_scale_
             ks = tl.load(KS + kofs, mask=m2, other=0.0).to(tl.float32)
             kz = tl.load(KZ + kofs, mask=m2, other=0.0).to(tl.float32)
             k = (kq.to(tl.float32) * ks + kz).to(q.dtype)
-            # values: byte c // PER of a token row holds PER consecutive channels
-            vb = tl.load(VC + pid_bh * svc_bh + offs_n[:, None] * (D // PER) + (offs_d // PER)[None, :], mask=m2,
+            # values: byte c // VPER of a token row holds VPER consecutive channels
+            vb = tl.load(VC + pid_bh * svc_bh + offs_n[:, None] * (D // VPER) + (offs_d // VPER)[None, :], mask=m2,
                          other=0)
-            vq = (vb.to(tl.int32) >> v_shift) & MASK
+            vq = (vb.to(tl.int32) >> v_shift) & VMASK
             vofs = pid_bh * svs_bh + offs_n[:, None] * (D // G) + (offs_d // G)[None, :]
             vs = tl.load(VS + vofs, mask=m2, other=0.0).to(tl.float32)
             vz = tl.load(VZ + vofs, mask=m2, other=0.0).to(tl.float32)
@@ -241,6 +246,8 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
         raise KVLayoutError(f"the tile kernel needs block_n a multiple of the group ({g}), got {block_n}")
     if layer.key_groups is not None and variant != "dequant":
         raise KVLayoutError("key groups cut by eviction (key_groups) are read by the 'dequant' kernel only")
+    if layer.value_bits != layer.bits and variant != "dequant":
+        raise KVLayoutError("values of another bit width than the keys are read by the 'dequant' kernel only")
     tile = g if variant == "factored" else block_n
     n_split, tps = _split_plan(b * hkv, layer.t_quant, tile, sm_count, waves)
     if variant == "dequant" and tps % g and n_split > 1:
@@ -269,7 +276,7 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
         _kivi_split_kernel[(b * hkv, n_rows)](
             q, *tensors, op, lp, q if kgi is None else kgi, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,
             GROUPS=groups, GP=gp, D=d, BITS=layer.bits, G=g, BLOCK_N=block_n, GROUP_MAP=kgi is not None,
-            num_warps=num_warps, num_stages=num_stages)
+            VBITS=0 if layer.value_bits == layer.bits else layer.value_bits, num_warps=num_warps, num_stages=num_stages)
     return _combine(op, lp, q, n_rows)
 
 
