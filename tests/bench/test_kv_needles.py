@@ -58,3 +58,29 @@ def test_answer_check_and_kinds():
         make_task("nope", 400, _words, seed=0)
     with pytest.raises(ValueError):
         make_task("single", 10, _words, seed=0)
+
+
+class _WordTokenizer:
+    """Whitespace words as tokens, the call shape of a transformers tokenizer (no chat template)."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        import torch
+
+        ids = list(range(len(text.split())))
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+
+def test_prompts_record_where_the_asked_needle_sits_in_tokens():
+    """``Prompt.depths`` = tokens before each occurrence of the asked key's needle / context tokens, the
+    instruction head included: one depth for single and multikey tasks, three for multivalue."""
+    from memvisor.bench.kv_run import KvBenchConfig, build_prompts
+
+    tok = _WordTokenizer()
+    prompts = build_prompts(tok, KvBenchConfig(model="smollm2", tokens=500, samples=3, gen_tokens=4, out="/tmp/x"))
+    assert [len(p.depths) for p in prompts] == [1, 1, 3]
+    head = "Read the text below and answer the question at the end.\n\n"
+    for i, p in enumerate(prompts):
+        task = make_task(p.kind, 500 - len(head.split()), _words, seed=i)
+        words = (head + task.context).split()
+        at = [j for j in range(len(words) - 1) if words[j] == "for" and words[j + 1] == task.asked]
+        assert p.depths == [round(j / len(words), 3) for j in at] and p.ctx.shape[1] == len(words)

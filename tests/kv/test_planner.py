@@ -8,7 +8,7 @@ from transformers import Gemma3TextConfig, LlamaConfig
 
 from memvisor.kv import BudgetError, CacheSpec, CompressedCache, token_cost
 from memvisor.kv.budget import split_by_span, split_layers
-from memvisor.kv.planner import CANDIDATES, FULL_COVERAGE, MIN_COVERAGE, choose, coverage
+from memvisor.kv.planner import CANDIDATES, FULL_COVERAGE, MIN_COVERAGE, NEAR_FULL, choose, coverage
 from memvisor.kv.policies import StreamingLLM
 
 GEMMA = Gemma3TextConfig(num_hidden_layers=18, hidden_size=640, intermediate_size=256, num_attention_heads=4,
@@ -76,6 +76,13 @@ def test_plan_keeps_every_token_where_4_bit_keys_allow_then_precision_while_enou
     name, fields, cov = choose(SMOL, bf16_bytes(SMOL) // 4, T)
     assert cov["kivi4-stream"] < FULL_COVERAGE <= cov[name] and name == "kivi-k4v2-stream"
     assert fields["quant"] == "kivi-k4v2" and fields["residual"] == 32
+    # a budget a little tighter: no 4-bit-key candidate keeps 95% any more, but k4v2 still keeps the most
+    for ratio in (4.05, 4.2):
+        name, _, cov = choose(SMOL, int(bf16_bytes(SMOL) / ratio), T)
+        assert NEAR_FULL <= cov[name] < FULL_COVERAGE and name == "kivi-k4v2-stream", (ratio, cov)
+    # far enough under 4x that even k4v2 evicts over 10%: precision first again
+    name, _, cov = choose(SMOL, int(bf16_bytes(SMOL) / 4.6), T)
+    assert cov["kivi-k4v2-stream"] < NEAR_FULL and name == "kivi4-stream"
     # 3x: KIVI-4 with the 128-token residual keeps nearly everything itself
     name, _, cov = choose(SMOL, bf16_bytes(SMOL) // 3, T)
     assert name == "kivi4-stream" and cov[name] >= FULL_COVERAGE

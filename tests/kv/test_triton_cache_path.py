@@ -431,6 +431,27 @@ def test_cuda_ragged_heads_run_the_kernel_head_by_head_and_match_the_torch_path(
 
 
 @cuda
+@pytest.mark.parametrize("B", [1, 2])
+def test_cuda_heads_stacked_until_a_per_head_eviction_then_ragged(B, monkeypatch):
+    """Knorm under a byte budget: the prefill fits, so decode starts on the stacked path (the heads' tensors become
+    views of stacked ones); the first eviction keeps different tokens per head and the layer moves to the ragged
+    path (views of a stack copied per head at B > 1), every step matching the torch path."""
+    from memvisor.kv.policies.knorm import KeyNorm
+
+    stacked, ragged = _count(monkeypatch, "stacked_decode"), _count(monkeypatch, "ragged_decode")
+    q = QuantConfig(bits=4, group=32, residual=32)
+    budget = (B * 4 * 1000 * 128 * 2 * 2) // 8
+    fused, plain = (LayerCore(LayerConfig(0, None, q, policy=KeyNorm(sinks=4, recent=16), budget_bytes=budget,
+                                          fused_decode=f)) for f in (True, False))
+    outs = _decode([fused, plain], B, 16, 4, 128, 300, 200, "cuda", torch.bfloat16, seed=7)
+    for i, (a, b) in enumerate(outs[1:]):
+        assert _rel(a, b) < 1e-2, (i, _rel(a, b))
+    assert stacked and ragged and len(stacked) + len(ragged) == 200 and fused.stack is not None
+    assert fused.evictions == plain.evictions >= 1
+    assert fused.lengths() == plain.lengths() and fused.nbytes() == plain.nbytes() <= budget
+
+
+@cuda
 @pytest.mark.parametrize("bits,vbits", [(2, None), (4, None), (4, 2)])
 def test_cuda_ragged_kernel_reads_each_heads_own_scattered_groups(bits, vbits):
     """Heads keeping different scattered tokens (different counts, group sizes and sinks per head), batch of 2:

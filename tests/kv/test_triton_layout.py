@@ -159,6 +159,30 @@ def test_reference_reads_the_cache_quantizer_layout(bits):
     assert (unpack_codes(mine_kc, bits, 2).int() - unpack_codes(kc, bits, 2).int()).abs().max() <= 1
 
 
+def test_reference_reads_values_of_another_width_and_planes_refuse_them():
+    """Keys 4 / values 2 bits (``KiviLayer.vbits``, what ``auto`` stores at 4x): the reference decodes the cache
+    quantizer's tensors at each width; the planes layout, one width for both, refuses rather than misreads."""
+    from memvisor.kv import quant
+    from memvisor.kv.gpu import KiviLayer
+    from memvisor.kv.gpu.planes import to_planes
+
+    g = torch.Generator().manual_seed(5)
+    k, v = torch.randn(1, 2, 64, 64, generator=g), torch.randn(1, 2, 64, 64, generator=g)
+    q = torch.randn(1, 6, 64, generator=g)
+    kc, ks, kz = quant.quantize_keys(k, 4, 32)
+    vc, vs, vz = quant.quantize_values(v, 2, 32)
+    res = torch.randn(1, 2, 3, 64, generator=g)
+    layer = KiviLayer(4, 32, kc, ks, kz, vc, vs, vz, res, res.clone(), vbits=2)
+    kd = torch.cat([quant.dequantize_keys(kc, ks, kz, 4, 64, group=32), res], 2)
+    vd = torch.cat([quant.dequantize_values(vc, vs, vz, 2, 64), res], 2)
+    got = decode_attention_reference(q, layer)
+    assert torch.allclose(got.double(), dense_decode_attention(q, kd, vd), atol=2e-5, rtol=1e-4)
+    with pytest.raises(KVLayoutError, match="one width"):
+        to_planes(layer)
+    with pytest.raises(KVLayoutError):  # values read at the keys' width do not fit the layout
+        KiviLayer(4, 32, kc, ks, kz, vc, vs, vz, res, res.clone()).validate()
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_planes_layout_holds_the_codes_and_scales(bits):
     """Bit field j of planes word row i*G + n is the code of token i*S*G + j*G + n (keys and values),

@@ -9,24 +9,28 @@ uses (``token_cost`` and ``split_layers``), without running the model:
    sliding-window layer ``min(T, window - 1)`` tokens, a full-attention layer ``T``), so every
    layer keeps about the same fraction of what it would see uncompressed.
 2. ``coverage(c)`` = the smallest fraction of its span that any layer can hold under candidate
-   ``c`` (tokens per head / span). The plan takes the most precise candidate with 4-bit keys that
-   keeps at least :data:`FULL_COVERAGE` (nearly every token); when none does, the first candidate
-   with coverage of at least :data:`MIN_COVERAGE`; when none reaches that, the one that keeps the most.
+   ``c`` (tokens per head / span). When a candidate with 4-bit keys keeps at least :data:`NEAR_FULL`,
+   the plan takes the most precise one keeping at least :data:`FULL_COVERAGE` (nearly every token), or
+   else the 4-bit-key one that keeps the most (so a budget a little under 4x does not fall back to
+   evicting the oldest 29%); otherwise the first candidate with coverage of at least
+   :data:`MIN_COVERAGE`; when none reaches that, the one that keeps the most.
 
 Why coverage first (session 16, BENCHMARKS.md ``kv``): StreamingLLM forgets the OLDEST tokens, so an
 evicting recipe loses whatever sat in the first ``1 - coverage`` of the context, whatever its
 fidelity elsewhere. SmolLM2 at 4x, 12 needle tasks (bf16): KIVI-4 with a 128-token residual
-(coverage 0.71) kept 6 of the 9 needles the uncompressed model finds (two needles at 23% and 29%
-depth evicted on every machine; the first six tasks' needles happened to lie deeper, which is how
-sessions 1-14 saw 100%), 4-bit keys / 2-bit values (0.95) 8 of 9 (the miss: a task even a lossless
-cache fails in bf16), at top-1 / KL 0.955 / 0.027 against 0.914 / 0.044 and greedy agreement 0.21
-against 0.26. Keys stay 4-bit: 2-bit keys cost more than evicting (session 9: 0.811 / 0.239).
+(coverage 0.71; top-1 0.955, KL 0.027, greedy agreement 0.21) kept 6 of the 9 needles the
+uncompressed model finds (two needles at 23% and 29% depth evicted on every machine; the first six
+tasks' needles happened to lie deeper, which is how sessions 1-14 saw 100%); 4-bit keys / 2-bit
+values (coverage 0.95; top-1 0.914, KL 0.044, greedy 0.26) kept 8 of 9 (the miss: a task even a
+lossless cache fails in bf16). Gemma 3 at 3x: 4-bit keys / 2-bit values keeping every token 0.995 /
+0.007 against KIVI-4 (coverage 0.75) 0.980 / 0.048. Keys stay 4-bit: 2-bit keys cost more than
+evicting (session 9: 0.811 / 0.239).
 Why precision next (teacher-forced top-1 / KL): precision beats tokens while enough of the context
-stays. Gemma 3 at 4x: KIVI-4 with a 128-token residual keeps 0.16 of the full layers' context (its
-bf16 residual fills most of a 1-KV-head layer) and falls to 0.844 / 0.463, while KIVI-4 with a
-32-token residual (0.47) reaches 0.984 / 0.014 and KIVI-2 keeping every token 0.930 / 0.136.
-:data:`MIN_COVERAGE` = 0.3 and :data:`FULL_COVERAGE` = 0.95 are set from measurements on two models (rules
-of thumb, not derivations). No candidate keeps full-precision sinks (``CacheSpec.sinks``):
+stays. Gemma 3 at 4x (session 7, when the cache priced its residual differently): KIVI-4 with a
+128-token residual kept 0.16 of the full layers' context and fell to 0.844 / 0.463, KIVI-4 with a
+32-token residual (0.47 then) reached 0.984 / 0.014, KIVI-2 keeping every token 0.930 / 0.136.
+:data:`MIN_COVERAGE` = 0.3, :data:`NEAR_FULL` = 0.9 and :data:`FULL_COVERAGE` = 0.95 are set from
+measurements on two models (rules of thumb, not derivations). No candidate keeps full-precision sinks (``CacheSpec.sinks``):
 they halve the KL where nothing is evicted, but under eviction their bytes move the eviction boundary and
 cost needles (session 9: SmolLM2 at 4x, float32, needle retention 1.00 -> 0.75; Gemma 3 at 4x, bf16, 3 of 3 -> 2 of 3).
 
@@ -48,6 +52,7 @@ CANDIDATES: list[tuple[str, dict]] = [
     ("kivi2-stream", {"quant": "kivi2", "group": 32, "residual": 32}),
 ]
 MIN_COVERAGE = 0.3
+NEAR_FULL = 0.9
 FULL_COVERAGE = 0.95
 _BITS = {"kivi4": (4, 4), "kivi-k4v2": (4, 2), "kivi2": (2, 2)}
 
@@ -77,9 +82,11 @@ def choose(model_config: Any, budget_bytes: int, context_tokens: int, dtype_byte
         raise BudgetError(f"context_tokens must be >= 1, got {context_tokens}")
     cov = {name: coverage(model_config, budget_bytes, context_tokens, f["quant"], f["group"], f["residual"],
                           dtype_bytes, batch_size) for name, f in CANDIDATES}
-    for name, fields in CANDIDATES:  # nearly every token, at the most precise values that allow it
-        if _BITS[fields["quant"]][0] == 4 and cov[name] >= FULL_COVERAGE:
-            return name, dict(fields), cov
+    four = [(name, fields) for name, fields in CANDIDATES if _BITS[fields["quant"]][0] == 4]
+    if four and max(cov[name] for name, _ in four) >= NEAR_FULL:  # (nearly) every token, 4-bit keys
+        full = [(name, fields) for name, fields in four if cov[name] >= FULL_COVERAGE]
+        name, fields = full[0] if full else max(four, key=lambda c: cov[c[0]])
+        return name, dict(fields), cov
     for name, fields in CANDIDATES:
         if cov[name] >= MIN_COVERAGE:
             return name, dict(fields), cov

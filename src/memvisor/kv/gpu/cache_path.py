@@ -1,13 +1,15 @@
 """The compressed cache's decode step through the fused CUDA kernels.
 
-Two paths. Append-only layers (below) read a stacked planes-layout mirror through the fastest kernel. Layers
+Three paths. Append-only layers (below) read a stacked planes-layout mirror through the fastest kernel. Layers
 that evict (a byte budget, StreamingLLM, SnapKV...) cannot hold a mirror's second copy under their budget:
 while their heads stay alike (equal token counts and key groups), :func:`stacked_decode` runs the cache-layout
 "dequant" kernel over the heads' own tensors, which :class:`HeadStack` keeps as views of stacked ones (no copy
 per step), reading each token's key scale row from the group sizes eviction left (``KiviLayer.key_groups``).
 Heads made ragged by per-head budgets or per-head token choices (SnapKV, Knorm, Ada-KV budgets) run the same
-kernel once per head (:func:`ragged_decode`); H2O and Scissorhands, which take each step's attention
-probabilities from its loop, take the torch path.
+kernel once per head (:func:`ragged_decode`). H2O and Scissorhands take the torch path where its loop hands them
+each step's attention probabilities (their logit scale is the model's); otherwise they decode through a kernel
+and recompute the probabilities themselves. The stacked and ragged paths read values of another width than the
+keys (keys 4 / values 2 bits); the mirror's planes kernels do not.
 On that path the layer also quantizes full residual groups (:meth:`HeadStack.flush`) and evicts tokens every
 head drops (:meth:`HeadStack.keep`) in one op per tensor over the stacked heads, not head by head, and the stack
 knows the heads' group sizes are equal without reading them back: outside evictions this path reads no GPU
@@ -17,8 +19,8 @@ The mirror path: a layer qualifies when it only ever appends (KIVI quantization 
 policy, byte budget, merging, channel pruning, full-precision sinks or sliding window, so its heads stay equal in
 length and every key group whole) and the step is a single new token on CUDA with Triton, in fp16/bf16, without
 a logit softcap, with head_dim and group powers of two >= 16 (the group dividing head_dim), and keys and values
-of one bit width. What neither path takes (prefill blocks, ragged heads, sliding layers, the CPU) runs the
-block-by-block torch path of :mod:`memvisor.kv.attention`.
+of one bit width. What no path takes (prefill blocks, sliding layers, pruned key channels, probability-taking
+policies, the CPU) runs the block-by-block torch path of :mod:`memvisor.kv.attention`.
 
 The kernel reads a layer's heads stacked (``[B, Hkv, ...]``), which the per-head
 :class:`~memvisor.kv.storage.HeadStore` objects are not. :class:`DecodeMirror` keeps that stacked copy

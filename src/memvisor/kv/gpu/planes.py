@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from memvisor.kv.gpu.errors import KVLayoutError
 from memvisor.kv.gpu.layout import KiviLayer, unpack_codes
 
 SLOTS = {2: 8, 4: 4}  # key groups per tile: codes per int16 word
@@ -95,8 +96,12 @@ def _words(codes: torch.Tensor, group: int, n_tiles: int, bits: int) -> torch.Te
 
 
 def to_planes(layer: KiviLayer) -> PlanesLayer:
-    """Repack a :class:`KiviLayer` (cache layout, 2- or 4-bit) into the planes layout."""
+    """Repack a :class:`KiviLayer` (cache layout, 2- or 4-bit) into the planes layout (one width for keys and
+    values: the planes kernels read both at ``bits``)."""
     layer.validate()
+    if layer.value_bits != layer.bits:
+        raise KVLayoutError(f"the planes layout holds keys and values of one width, got {layer.bits} and "
+                            f"{layer.value_bits} bits")
     bits, g = layer.bits, layer.group
     slots = SLOTS[bits]
     b, h, t_r, d = layer.k_res.shape

@@ -74,7 +74,7 @@ def decode_attention_reference(q: torch.Tensor, layer: KiviLayer, sm_scale: floa
         ks = layer.k_scale[:, :, t0 // g:t1 // g].float().repeat_interleave(g, dim=2)
         kz = layer.k_zero[:, :, t0 // g:t1 // g].float().repeat_interleave(g, dim=2)
         k = kc * ks + kz
-        vc = unpack_codes(layer.v_codes[:, :, t0:t1], layer.bits, dim=3).float()
+        vc = unpack_codes(layer.v_codes[:, :, t0:t1], layer.value_bits, dim=3).float()
         vs = layer.v_scale[:, :, t0:t1].float().repeat_interleave(g, dim=3)
         vz = layer.v_zero[:, :, t0:t1].float().repeat_interleave(g, dim=3)
         v = vc * vs + vz
