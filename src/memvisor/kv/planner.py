@@ -83,7 +83,7 @@ def choose(model_config: Any, budget_bytes: int, context_tokens: int, dtype_byte
     cov = {name: coverage(model_config, budget_bytes, context_tokens, f["quant"], f["group"], f["residual"],
                           dtype_bytes, batch_size) for name, f in CANDIDATES}
     four = [(name, fields) for name, fields in CANDIDATES if _BITS[fields["quant"]][0] == 4]
-    if four and max(cov[name] for name, _ in four) >= NEAR_FULL:  # (nearly) every token, 4-bit keys
+    if max(cov[name] for name, _ in four) >= NEAR_FULL:  # (nearly) every token, 4-bit keys
         full = [(name, fields) for name, fields in four if cov[name] >= FULL_COVERAGE]
         name, fields = full[0] if full else max(four, key=lambda c: cov[c[0]])
         return name, dict(fields), cov

@@ -34,12 +34,17 @@ def _warn_unavailable() -> None:
                   "torch path (2-3x slower a layer); install the kv extra: pip install 'memvisor[kv]'", stacklevel=3)
 
 
-def applies(stores: list[HeadStore], query: Tensor) -> bool:
-    """Whether this step can run :func:`decode`: one new token on the CPU, a quantized layer whose value groups
-    span whole code bytes (G a multiple of 8 / value bits: the kernel's lanes), numba installed (warns once when
-    it is not). query: [B, Hq, Tq, D]."""
+def _kernel_shape(stores: list[HeadStore], query: Tensor) -> bool:
+    """One new token of a quantized layer whose value groups span whole code bytes (G a multiple of 8 / value
+    bits: the kernel's lanes). query: [B, Hq, Tq, D]."""
     q = stores[0].q
-    if query.device.type != "cpu" or query.shape[2] != 1 or q.bits is None or q.group % (8 // q.vbits):
+    return query.shape[2] == 1 and q.bits is not None and q.group % (8 // q.vbits) == 0
+
+
+def applies(stores: list[HeadStore], query: Tensor) -> bool:
+    """Whether this step can run :func:`decode`: :func:`_kernel_shape` on the CPU, numba installed (warns once
+    when it is not). query: [B, Hq, Tq, D]."""
+    if query.device.type != "cpu" or not _kernel_shape(stores, query):
         return False
     if not available():
         _warn_unavailable()
@@ -61,7 +66,7 @@ def decode(query: Tensor, stores: list[HeadStore], scaling: float, q_pos: int, w
     from memvisor.kv.cpu.kernels import decode_head
 
     q0 = stores[0].q
-    if q0.bits is None or q0.group % (8 // q0.vbits) or query.shape[2] != 1:
+    if not _kernel_shape(stores, query):
         raise ValueError(f"the CPU decode kernel takes one new token of a quantized layer whose value groups span "
                          f"whole code bytes (got {query.shape[2]} tokens, {q0.vbits}-bit values in groups of "
                          f"{q0.group}): check applies() first; layer_attention serves the rest")
