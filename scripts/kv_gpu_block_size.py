@@ -54,6 +54,9 @@ def build(kind: str, tokens: int, block: int | None, gen: torch.Generator) -> li
             cfg = LayerConfig(i, None, q, policy=KeyNorm(sinks=4, recent=32), budget_bytes=bf16_per_layer // 4,
                               head_budget=AdaKVHeadBudget() if "adakv" in recipe else None, block=block,
                               fused_decode=fused)
+        elif recipe == "bf16-knorm-4x":  # per-head token choices, nothing quantized: ragged full-precision heads
+            cfg = LayerConfig(i, None, QuantConfig(), policy=KeyNorm(sinks=4, recent=32),
+                              budget_bytes=bf16_per_layer // 4, block=block, fused_decode=fused)
         else:
             raise ValueError(kind)
         c = LayerCore(cfg)

@@ -411,9 +411,10 @@ def test_cuda_sliding_or_probability_taking_layers_keep_the_torch_path(monkeypat
 
 @cuda
 @pytest.mark.parametrize("bits,sinks,B", [(4, 0, 1), (2, 4, 2), (None, 0, 1)])
-def test_cuda_ragged_heads_run_the_kernel_head_by_head_and_match_the_torch_path(bits, sinks, B, monkeypatch):
+def test_cuda_ragged_heads_run_the_ragged_kernel_and_match_the_torch_path(bits, sinks, B, monkeypatch):
     """SnapKV with Ada-KV head budgets leaves heads of different lengths and key groups: every decode step runs
-    the kernel once per head, never the stacked launch, and gives the torch path's output over the same tokens."""
+    the ragged kernel (one launch over every head), never the stacked launch, and gives the torch path's output
+    over the same tokens."""
     from memvisor.kv.policies.head_adakv import AdaKVHeadBudget
     from memvisor.kv.policies.snapkv import SnapKV
 
@@ -454,21 +455,26 @@ def test_cuda_heads_stacked_until_a_per_head_eviction_then_ragged(B, monkeypatch
 @cuda
 @pytest.mark.parametrize("bits,vbits", [(2, None), (4, None), (4, 2)])
 def test_cuda_ragged_kernel_reads_each_heads_own_scattered_groups(bits, vbits):
-    """Heads keeping different scattered tokens (different counts, group sizes and sinks per head), batch of 2:
-    the per-head launches against the block-wise torch path."""
+    """Heads keeping different scattered tokens (different counts, group sizes and sinks per head; one with no
+    full-precision token, one with no quantized one), batch of 2: the ragged kernel against the block-wise torch
+    path."""
     from memvisor.kv.attention import layer_attention
     from memvisor.kv.gpu.cache_path import ragged_decode, ragged_kernel_applies, stacked_kernel_applies
 
     g = torch.Generator(device="cuda").manual_seed(bits)
-    B, Hq, Hkv, D, T = 2, 8, 2, 64, 2000
+    B, Hq, Hkv, D, T = 2, 8, 4, 64, 2000
     stores = [HeadStore(B, D, torch.bfloat16, torch.device("cuda"), QuantConfig(bits, 32, 32, vbits, sinks=4), False)
               for _ in range(Hkv)]
     k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).bfloat16()
     v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).bfloat16()
+    keep = [torch.sort(torch.randperm(T, device="cuda", generator=g)[: T // (2 + h)]).values for h in range(2)]
+    # head 2: only the 4 sinks and 16 quantized tokens (no residual); head 3: only the newest 20 (nothing quantized)
+    keep += [torch.arange(20, device="cuda"), torch.arange(T - 20, T, device="cuda")]
     for h, st in enumerate(stores):
         st.append(k[:, h], v[:, h])
-        st.keep(torch.sort(torch.randperm(T, device="cuda", generator=g)[: T // (2 + h)]).values)
+        st.keep(keep[h])
     assert len(stores[0]) != len(stores[1]) and stores[1].group_sizes.min() < 8
+    assert stores[2].nr == 0 < stores[2].nq and stores[3].nq == 0 < stores[3].nr
     query = torch.randn(B, Hq, 1, D, device="cuda", generator=g).bfloat16() * 3
     assert ragged_kernel_applies(stores, query, None, None) and not stacked_kernel_applies(stores, query, None, None)
     want = layer_attention(query, stores, torch.tensor([T], device="cuda"), D ** -0.5)
@@ -565,3 +571,24 @@ def test_swap_even_plan():
         n = even_plan(8, units, 132, *waves)
         if n is not None:
             assert n <= units and 8 * n <= 7 * 132 and -(-units // n) >= 3
+
+
+def test_key_group_maps_of_all_heads_in_one_op_equal_each_heads_own():
+    """The ragged kernel's key-group maps, built for every head at once (rows numbered through all heads, from each
+    head's base), equal each head's cumulative-sum search (``HeadStore.group_of_tokens``); None while every head's
+    groups are whole."""
+    from memvisor.kv.gpu.cache_path import _key_group_maps
+
+    g = torch.Generator().manual_seed(3)
+    B, D, T = 1, 32, 700
+    stores = [HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(4, 32, 32, 2), False) for _ in range(3)]
+    for st in stores:
+        st.append(torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g))
+    assert _key_group_maps(stores) is None
+    stores[0].keep(torch.sort(torch.randperm(T, generator=g)[:300]).values)
+    stores[2].keep(torch.arange(45, T))
+    maps, bases = _key_group_maps(stores)
+    assert stores[0].group_sizes.min() < 32 and len(maps) == 3
+    assert bases == [0, stores[0].group_sizes.numel(), stores[0].group_sizes.numel() + stores[1].group_sizes.numel()]
+    for st, m, base in zip(stores, maps, bases):
+        assert m.dtype == torch.int32 and torch.equal(m.long() - base, st.group_of_tokens(0, st.nq))

@@ -215,7 +215,7 @@ class LayerCore:
     def _fused_decode(self, query: Tensor, scaling: float, softcap: float | None) -> Tensor | None:
         """One decode step through a fused CUDA kernel, or None where none applies (kv/gpu/cache_path.py):
         layers that never evict or prune read their stacked mirror; layers that evict, while their heads
-        stack, read the heads' own tensors in one launch, and ragged heads in one launch each; policies that
+        stack, read the heads' own tensors in one launch, and ragged heads in one launch too; policies that
         take this step's attention probabilities (H2O, Scissorhands) take the block-wise torch path."""
         c = self.cfg
         if self.mirror is not None:

@@ -5,8 +5,9 @@ that evict (a byte budget, StreamingLLM, SnapKV...) cannot hold a mirror's secon
 while their heads stay alike (equal token counts and key groups), :func:`stacked_decode` runs the cache-layout
 "dequant" kernel over the heads' own tensors, which :class:`HeadStack` keeps as views of stacked ones (no copy
 per step), reading each token's key scale row from the group sizes eviction left (``KiviLayer.key_groups``).
-Heads made ragged by per-head budgets or per-head token choices (SnapKV, Knorm, Ada-KV budgets) run the same
-kernel once per head (:func:`ragged_decode`). H2O and Scissorhands take the torch path where its loop hands them
+Heads made ragged by per-head budgets or per-head token choices (SnapKV, Knorm, Ada-KV budgets) run the same tiles
+in one launch over every head, each reached through a per-head table of pointers and lengths (:func:`ragged_decode`,
+triton_ragged.py). H2O and Scissorhands take the torch path where its loop hands them
 each step's attention probabilities (their logit scale is the model's); otherwise they decode through a kernel
 and recompute the probabilities themselves. The stacked and ragged paths read values of another width than the
 keys (keys 4 / values 2 bits); the mirror's planes kernels do not.
@@ -39,6 +40,7 @@ fresh residual tensors; the next append stacks them into the buffer again.
 
 from __future__ import annotations
 
+import itertools
 import weakref
 
 import torch
@@ -254,19 +256,46 @@ def stacked_decode(query: Tensor, stores: list[HeadStore], scaling: float, stack
 
 def ragged_decode(query: Tensor, stores: list[HeadStore], scaling: float) -> Tensor:
     """query [B, Hq, 1, D] -> attention output [B, 1, Hq, D]: heads that do not stack (per-head token choices
-    or budgets: SnapKV, Knorm, Ada-KV) each through their own launch of the kernel :func:`stacked_decode`
-    runs, over that head's tensors viewed as a one-head stack (no copy for a batch of one). The caller checked
+    or budgets: SnapKV, Knorm, Ada-KV) in one launch (and its combine) that reaches each head's own tensors
+    through a per-head table (triton_ragged.py): no copy, whatever the batch. The caller checked
     :func:`_kernel_step`; its group's queries are the head's ``Hq / Hkv`` consecutive query heads."""
-    g = query.shape[1] // len(stores)
-    outs = [_launch(query[:, h * g:(h + 1) * g, 0].contiguous(), st, lambda name, st=st: _one_head(st, name),
-                    scaling) for h, st in enumerate(stores)]
-    return torch.cat(outs, 1).unsqueeze(1)
+    from memvisor.kv.gpu.triton_ragged import dense_ragged_attention, kivi_ragged_attention
+
+    q1, q = query[:, :, 0].contiguous(), stores[0].q
+    heads = [_head_tensors(st) for st in stores]
+    if q.bits is None:
+        return dense_ragged_attention(q1, heads, scaling).unsqueeze(1)
+    # the key-group maps are built for this step and dropped: kept between steps they would be stored bytes
+    # (4 per quantized token) for the layer to count
+    maps = _key_group_maps(stores)
+    return kivi_ragged_attention(q1, heads, q.bits, q.vbits, q.group, scaling, key_groups=maps and maps[0],
+                                 key_group_base=maps and maps[1]).unsqueeze(1)
 
 
-def _one_head(st: HeadStore, name: str) -> Tensor:
-    """A head's tensor ``name`` ``[B, ...]`` as a one-head stack ``[B, 1, ...]``, addressed by the kernel as a
-    layer's: a view when the batch is one or the tensor is contiguous (a head of a stack with B > 1: a copy)."""
-    return getattr(st, name).contiguous().unsqueeze(1)
+def _head_tensors(st: HeadStore) -> dict[str, Tensor]:
+    """A head's tensors by the ragged kernel's names: its quantized ones as stored (if any), its full-precision tokens
+    (sinks, then the residual: a decode query sees every stored token, so their order does not matter)."""
+    out = {} if st.q.bits is None else {
+        name: getattr(st, name) for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")}
+    out["k_full"], out["v_full"] = (torch.cat([st.k_sink, st.k_res], 1), torch.cat([st.v_sink, st.v_res], 1)
+                                    ) if st.ns else (st.k_res, st.v_res)
+    return out
+
+
+def _key_group_maps(stores: list[HeadStore]) -> tuple[list[Tensor], list[int]] | None:
+    """The ragged kernel's key-group maps of every head in three ops (a cumulative-sum search per head cost
+    ~75 us a head in session 16's profile): per head, int32 [nq] numbering its quantized tokens' key groups
+    through all heads (head h's first group is row ``bases[h]`` of that numbering), and ``bases``; None when every
+    head's groups are whole (token t's row is then t // G)."""
+    G = stores[0].q.group
+    ngs = [st.group_sizes.numel() for st in stores]
+    nqs = [st.nq for st in stores]
+    if all(ng * G == nq for ng, nq in zip(ngs, nqs)):
+        return None
+    sizes = torch.cat([st.group_sizes for st in stores])
+    rows = torch.arange(sum(ngs), device=sizes.device, dtype=torch.int32)
+    flat = torch.repeat_interleave(rows, sizes.long(), output_size=sum(nqs))
+    return list(flat.split(nqs)), [0, *itertools.accumulate(ngs[:-1])]
 
 
 def _launch(q1: Tensor, st0: HeadStore, stacked, scaling: float) -> Tensor:

@@ -23,18 +23,69 @@ def _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2):
 
 
 @triton.jit
+def _dequant_tiles(q, KC, KS, KZ, VC, VS, VZ, KGI, start, end, m_i, l_i, acc, sm_scale_log2,
+                   D: tl.constexpr, BITS: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
+                   GROUP_MAP: tl.constexpr):
+    """Quantized tokens [start, end) of ONE kv head (pointers at that head's batch row) into the online softmax,
+    each ``BLOCK_N``-token tile dequantized in registers (the cache layout of layout.py: keys ``BITS`` wide per
+    channel, values ``VB`` wide per token). ``GROUP_MAP``: token t's key scale row is ``KGI[t]`` (int32: key
+    groups cut by eviction), else t // G."""
+    PER: tl.constexpr = 8 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    VPER: tl.constexpr = 8 // VB
+    VMASK: tl.constexpr = (1 << VB) - 1
+    offs_d = tl.arange(0, D)
+    v_shift = ((offs_d % VPER) * VB)[None, :]
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        m2 = n_mask[:, None]
+        # keys: byte row t // PER holds PER consecutive tokens of one channel
+        kb = tl.load(KC + (offs_n // PER)[:, None] * D + offs_d[None, :], mask=m2, other=0)
+        kq = (kb.to(tl.int32) >> ((offs_n % PER) * BITS)[:, None]) & MASK
+        if GROUP_MAP:
+            krow = tl.load(KGI + offs_n, mask=n_mask, other=0)
+        else:
+            krow = offs_n // G
+        kofs = krow[:, None] * D + offs_d[None, :]
+        ks = tl.load(KS + kofs, mask=m2, other=0.0).to(tl.float32)
+        kz = tl.load(KZ + kofs, mask=m2, other=0.0).to(tl.float32)
+        k = (kq.to(tl.float32) * ks + kz).to(q.dtype)
+        # values: byte c // VPER of a token row holds VPER consecutive channels
+        vb = tl.load(VC + offs_n[:, None] * (D // VPER) + (offs_d // VPER)[None, :], mask=m2, other=0)
+        vq = (vb.to(tl.int32) >> v_shift) & VMASK
+        vofs = offs_n[:, None] * (D // G) + (offs_d // G)[None, :]
+        vs = tl.load(VS + vofs, mask=m2, other=0.0).to(tl.float32)
+        vz = tl.load(VZ + vofs, mask=m2, other=0.0).to(tl.float32)
+        v = (vq.to(tl.float32) * vs + vz).to(q.dtype)
+        m_i, l_i, acc = _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _dense_tiles(q, K, V, start, end, m_i, l_i, acc, sm_scale_log2, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Full-precision tokens [start, end) of ONE kv head (``K``/``V`` at that head's batch row, rows of ``D``)
+    into the online softmax."""
+    offs_d = tl.arange(0, D)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        ofs = offs_n[:, None] * D + offs_d[None, :]
+        k = tl.load(K + ofs, mask=n_mask[:, None], other=0.0)
+        v = tl.load(V + ofs, mask=n_mask[:, None], other=0.0)
+        m_i, l_i, acc = _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
                         m_i, l_i, acc, do_residual,
                         GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
     if do_residual:
-        for n0 in range(0, T_r, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < T_r
-            k = tl.load(KR + pid_bh * skr_bh + offs_n[:, None] * D + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-            v = tl.load(VR + pid_bh * svr_bh + offs_n[:, None] * D + offs_d[None, :], mask=n_mask[:, None], other=0.0)
-            m_i, l_i, acc = _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2)
+        m_i, l_i, acc = _dense_tiles(q, KR + pid_bh * skr_bh, VR + pid_bh * svr_bh, 0, T_r, m_i, l_i, acc,
+                                     sm_scale_log2, D, BLOCK_N)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))

@@ -17,8 +17,8 @@ Split kernels: ``swap_decode_attention`` (the planes layout through the Gluon ke
 tokens on the matrix product's M side: the fastest, for group 32 and up to 4 query heads per kv head),
 ``planes_decode_attention`` (2- and 4-bit caches repacked as planes.py says; triton_kivi_planes.py), ``kivi_decode_attention`` over the cache layout (2 and 4 bit; "tile" and
 "factored" in triton_kivi_rep.py, "dequant" here), and ``dense_decode_attention_triton`` over a
-plain bf16/fp16 cache (the baseline). Importing this module needs Triton; :mod:`memvisor.kv.gpu`
-imports it lazily.
+plain bf16/fp16 cache (the baseline); triton_ragged.py runs the "dequant" tiles over heads of different lengths in
+one launch. Importing this module needs Triton; :mod:`memvisor.kv.gpu` imports it lazily.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import triton.language as tl
 
 from memvisor.kv.gpu.errors import KVLayoutError
 from memvisor.kv.gpu.layout import KiviLayer
-from memvisor.kv.gpu.triton_common import _combine_kernel, _fold, _residual_and_store
+from memvisor.kv.gpu.triton_common import _combine_kernel, _dense_tiles, _dequant_tiles, _residual_and_store
 from memvisor.kv.gpu.planes import SLOTS, PlanesLayer
 from memvisor.kv.gpu.swap_plan import EVEN_WAVES, PIPELINE_WAVES, SWAP_RESIDENT, even_plan, pipeline_plan, swap_plan
 from memvisor.kv.gpu.triton_kivi_planes import _planes_split_kernel
@@ -54,11 +54,6 @@ def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, KGI, sm_scale_
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_rows = tl.num_programs(1)
-    PER: tl.constexpr = 8 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    VB: tl.constexpr = BITS if VBITS == 0 else VBITS
-    VPER: tl.constexpr = 8 // VB
-    VMASK: tl.constexpr = (1 << VB) - 1
     offs_g = tl.arange(0, GP)
     offs_d = tl.arange(0, D)
     q = tl.load(Q + (pid_bh * GROUPS + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < GROUPS)[:, None],
@@ -67,34 +62,13 @@ def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, KGI, sm_scale_
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     is_res = pid_s == n_rows - 1
+    VB: tl.constexpr = BITS if VBITS == 0 else VBITS
     if pid_s < n_rows - 1:
         start = pid_s * tps
-        end = tl.minimum(start + tps, T_q)
-        v_shift = ((offs_d % VPER) * VB)[None, :]
-        for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < end
-            m2 = n_mask[:, None]
-            # keys: byte row t // PER holds PER consecutive tokens of one channel
-            kb = tl.load(KC + pid_bh * skc_bh + (offs_n // PER)[:, None] * D + offs_d[None, :], mask=m2, other=0)
-            kq = (kb.to(tl.int32) >> ((offs_n % PER) * BITS)[:, None]) & MASK
-            if GROUP_MAP:
-                krow = tl.load(KGI + offs_n, mask=n_mask, other=0)
-            else:
-                krow = offs_n // G
-            kofs = pid_bh * sks_bh + krow[:, None] * D + offs_d[None, :]
-            ks = tl.load(KS + kofs, mask=m2, other=0.0).to(tl.float32)
-            kz = tl.load(KZ + kofs, mask=m2, other=0.0).to(tl.float32)
-            k = (kq.to(tl.float32) * ks + kz).to(q.dtype)
-            # values: byte c // VPER of a token row holds VPER consecutive channels
-            vb = tl.load(VC + pid_bh * svc_bh + offs_n[:, None] * (D // VPER) + (offs_d // VPER)[None, :], mask=m2,
-                         other=0)
-            vq = (vb.to(tl.int32) >> v_shift) & VMASK
-            vofs = pid_bh * svs_bh + offs_n[:, None] * (D // G) + (offs_d // G)[None, :]
-            vs = tl.load(VS + vofs, mask=m2, other=0.0).to(tl.float32)
-            vz = tl.load(VZ + vofs, mask=m2, other=0.0).to(tl.float32)
-            v = (vq.to(tl.float32) * vs + vz).to(q.dtype)
-            m_i, l_i, acc = _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2)
+        m_i, l_i, acc = _dequant_tiles(q, KC + pid_bh * skc_bh, KS + pid_bh * sks_bh, KZ + pid_bh * sks_bh,
+                                       VC + pid_bh * svc_bh, VS + pid_bh * svs_bh, VZ + pid_bh * svs_bh, KGI,
+                                       start, tl.minimum(start + tps, T_q), m_i, l_i, acc, sm_scale_log2,
+                                       D, BITS, VB, G, BLOCK_N, GROUP_MAP)
     _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
                         m_i, l_i, acc, is_res, GROUPS, GP, D, BLOCK_N)
 
@@ -114,14 +88,8 @@ def _dense_split_kernel(Q, K, V, OP, LP, sm_scale_log2, T, tps, sk_bh,
     l_i = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     start = pid_s * tps
-    end = tl.minimum(start + tps, T)
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < end
-        ofs = pid_bh * sk_bh + offs_n[:, None] * D + offs_d[None, :]
-        k = tl.load(K + ofs, mask=n_mask[:, None], other=0.0)
-        v = tl.load(V + ofs, mask=n_mask[:, None], other=0.0)
-        m_i, l_i, acc = _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2)
+    m_i, l_i, acc = _dense_tiles(q, K + pid_bh * sk_bh, V + pid_bh * sk_bh, start, tl.minimum(start + tps, T),
+                                 m_i, l_i, acc, sm_scale_log2, D, BLOCK_N)
     _residual_and_store(q, K, V, OP, LP, pid_bh, pid_s, n_rows, 0, sk_bh, sk_bh, sm_scale_log2,
                         m_i, l_i, acc, False, GROUPS, GP, D, BLOCK_N)
 

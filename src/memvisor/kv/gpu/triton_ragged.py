@@ -1,0 +1,185 @@
+"""Decode attention over a layer whose kv heads hold different tokens, in ONE launch (and its combine).
+
+Per-head token choices and budgets (SnapKV, Knorm, Ada-KV) leave each kv head of a layer its own tensors, of its
+own length, so the stacked kernels (``[B, Hkv, ...]`` at one head stride) cannot read them. Launching the
+stacked kernel once per head costs ~0.4 ms of host time per head-launch (256 a step for a Llama-8B-shaped model:
+session 16, BENCHMARKS.md kv-gpu). Here every head's tensors are reached through a small per-head table instead:
+
+``meta: int64 [Hkv, NCOL]``, row h = head h's base addresses (bytes) of its eight tensors in the order of
+:data:`TENSORS`, then their batch strides (elements), then the address of its key-group map (0: none), its number
+of quantized tokens and of full-precision ones, and the row its map gives its first key group (the maps of all
+heads are built at once, numbering the groups of all heads: cache_path.py). Program ``(b * Hkv + h, s)`` takes head h's query heads (GQA: the
+``Hq / Hkv`` consecutive ones), batch row b, tokens ``[s * tps, (s + 1) * tps)`` of that head's quantized tokens
+(none past its own length: such a program stores an empty partial, which the combine skips), and the last
+program of each row the head's full-precision tokens. The tiles are the stacked "dequant" kernel's
+(triton_common.py ``_dequant_tiles``), so both paths dequantize alike.
+
+A head's tensors: ``[B, ...]`` with contiguous rows (the cache's per-head storage, storage.py), laid out as
+layout.py says for one head. Unquantized heads (a budget without KIVI) run :func:`dense_ragged_attention`, the
+same over each head's full-precision keys and values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from memvisor.kv.gpu.errors import KVLayoutError
+from memvisor.kv.gpu.triton_common import _dense_tiles, _dequant_tiles, _residual_and_store
+from memvisor.kv.gpu.triton_decode import _LOG2E, _check, _combine, _sm_count, _split_plan
+
+# a head's tensors in the table's order (quantized heads); the dense kernel uses the last two (keys, values)
+TENSORS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_full", "v_full")
+NT = len(TENSORS)
+COL_MAP, COL_TQ, COL_TR, COL_BASE = 2 * NT, 2 * NT + 1, 2 * NT + 2, 2 * NT + 3
+NCOL = 2 * NT + 4
+
+
+# the table's columns as the kernels' constants (a jit function reads a global only as a constexpr)
+_NT = tl.constexpr(NT)
+_NCOL = tl.constexpr(NCOL)
+_MAP = tl.constexpr(COL_MAP)
+_TQ = tl.constexpr(COL_TQ)
+_TR = tl.constexpr(COL_TR)
+_BASE = tl.constexpr(COL_BASE)
+
+
+@triton.jit
+def _ptr(ROW, col: tl.constexpr, b, ELEM: tl.constexpr):
+    """Head tensor ``col`` of a table row at batch row ``b``, as a pointer to ``ELEM``."""
+    return tl.load(ROW + col).to(tl.pointer_type(ELEM)) + b * tl.load(ROW + _NT + col)
+
+
+@triton.jit
+def _kivi_ragged_kernel(Q, META, OP, LP, sm_scale_log2, tps, H,
+                        GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                        VB: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_MAP: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_rows = tl.num_programs(1)
+    b = pid_bh // H
+    row = META + (pid_bh % H) * _NCOL
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + (pid_bh * GROUPS + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < GROUPS)[:, None],
+                other=0.0)
+    m_i = tl.full([GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    T_q = tl.load(row + _TQ).to(tl.int32)
+    if pid_s < n_rows - 1:
+        start = pid_s * tps
+        kgi = tl.load(row + _MAP).to(tl.pointer_type(tl.int32))
+        base = tl.load(row + _BASE)  # the map's row of this head's first group: its scale pointers start before
+        m_i, l_i, acc = _dequant_tiles(q, _ptr(row, 0, b, tl.uint8), _ptr(row, 1, b, tl.float16) - base * D,
+                                       _ptr(row, 2, b, tl.float16) - base * D, _ptr(row, 3, b, tl.uint8),
+                                       _ptr(row, 4, b, tl.float16), _ptr(row, 5, b, tl.float16), kgi,
+                                       start, tl.minimum(start + tps, T_q), m_i, l_i, acc, sm_scale_log2,
+                                       D, BITS, VB, G, BLOCK_N, GROUP_MAP)
+    # the residual program: the head's full-precision tokens, addressed through its own pointers (stride 0)
+    _residual_and_store(q, _ptr(row, 6, b, Q.dtype.element_ty), _ptr(row, 7, b, Q.dtype.element_ty), OP, LP,
+                        pid_bh, pid_s, n_rows, tl.load(row + _TR).to(tl.int32), 0, 0, sm_scale_log2,
+                        m_i, l_i, acc, pid_s == n_rows - 1, GROUPS, GP, D, BLOCK_N)
+
+
+@triton.jit
+def _dense_ragged_kernel(Q, META, OP, LP, sm_scale_log2, tps, H,
+                         GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H
+    row = META + (pid_bh % H) * _NCOL
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + (pid_bh * GROUPS + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < GROUPS)[:, None],
+                other=0.0)
+    start = pid_s * tps
+    m_i, l_i, acc = _dense_tiles(q, _ptr(row, 6, b, Q.dtype.element_ty), _ptr(row, 7, b, Q.dtype.element_ty),
+                                 start, tl.minimum(start + tps, tl.load(row + _TR).to(tl.int32)),
+                                 tl.full([GP], float("-inf"), tl.float32), tl.zeros([GP], tl.float32),
+                                 tl.zeros([GP, D], tl.float32), sm_scale_log2, D, BLOCK_N)
+    _residual_and_store(q, Q, Q, OP, LP, pid_bh, pid_s, tl.num_programs(1), 0, 0, 0, sm_scale_log2,
+                        m_i, l_i, acc, False, GROUPS, GP, D, BLOCK_N)
+
+
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    """A head tensor ``[B, n, C]`` whose rows are contiguous (any batch stride): the kernels' addressing."""
+    return (t.is_contiguous() or t.numel() == 0
+            or (t.stride(-1) == 1 and (t.shape[-2] == 1 or t.stride(-2) == t.shape[-1])))
+
+
+def _table(heads: list[dict[str, torch.Tensor]], maps: list[torch.Tensor] | None, bases: list[int] | None,
+           t_quant: list[int], t_full: list[int], device: torch.device) -> torch.Tensor:
+    """The per-head table (module docstring) on ``device``: one host-to-device copy of Hkv x NCOL integers."""
+    rows = []
+    for h, t in enumerate(heads):
+        ts = [t.get(name) for name in TENSORS]
+        if not all(x is None or _rows_contiguous(x) for x in ts):
+            raise KVLayoutError("the ragged kernel needs each head's tensors with contiguous rows")
+        rows += [0 if x is None else x.data_ptr() for x in ts]
+        rows += [0 if x is None else x.stride(0) for x in ts]
+        rows += [0 if maps is None else maps[h].data_ptr(), t_quant[h], t_full[h], 0 if bases is None else bases[h]]
+    return torch.tensor(rows, dtype=torch.int64).view(len(heads), NCOL).to(device, non_blocking=True)
+
+
+def kivi_ragged_attention(q: torch.Tensor, heads: list[dict[str, torch.Tensor]], bits: int, vbits: int, group: int,
+                          sm_scale: float | None = None, key_groups: list[torch.Tensor] | None = None,
+                          key_group_base: list[int] | None = None, *,
+                          block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+                          waves: float = 4.0) -> torch.Tensor:
+    """q ``[B, Hq, D]`` (bf16/fp16, CUDA) over ``Hkv = len(heads)`` kv heads of a KIVI layer -> ``[B, Hq, D]``.
+
+    ``heads[h]``: head h's tensors by the names of :data:`TENSORS`, each ``[B, ...]`` in layout.py's one-head
+    layout (``k_codes uint8 [B, ceil(nq*bits/8), D]``, ``k_scale/k_zero fp16 [B, ng, D]``, ``v_codes uint8
+    [B, nq, D*vbits/8]``, ``v_scale/v_zero fp16 [B, nq, D/G]``, ``k_full/v_full [B, nr, D]`` in q's dtype: the
+    full-precision tokens). ``key_groups``: per head, int32 ``[nq]`` key-scale row of each quantized token (where
+    eviction cut groups; None for every head: token t's row is t // G), counted from ``key_group_base[h]`` (None:
+    from 0)."""
+    b, _, d = q.shape
+    groups = _check(q, len(heads), d, b)
+    t_quant = [int(t["v_codes"].shape[1]) for t in heads]
+    t_full = [int(t["k_full"].shape[1]) for t in heads]
+    if not any(t_quant) and not any(t_full):
+        raise KVLayoutError("cannot attend over an empty cache")
+    if any(t["k_full"].dtype != q.dtype for t in heads):
+        raise KVLayoutError(f"full-precision keys must be in the query dtype {q.dtype}")
+    n_split, tps = _split_plan(b * len(heads), max(t_quant), block_n, _sm_count(q.device), waves)
+    if tps % group and n_split > 1:
+        tps = math.ceil(tps / group) * group  # splits start on whole groups (and whole code bytes)
+        n_split = math.ceil(max(t_quant) / tps)
+    meta = _table(heads, key_groups, key_group_base, t_quant, t_full, q.device)
+    n_rows = n_split + 1
+    op = torch.empty((b * q.shape[1], n_rows, d), device=q.device, dtype=torch.float32)
+    lp = torch.empty((b * q.shape[1], n_rows), device=q.device, dtype=torch.float32)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    _kivi_ragged_kernel[(b * len(heads), n_rows)](
+        q, meta, op, lp, scale * _LOG2E, tps, len(heads), GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)),
+        D=d, BITS=bits, VB=vbits, G=group, BLOCK_N=block_n, GROUP_MAP=key_groups is not None,
+        num_warps=num_warps, num_stages=num_stages)
+    return _combine(op, lp, q, n_rows)
+
+
+def dense_ragged_attention(q: torch.Tensor, heads: list[dict[str, torch.Tensor]], sm_scale: float | None = None,
+                           *, block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+                           waves: float = 4.0) -> torch.Tensor:
+    """q ``[B, Hq, D]`` over ``len(heads)`` unquantized kv heads (``heads[h]["k_full"/"v_full"]``: ``[B, n_h, D]``
+    in q's dtype) -> ``[B, Hq, D]``: the flash-decoding split over each head's own length, one launch."""
+    b, _, d = q.shape
+    groups = _check(q, len(heads), d, b)
+    lengths = [int(t["k_full"].shape[1]) for t in heads]
+    if not any(lengths):
+        raise KVLayoutError("cannot attend over an empty cache")
+    if any(t["k_full"].dtype != q.dtype for t in heads):
+        raise KVLayoutError(f"keys must be in the query dtype {q.dtype}")
+    n_split, tps = _split_plan(b * len(heads), max(lengths), block_n, _sm_count(q.device), waves)
+    meta = _table(heads, None, None, [0] * len(heads), lengths, q.device)
+    op = torch.empty((b * q.shape[1], n_split, d), device=q.device, dtype=torch.float32)
+    lp = torch.empty((b * q.shape[1], n_split), device=q.device, dtype=torch.float32)
+    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
+    _dense_ragged_kernel[(b * len(heads), n_split)](
+        q, meta, op, lp, scale * _LOG2E, tps, len(heads), GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)),
+        D=d, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    return _combine(op, lp, q, n_split)
