@@ -436,7 +436,8 @@ def test_cuda_ragged_heads_run_the_ragged_kernel_and_match_the_torch_path(bits, 
 def test_cuda_heads_stacked_until_a_per_head_eviction_then_ragged(B, monkeypatch):
     """Knorm under a byte budget: the prefill fits, so decode starts on the stacked path (the heads' tensors become
     views of stacked ones); the first eviction keeps different tokens per head and the layer moves to the ragged
-    path (views of a stack copied per head at B > 1), every step matching the torch path."""
+    path (the heads' tensors still views of the stacked ones, read through the ragged kernel's per-head table at
+any batch), every step matching the torch path."""
     from memvisor.kv.policies.knorm import KeyNorm
 
     stacked, ragged = _count(monkeypatch, "stacked_decode"), _count(monkeypatch, "ragged_decode")
@@ -592,3 +593,54 @@ def test_key_group_maps_of_all_heads_in_one_op_equal_each_heads_own():
     assert bases == [0, stores[0].group_sizes.numel(), stores[0].group_sizes.numel() + stores[1].group_sizes.numel()]
     for st, m, base in zip(stores, maps, bases):
         assert m.dtype == torch.int32 and torch.equal(m.long() - base, st.group_of_tokens(0, st.nq))
+
+
+def test_head_stack_remembers_unequal_groups_until_a_head_replaces_them(monkeypatch):
+    """Heads of equal counts whose key groups differ (Knorm's per-head choices under equal budgets): the stack's
+    verdict holds while the heads keep those group-size tensors (no comparison, a GPU read back, every step), and
+    is asked again once a head's groups change."""
+    g = torch.Generator().manual_seed(7)
+    B, D, T = 1, 32, 200
+    stores = [HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(4, 32, 32), False) for _ in range(2)]
+    for st in stores:
+        st.append(torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g))
+    stores[0].keep(torch.cat([torch.arange(0, 20), torch.arange(40, T)]))  # key groups of 20, 24, 32 ...
+    stores[1].keep(torch.cat([torch.arange(0, 10), torch.arange(30, T)]))  # key groups of 12, 32, 32 ...
+    assert len(stores[0]) == len(stores[1]) and stores[0].group_sizes.shape == stores[1].group_sizes.shape
+    assert not torch.equal(stores[0].group_sizes, stores[1].group_sizes)
+    from memvisor.kv.storage import StackedHeads
+
+    compared, real = [], StackedHeads.compatible
+
+    def spy(st, groups_equal=False):
+        compared.append(not groups_equal)  # True: the group sizes' values are compared (a read back on a GPU)
+        return real(st, groups_equal)
+
+    monkeypatch.setattr(StackedHeads, "compatible", staticmethod(spy))
+    stack = HeadStack()
+    assert not stack.compatible(stores) and stack.unequal_groups is not None and sum(compared) == 1
+    assert not stack.compatible(stores) and sum(compared) == 1  # remembered: the values are not compared again
+    stores[1].group_sizes = stores[0].group_sizes.clone()  # a new tensor (as a flush or eviction makes) of equal sizes
+    assert stack.compatible(stores) and stack._groups_known(stores) and sum(compared) == 2
+
+
+@cuda
+def test_cuda_ragged_kernel_refuses_an_empty_head_and_copies_rows_it_cannot_address():
+    """A head holding no token is refused (no silent NaN); a head tensor whose rows are not contiguous (a channel
+    slice) is copied for the launch and gives what its contiguous copy gives."""
+    from memvisor.kv.gpu.errors import KVLayoutError
+    from memvisor.kv.gpu.triton_ragged import dense_ragged_attention
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    B, Hq, D = 2, 8, 64
+    q = torch.randn(B, Hq, D, device="cuda", generator=g).bfloat16()
+    wide = torch.randn(B, 300, 2 * D, device="cuda", generator=g).bfloat16()
+    k, v = wide[..., :D], wide[..., D:]  # rows D apart in a 2D-wide tensor: not contiguous rows
+    other = torch.randn(B, 90, D, device="cuda", generator=g).bfloat16()
+    got = dense_ragged_attention(q, [{"k_full": k, "v_full": v}, {"k_full": other, "v_full": other}])
+    want = dense_ragged_attention(q, [{"k_full": k.contiguous(), "v_full": v.contiguous()},
+                                      {"k_full": other, "v_full": other}])
+    assert torch.equal(got, want)
+    empty = other[:, :0]
+    with pytest.raises(KVLayoutError, match="no token"):
+        dense_ragged_attention(q, [{"k_full": other, "v_full": other}, {"k_full": empty, "v_full": empty}])

@@ -71,6 +71,9 @@ class LayerCore:
         self.mirror: DecodeMirror | None = None
         # Layers that evict, on the stacked kernel path: the heads' tensors as views of stacked ones (no copy).
         self.stack: HeadStack | None = None
+        # The stack that asks whether the heads stack (adopted as ``stack`` when they do): kept between steps, so it
+        # remembers which key groups it compared.
+        self.probe = HeadStack()
         # Called as observer(layer_idx, bytes_before_compression, bytes_after) after each forward.
         self.observer = None
 
@@ -91,6 +94,7 @@ class LayerCore:
 
     def reset(self) -> None:
         self.stores, self.cum, self._pending, self._dense, self.mirror, self.stack = None, 0, None, None, None, None
+        self.probe = HeadStack()
         if self.cfg.policy is not None:
             self.cfg.policy.reset()
 
@@ -226,9 +230,9 @@ class LayerCore:
             return self.mirror.attend(query, self.stores, scaling)
         if self._hands_probs(scaling, softcap):
             return None
-        stack = self.stack or HeadStack()  # kept once the layer takes the kernel (it also routes appends)
+        stack = self.stack or self.probe
         if stacked_kernel_applies(self.stores, query, c.window, softcap, stack):
-            self.stack = stack
+            self.stack = stack  # kept once the layer takes the kernel (it also routes appends)
             return stacked_decode(query, self.stores, scaling, stack)
         if ragged_kernel_applies(self.stores, query, c.window, softcap):
             return ragged_decode(query, self.stores, scaling)

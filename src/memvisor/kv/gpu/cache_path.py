@@ -116,6 +116,9 @@ class HeadStack:
         self.held: dict[str, tuple[list[weakref.ref], torch.Size, tuple[int, ...]]] = {}
         # weak references to the heads' group-size tensors known to hold equal values (None: none known)
         self.equal_groups: list[weakref.ref] | None = None
+        # ... and to ones found to differ: heads of equal counts whose groups differ (Knorm's per-head choices under
+        # equal head budgets) would otherwise be compared, a GPU read back, at every step
+        self.unequal_groups: list[weakref.ref] | None = None
 
     def stacked(self, stores: list[HeadStore], name: str) -> Tensor:
         """The heads' tensor ``name`` stacked (``[B, H, ...]``; ``[H, ng]`` for group sizes): a view of what
@@ -141,10 +144,17 @@ class HeadStack:
     def compatible(self, stores: list[HeadStore]) -> bool:
         """``StackedHeads.compatible(stores)``, comparing the heads' group sizes (a GPU read back) only when
         they changed since the stack last made or compared them: once per flush or eviction done elsewhere."""
-        known = self._groups_known(stores)
-        ok = StackedHeads.compatible(stores, groups_equal=known)
-        if ok and not known:
+        if not StackedHeads.compatible(stores, groups_equal=True):  # counts and shapes: no read back
+            return False
+        if self._groups_known(stores):
+            return True
+        if _same(self.unequal_groups, stores):
+            return False
+        ok = StackedHeads.compatible(stores)
+        if ok:
             self._know_groups(stores)
+        elif stores[0].q.bits is not None:
+            self.unequal_groups = [weakref.ref(st.group_sizes) for st in stores]
         return ok
 
     def flush(self, stores: list[HeadStore]) -> bool:
@@ -235,13 +245,17 @@ class HeadStack:
             self._know_groups(stores)
 
     def _groups_known(self, stores: list[HeadStore]) -> bool:
-        refs = self.equal_groups
-        return (refs is not None and len(refs) == len(stores)
-                and all(st.group_sizes is r() for st, r in zip(stores, refs)))
+        return _same(self.equal_groups, stores)
 
     def _know_groups(self, stores: list[HeadStore]) -> None:
         if stores[0].q.bits is not None:
             self.equal_groups = [weakref.ref(st.group_sizes) for st in stores]
+
+
+def _same(refs: list[weakref.ref] | None, stores: list[HeadStore]) -> bool:
+    """Whether ``refs`` are weak references to the heads' group-size tensors, in order."""
+    return (refs is not None and len(refs) == len(stores)
+            and all(st.group_sizes is r() for st, r in zip(stores, refs)))
 
 
 def stacked_decode(query: Tensor, stores: list[HeadStore], scaling: float, stack: HeadStack) -> Tensor:

@@ -172,11 +172,18 @@ def kivi_decode_attention(q: torch.Tensor, layer: KiviLayer, sm_scale: float | N
     """See :func:`_kivi_launch`; retries with smaller tiles when a shape (e.g. head_dim 256) runs out of
     shared memory or registers at the given settings."""
     kw = dict(num_warps=num_warps, waves=waves, variant=variant, k_reshape=k_reshape, v_reshape=v_reshape)
+    return with_smaller_tiles(lambda bn, ns: _kivi_launch(q, layer, sm_scale, block_n=bn, num_stages=ns, **kw),
+                              block_n, num_stages, max(16, layer.group if variant == "tile" else 16))
+
+
+def with_smaller_tiles(launch, block_n: int, num_stages: int, min_block: int = 16):
+    """``launch(block_n, num_stages)``, retried with one pipeline stage, then halved tiles down to ``min_block``
+    tokens, while the shape (e.g. head_dim 256) runs out of shared memory or registers."""
     while True:
         try:
-            return _kivi_launch(q, layer, sm_scale, block_n=block_n, num_stages=num_stages, **kw)
+            return launch(block_n, num_stages)
         except triton.runtime.errors.OutOfResources:
-            if num_stages == 1 and block_n <= max(16, layer.group if variant == "tile" else 16):
+            if num_stages == 1 and block_n <= min_block:
                 raise
             block_n, num_stages = (block_n, 1) if num_stages > 1 else (block_n // 2, 1)
 

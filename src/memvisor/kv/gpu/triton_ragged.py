@@ -8,15 +8,16 @@ session 16, BENCHMARKS.md kv-gpu). Here every head's tensors are reached through
 ``meta: int64 [Hkv, NCOL]``, row h = head h's base addresses (bytes) of its eight tensors in the order of
 :data:`TENSORS`, then their batch strides (elements), then the address of its key-group map (0: none), its number
 of quantized tokens and of full-precision ones, and the row its map gives its first key group (the maps of all
-heads are built at once, numbering the groups of all heads: cache_path.py). Program ``(b * Hkv + h, s)`` takes head h's query heads (GQA: the
-``Hq / Hkv`` consecutive ones), batch row b, tokens ``[s * tps, (s + 1) * tps)`` of that head's quantized tokens
-(none past its own length: such a program stores an empty partial, which the combine skips), and the last
-program of each row the head's full-precision tokens. The tiles are the stacked "dequant" kernel's
-(triton_common.py ``_dequant_tiles``), so both paths dequantize alike.
+heads are built at once, numbering the groups of all heads: cache_path.py). Program ``(b * Hkv + h, s)`` takes
+head h's query heads (GQA: the ``Hq / Hkv`` consecutive ones), batch row b, tokens ``[s * tps, (s + 1) * tps)``
+of that head's quantized tokens (none past its own length: such a program stores an empty partial, which the
+combine skips), and the last program of each row the head's full-precision tokens. The tiles are the stacked
+"dequant" kernel's (triton_common.py ``_dequant_tiles``), so both paths dequantize alike.
 
-A head's tensors: ``[B, ...]`` with contiguous rows (the cache's per-head storage, storage.py), laid out as
-layout.py says for one head. Unquantized heads (a budget without KIVI) run :func:`dense_ragged_attention`, the
-same over each head's full-precision keys and values.
+A head's tensors: ``[B, ...]`` laid out as layout.py says for one head, with contiguous rows (the cache's per-head
+storage, storage.py; any batch stride; a tensor whose rows are not contiguous is copied for the launch).
+Unquantized heads (a budget without KIVI) run :func:`dense_ragged_attention`, the same over each head's
+full-precision keys and values.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import triton.language as tl
 
 from memvisor.kv.gpu.errors import KVLayoutError
 from memvisor.kv.gpu.triton_common import _dense_tiles, _dequant_tiles, _residual_and_store
-from memvisor.kv.gpu.triton_decode import _LOG2E, _check, _combine, _sm_count, _split_plan
+from memvisor.kv.gpu.triton_decode import _LOG2E, _check, _combine, _sm_count, _split_plan, with_smaller_tiles
 
 # a head's tensors in the table's order (quantized heads); the dense kernel uses the last two (keys, values)
 TENSORS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_full", "v_full")
@@ -112,17 +113,41 @@ def _rows_contiguous(t: torch.Tensor) -> bool:
 
 
 def _table(heads: list[dict[str, torch.Tensor]], maps: list[torch.Tensor] | None, bases: list[int] | None,
-           t_quant: list[int], t_full: list[int], device: torch.device) -> torch.Tensor:
-    """The per-head table (module docstring) on ``device``: one host-to-device copy of Hkv x NCOL integers."""
-    rows = []
+           t_quant: list[int], t_full: list[int], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The per-head table (module docstring) on ``device``, one host-to-device copy of Hkv x NCOL integers, and the
+    copies made of head tensors whose rows were not contiguous (to keep alive until the launch is queued)."""
+    rows, copies = [], []
     for h, t in enumerate(heads):
         ts = [t.get(name) for name in TENSORS]
-        if not all(x is None or _rows_contiguous(x) for x in ts):
-            raise KVLayoutError("the ragged kernel needs each head's tensors with contiguous rows")
+        for i, x in enumerate(ts):
+            if x is not None and not _rows_contiguous(x):
+                ts[i] = x.contiguous()
+                copies.append(ts[i])
         rows += [0 if x is None else x.data_ptr() for x in ts]
         rows += [0 if x is None else x.stride(0) for x in ts]
         rows += [0 if maps is None else maps[h].data_ptr(), t_quant[h], t_full[h], 0 if bases is None else bases[h]]
-    return torch.tensor(rows, dtype=torch.int64).view(len(heads), NCOL).to(device, non_blocking=True)
+    return torch.tensor(rows, dtype=torch.int64).view(len(heads), NCOL).to(device, non_blocking=True), copies
+
+
+def _check_heads(q: torch.Tensor, heads: list[dict[str, torch.Tensor]], t_quant: list[int], t_full: list[int],
+                 quantized: bool) -> int:
+    """What the kernels' addressing and types assume of q ``[B, Hq, D]`` and the heads; the query heads per kv head."""
+    b, _, d = q.shape
+    groups = _check(q, len(heads), d, b)
+    if not q.is_contiguous():
+        raise KVLayoutError("the ragged kernel needs a contiguous query")
+    if any(tq + tf == 0 for tq, tf in zip(t_quant, t_full)):
+        raise KVLayoutError("cannot attend over a head holding no token")
+    for t in heads:
+        k, v = t["k_full"], t["v_full"]
+        if k.dtype != q.dtype or v.dtype != q.dtype or k.shape != v.shape or k.shape[0] != b or k.shape[-1] != d:
+            raise KVLayoutError(f"full-precision keys and values must be [B={b}, n, D={d}] in the query's {q.dtype}")
+        if quantized and (t["k_codes"].dtype != torch.uint8 or t["v_codes"].dtype != torch.uint8
+                          or any(t[n].dtype != torch.float16 for n in ("k_scale", "k_zero", "v_scale", "v_zero"))):
+            raise KVLayoutError("the ragged kernel reads uint8 codes and fp16 scales and zero points")
+        if any(x.device != q.device for x in t.values()):
+            raise KVLayoutError("every head tensor must be on the query's device")
+    return groups
 
 
 def kivi_ragged_attention(q: torch.Tensor, heads: list[dict[str, torch.Tensor]], bits: int, vbits: int, group: int,
@@ -139,27 +164,26 @@ def kivi_ragged_attention(q: torch.Tensor, heads: list[dict[str, torch.Tensor]],
     eviction cut groups; None for every head: token t's row is t // G), counted from ``key_group_base[h]`` (None:
     from 0)."""
     b, _, d = q.shape
-    groups = _check(q, len(heads), d, b)
     t_quant = [int(t["v_codes"].shape[1]) for t in heads]
     t_full = [int(t["k_full"].shape[1]) for t in heads]
-    if not any(t_quant) and not any(t_full):
-        raise KVLayoutError("cannot attend over an empty cache")
-    if any(t["k_full"].dtype != q.dtype for t in heads):
-        raise KVLayoutError(f"full-precision keys must be in the query dtype {q.dtype}")
-    n_split, tps = _split_plan(b * len(heads), max(t_quant), block_n, _sm_count(q.device), waves)
-    if tps % group and n_split > 1:
-        tps = math.ceil(tps / group) * group  # splits start on whole groups (and whole code bytes)
-        n_split = math.ceil(max(t_quant) / tps)
-    meta = _table(heads, key_groups, key_group_base, t_quant, t_full, q.device)
-    n_rows = n_split + 1
-    op = torch.empty((b * q.shape[1], n_rows, d), device=q.device, dtype=torch.float32)
-    lp = torch.empty((b * q.shape[1], n_rows), device=q.device, dtype=torch.float32)
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    _kivi_ragged_kernel[(b * len(heads), n_rows)](
-        q, meta, op, lp, scale * _LOG2E, tps, len(heads), GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)),
-        D=d, BITS=bits, VB=vbits, G=group, BLOCK_N=block_n, GROUP_MAP=key_groups is not None,
-        num_warps=num_warps, num_stages=num_stages)
-    return _combine(op, lp, q, n_rows)
+    groups = _check_heads(q, heads, t_quant, t_full, quantized=True)
+    meta, _copies = _table(heads, key_groups, key_group_base, t_quant, t_full, q.device)
+    scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * _LOG2E
+
+    def launch(block: int, stages: int) -> torch.Tensor:
+        n_split, tps = _split_plan(b * len(heads), max(t_quant), block, _sm_count(q.device), waves)
+        if tps % group and n_split > 1:
+            tps = math.ceil(tps / group) * group  # splits start on whole groups (and whole code bytes)
+            n_split = math.ceil(max(t_quant) / tps)
+        op = torch.empty((b * q.shape[1], n_split + 1, d), device=q.device, dtype=torch.float32)
+        lp = torch.empty((b * q.shape[1], n_split + 1), device=q.device, dtype=torch.float32)
+        _kivi_ragged_kernel[(b * len(heads), n_split + 1)](
+            q, meta, op, lp, scale, tps, len(heads), GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)),
+            D=d, BITS=bits, VB=vbits, G=group, BLOCK_N=block, GROUP_MAP=key_groups is not None,
+            num_warps=num_warps, num_stages=stages)
+        return _combine(op, lp, q, n_split + 1)
+
+    return with_smaller_tiles(launch, block_n, num_stages)
 
 
 def dense_ragged_attention(q: torch.Tensor, heads: list[dict[str, torch.Tensor]], sm_scale: float | None = None,
@@ -168,18 +192,18 @@ def dense_ragged_attention(q: torch.Tensor, heads: list[dict[str, torch.Tensor]]
     """q ``[B, Hq, D]`` over ``len(heads)`` unquantized kv heads (``heads[h]["k_full"/"v_full"]``: ``[B, n_h, D]``
     in q's dtype) -> ``[B, Hq, D]``: the flash-decoding split over each head's own length, one launch."""
     b, _, d = q.shape
-    groups = _check(q, len(heads), d, b)
     lengths = [int(t["k_full"].shape[1]) for t in heads]
-    if not any(lengths):
-        raise KVLayoutError("cannot attend over an empty cache")
-    if any(t["k_full"].dtype != q.dtype for t in heads):
-        raise KVLayoutError(f"keys must be in the query dtype {q.dtype}")
-    n_split, tps = _split_plan(b * len(heads), max(lengths), block_n, _sm_count(q.device), waves)
-    meta = _table(heads, None, None, [0] * len(heads), lengths, q.device)
-    op = torch.empty((b * q.shape[1], n_split, d), device=q.device, dtype=torch.float32)
-    lp = torch.empty((b * q.shape[1], n_split), device=q.device, dtype=torch.float32)
-    scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)
-    _dense_ragged_kernel[(b * len(heads), n_split)](
-        q, meta, op, lp, scale * _LOG2E, tps, len(heads), GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)),
-        D=d, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-    return _combine(op, lp, q, n_split)
+    groups = _check_heads(q, heads, [0] * len(heads), lengths, quantized=False)
+    meta, _copies = _table(heads, None, None, [0] * len(heads), lengths, q.device)
+    scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * _LOG2E
+
+    def launch(block: int, stages: int) -> torch.Tensor:
+        n_split, tps = _split_plan(b * len(heads), max(lengths), block, _sm_count(q.device), waves)
+        op = torch.empty((b * q.shape[1], n_split, d), device=q.device, dtype=torch.float32)
+        lp = torch.empty((b * q.shape[1], n_split), device=q.device, dtype=torch.float32)
+        _dense_ragged_kernel[(b * len(heads), n_split)](
+            q, meta, op, lp, scale, tps, len(heads), GROUPS=groups, GP=max(16, triton.next_power_of_2(groups)),
+            D=d, BLOCK_N=block, num_warps=num_warps, num_stages=stages)
+        return _combine(op, lp, q, n_split)
+
+    return with_smaller_tiles(launch, block_n, num_stages)
