@@ -8,7 +8,8 @@ from transformers import Gemma3TextConfig, LlamaConfig
 
 from memvisor.kv import BudgetError, CacheSpec, CompressedCache, token_cost
 from memvisor.kv.budget import split_by_span, split_layers
-from memvisor.kv.planner import CANDIDATES, FULL_COVERAGE, MIN_COVERAGE, NEAR_FULL, choose, coverage
+from memvisor.kv.planner import (CANDIDATES, FOR_COVERAGE, FULL_COVERAGE, MIN_COVERAGE, NEAR_FULL, choose,
+                                 coverage)
 from memvisor.kv.policies import StreamingLLM
 
 GEMMA = Gemma3TextConfig(num_hidden_layers=18, hidden_size=640, intermediate_size=256, num_attention_heads=4,
@@ -76,10 +77,15 @@ def test_plan_keeps_every_token_where_4_bit_keys_allow_then_precision_while_enou
     name, fields, cov = choose(SMOL, bf16_bytes(SMOL) // 4, T)
     assert cov["kivi4-stream"] < FULL_COVERAGE <= cov[name] and name == "kivi-k4v2-stream"
     assert fields["quant"] == "kivi-k4v2" and fields["residual"] == 32
-    # a budget a little tighter: no 4-bit-key candidate keeps 95% any more, but k4v2 still keeps the most
+    # a budget a little tighter: only k4v2 without a residual window keeps 95%, or none does but it keeps the most
     for ratio in (4.05, 4.2):
         name, _, cov = choose(SMOL, int(bf16_bytes(SMOL) / ratio), T)
-        assert NEAR_FULL <= cov[name] < FULL_COVERAGE and name == "kivi-k4v2-stream", (ratio, cov)
+        assert cov["kivi-k4v2-stream"] < FULL_COVERAGE and name == "kivi-k4v2-stream-r0", (ratio, cov)
+        assert cov[name] == max(cov[n] for n in cov if n != "kivi2-stream") >= NEAR_FULL
+    # float32: a residual costs twice the bytes; at 4x only k4v2 without a residual window keeps (nearly) every token
+    name, fields, cov = choose(SMOL, bf16_bytes(SMOL) // 4, T, dtype_bytes=4)
+    assert cov["kivi-k4v2-stream"] < NEAR_FULL <= cov[name] and name == "kivi-k4v2-stream-r0"
+    assert fields["residual"] == 0
     # far enough under 4x that even k4v2 evicts over 10%: precision first again
     name, _, cov = choose(SMOL, int(bf16_bytes(SMOL) / 4.6), T)
     assert cov["kivi-k4v2-stream"] < NEAR_FULL and name == "kivi4-stream"
@@ -90,16 +96,21 @@ def test_plan_keeps_every_token_where_4_bit_keys_allow_then_precision_while_enou
     name, fields, cov = choose(SMOL, bf16_bytes(SMOL) // 8, T)
     assert max(c for n, c in cov.items() if n != "kivi2-stream") < FULL_COVERAGE
     assert name == "kivi4-stream" and fields["residual"] == 128 and MIN_COVERAGE <= cov[name] < FULL_COVERAGE
-    # 2-bit keys are never chosen for coverage alone: Gemma 3 at 4x keeps every token only with KIVI-2
+    # 2-bit keys are never chosen for coverage alone: Gemma 3 at 4x keeps every token only with KIVI-2; keys 4 /
+    # values 2 without a residual window keep over 90% (KIVI-4 under half)
     name, _, cov = choose(GEMMA, bf16_bytes(GEMMA) // 4, T)
-    assert cov["kivi2-stream"] >= FULL_COVERAGE > cov["kivi-k4v2-stream"] and name == "kivi4-stream"
+    assert cov["kivi2-stream"] >= FULL_COVERAGE > cov[name] >= NEAR_FULL and name == "kivi-k4v2-stream-r0"
+    assert cov["kivi4-stream"] < 0.5
     # Gemma 3 at 8x: the 128-token residual would leave under 0.3 of the span: fewer bits instead
     name, _, cov = choose(GEMMA, bf16_bytes(GEMMA) // 8, T)
     assert cov["kivi4-stream"] < MIN_COVERAGE and name != "kivi4-stream"
     assert cov[name] >= MIN_COVERAGE
-    # nothing reaches the threshold: the candidate that keeps the most tokens (2-bit)
+    # nothing reaches the threshold: the candidate that keeps the most tokens (2-bit), candidates for coverage
+    # alone aside (keys 4 / values 2 without a residual window would keep more, far from every token)
     name, _, cov = choose(GEMMA, bf16_bytes(GEMMA) // 16, T)
-    assert name == "kivi2-stream" and cov[name] == max(cov.values()) < MIN_COVERAGE
+    assert name == "kivi2-stream"
+    assert cov[name] == max(c for n, c in cov.items() if n not in FOR_COVERAGE) < MIN_COVERAGE
+    assert cov["kivi-k4v2-stream-r0"] > cov[name]
     # a generous budget fits everything: the most precise
     assert choose(GEMMA, bf16_bytes(GEMMA) // 2, T)[0] == CANDIDATES[0][0]
 

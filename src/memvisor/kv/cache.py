@@ -144,6 +144,7 @@ RECIPES: dict[str, dict] = {
     "kivi4-stream": {"quant": "kivi4", "group": 32, "residual": 128, "token_policy": _STREAM},
     "kivi4-stream-r32": {"quant": "kivi4", "group": 32, "residual": 32, "token_policy": _STREAM},
     "kivi-k4v2-stream": {"quant": "kivi-k4v2", "group": 32, "residual": 32, "token_policy": _STREAM},
+    "kivi-k4v2-stream-r0": {"quant": "kivi-k4v2", "group": 32, "residual": 0, "token_policy": _STREAM},
     "kivi2-stream": {"quant": "kivi2", "group": 32, "residual": 32, "token_policy": _STREAM},
 }
 

@@ -13,7 +13,8 @@ uses (``token_cost`` and ``split_layers``), without running the model:
    the plan takes the most precise one keeping at least :data:`FULL_COVERAGE` (nearly every token), or
    else the 4-bit-key one that keeps the most (so a budget a little under 4x does not fall back to
    evicting the oldest 29%); otherwise the first candidate with coverage of at least
-   :data:`MIN_COVERAGE`; when none reaches that, the one that keeps the most.
+   :data:`MIN_COVERAGE`; when none reaches that, the one that keeps the most (these two rules pass over
+   :data:`FOR_COVERAGE`).
 
 Why coverage first (session 16, BENCHMARKS.md ``kv``): StreamingLLM forgets the OLDEST tokens, so an
 evicting recipe loses whatever sat in the first ``1 - coverage`` of the context, whatever its
@@ -22,7 +23,9 @@ fidelity elsewhere. SmolLM2 at 4x, 12 needle tasks (bf16): KIVI-4 with a 128-tok
 uncompressed model finds (two needles at 23% and 29% depth evicted on every machine; the first six
 tasks' needles happened to lie deeper, which is how sessions 1-14 saw 100%); 4-bit keys / 2-bit
 values (coverage 0.95; top-1 0.914, KL 0.044, greedy 0.26) kept 8 of 9 (the miss: a task even a
-lossless cache fails in bf16). Gemma 3 at 3x: 4-bit keys / 2-bit values keeping every token 0.995 /
+lossless cache fails in bf16). In float32 a residual costs twice the bytes: the same recipe without a residual window
+(``kivi-k4v2-stream-r0``, coverage 0.95) kept 8 of the 8 needles the float32 reference finds on those tasks, KIVI-4
+(coverage 0.59) 6 (top-1 0.911 / 0.954, KL 0.053 / 0.041; session 17). Gemma 3 at 3x: 4-bit keys / 2-bit values keeping every token 0.995 /
 0.007 against KIVI-4 (coverage 0.75) 0.980 / 0.048. Keys stay 4-bit: 2-bit keys cost more than
 evicting (session 9: 0.811 / 0.239).
 Why precision next (teacher-forced top-1 / KL): precision beats tokens while enough of the context
@@ -49,8 +52,16 @@ CANDIDATES: list[tuple[str, dict]] = [
     ("kivi4-stream", {"quant": "kivi4", "group": 32, "residual": 128}),
     ("kivi4-stream-r32", {"quant": "kivi4", "group": 32, "residual": 32}),
     ("kivi-k4v2-stream", {"quant": "kivi-k4v2", "group": 32, "residual": 32}),
+    # no residual window (only a part-filled group stays in full precision), for coverage only (:data:`FOR_COVERAGE`)
+    ("kivi-k4v2-stream-r0", {"quant": "kivi-k4v2", "group": 32, "residual": 0}),
     ("kivi2-stream", {"quant": "kivi2", "group": 32, "residual": 32}),
 ]
+# Candidates taken only when they keep (nearly) every token (step 2's first rule), never by the precision-first
+# rule: a float32 model's residual costs twice the bytes, and keys 4 / values 2 with 32 of them keep 0.89 of
+# SmolLM2's 4k at 4x, without 0.95; Gemma 3 at 4x 0.83 and 0.91 (KIVI-4: 0.48; there top-1 0.995 / KL 0.011 /
+# 4 of 4 needles against KIVI-4's 0.896 / 0.315 / 1 of 4, session 17). At tighter budgets, where it would also
+# keep the most, it was not measured.
+FOR_COVERAGE = {"kivi-k4v2-stream-r0"}
 MIN_COVERAGE = 0.3
 NEAR_FULL = 0.9
 FULL_COVERAGE = 0.95
@@ -87,10 +98,11 @@ def choose(model_config: Any, budget_bytes: int, context_tokens: int, dtype_byte
         full = [(name, fields) for name, fields in four if cov[name] >= FULL_COVERAGE]
         name, fields = full[0] if full else max(four, key=lambda c: cov[c[0]])
         return name, dict(fields), cov
-    for name, fields in CANDIDATES:
+    rest = [(name, fields) for name, fields in CANDIDATES if name not in FOR_COVERAGE]
+    for name, fields in rest:
         if cov[name] >= MIN_COVERAGE:
             return name, dict(fields), cov
-    name, fields = max(CANDIDATES, key=lambda c: cov[c[0]])
+    name, fields = max(rest, key=lambda c: cov[c[0]])
     return name, dict(fields), cov
 
 

@@ -281,9 +281,9 @@ def ragged_decode(query: Tensor, stores: list[HeadStore], scaling: float) -> Ten
         return dense_ragged_attention(q1, heads, scaling).unsqueeze(1)
     # the key-group maps are built for this step and dropped: kept between steps they would be stored bytes
     # (4 per quantized token) for the layer to count
-    maps = _key_group_maps(stores)
-    return kivi_ragged_attention(q1, heads, q.bits, q.vbits, q.group, scaling, key_groups=maps and maps[0],
-                                 key_group_base=maps and maps[1]).unsqueeze(1)
+    maps, bases = _key_group_maps(stores) or (None, None)
+    return kivi_ragged_attention(q1, heads, q.bits, q.vbits, q.group, scaling, key_groups=maps,
+                                 key_group_base=bases).unsqueeze(1)
 
 
 def _head_tensors(st: HeadStore) -> dict[str, Tensor]:

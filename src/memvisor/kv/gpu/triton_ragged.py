@@ -58,6 +58,8 @@ def _ptr(ROW, col: tl.constexpr, b, ELEM: tl.constexpr):
 def _kivi_ragged_kernel(Q, META, OP, LP, sm_scale_log2, tps, H,
                         GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                         VB: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_MAP: tl.constexpr):
+    """Grid ``(B * Hkv, n_split + 1)`` over the table ``META`` (module docstring); q ``[B, Hq, D]``, partials
+    ``OP [B*Hq, n_split + 1, D]`` and their log2-sum-exps ``LP`` for ``_combine``."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_rows = tl.num_programs(1)
@@ -89,6 +91,8 @@ def _kivi_ragged_kernel(Q, META, OP, LP, sm_scale_log2, tps, H,
 @triton.jit
 def _dense_ragged_kernel(Q, META, OP, LP, sm_scale_log2, tps, H,
                          GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Grid ``(B * Hkv, n_split)``: split s of head h's full-precision tokens (the table's ``k_full``/``v_full``
+    and their count), partials as :func:`_kivi_ragged_kernel`'s."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // H
