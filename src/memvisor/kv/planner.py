@@ -23,10 +23,11 @@ fidelity elsewhere. SmolLM2 at 4x, 12 needle tasks (bf16): KIVI-4 with a 128-tok
 uncompressed model finds (two needles at 23% and 29% depth evicted on every machine; the first six
 tasks' needles happened to lie deeper, which is how sessions 1-14 saw 100%); 4-bit keys / 2-bit
 values (coverage 0.95; top-1 0.914, KL 0.044, greedy 0.26) kept 8 of 9 (the miss: a task even a
-lossless cache fails in bf16). In float32 a residual costs twice the bytes: the same recipe without a residual window
-(``kivi-k4v2-stream-r0``, coverage 0.95) kept 8 of the 8 needles the float32 reference finds on those tasks, KIVI-4
-(coverage 0.59) 6 (top-1 0.911 / 0.954, KL 0.053 / 0.041; session 17). Gemma 3 at 3x: 4-bit keys / 2-bit values keeping every token 0.995 /
-0.007 against KIVI-4 (coverage 0.75) 0.980 / 0.048. Keys stay 4-bit: 2-bit keys cost more than
+lossless cache fails in bf16). In float32 a residual costs twice the bytes: the same recipe without a
+residual window (``kivi-k4v2-stream-r0``, coverage 0.95) kept 8 of the 8 needles the float32 reference
+finds on those tasks, KIVI-4 (coverage 0.59) 6 (top-1 0.911 / 0.954, KL 0.053 / 0.041; session 17).
+Gemma 3 at 3x: 4-bit keys / 2-bit values keeping every token 0.995 / 0.007 against KIVI-4 (coverage
+0.75) 0.980 / 0.048. Keys stay 4-bit: 2-bit keys cost more than
 evicting (session 9: 0.811 / 0.239).
 Why precision next (teacher-forced top-1 / KL): precision beats tokens while enough of the context
 stays. Gemma 3 at 4x (session 7, when the cache priced its residual differently): KIVI-4 with a
