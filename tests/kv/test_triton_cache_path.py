@@ -437,7 +437,7 @@ def test_cuda_heads_stacked_until_a_per_head_eviction_then_ragged(B, monkeypatch
     """Knorm under a byte budget: the prefill fits, so decode starts on the stacked path (the heads' tensors become
     views of stacked ones); the first eviction keeps different tokens per head and the layer moves to the ragged
     path (the heads' tensors still views of the stacked ones, read through the ragged kernel's per-head table at
-any batch), every step matching the torch path."""
+    any batch), every step matching the torch path."""
     from memvisor.kv.policies.knorm import KeyNorm
 
     stacked, ragged = _count(monkeypatch, "stacked_decode"), _count(monkeypatch, "ragged_decode")
