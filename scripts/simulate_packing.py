@@ -19,13 +19,14 @@ def default_score(q, turns, c, cfg):
         s += cfg["spk"]
     return s
 
-def run(cfg, budget=1024, score=default_score, cats="1234", verbose=False):
+def run(cfg, budget=1024, score=default_score, cats="1234", verbose=False, per_question=None):
+    """``per_question``: a dict that receives {(conversation id, question index): (category, recall)}."""
     rec = defaultdict(list)
     for cid, cv in D["convs"].items():
         turns = {int(k): v for k, v in cv["turns"].items()}
         by_pos = {t["pos"]: rid for rid, t in turns.items()}
         src2rid = {t["src"]: rid for rid, t in turns.items()}
-        for q in cv["qs"]:
+        for qi, q in enumerate(cv["qs"]):
             if str(q["cat"]) not in cats and str(q["cat"]) != "5":
                 continue
             ev = [src2rid[e] for e in q["ev"] if e in src2rid]
@@ -48,6 +49,8 @@ def run(cfg, budget=1024, score=default_score, cats="1234", verbose=False):
             chosen = pack(order, turns, budget)
             hit = sum(r in chosen for r in ev) / len(ev)
             rec[str(q["cat"])].append(hit)
+            if per_question is not None:
+                per_question[(cid, qi)] = (str(q["cat"]), hit)
     ov = [x for c in cats for x in rec[c]]
     return sum(ov) / len(ov), {c: round(sum(v) / len(v), 3) for c, v in sorted(rec.items())}
 

@@ -123,14 +123,19 @@ def _check(q: torch.Tensor, hkv: int, d: int, b: int) -> int:
     return q.shape[1] // hkv
 
 
+def _rows_contiguous(t: torch.Tensor) -> bool:
+    """Rows of ``C`` contiguous entries ``C`` apart (``[..., n, C]``), whatever the strides of the axes before:
+    what the kernels' addressing within one head (row x C + column) assumes. (``is_contiguous`` first: one call
+    answers for most tensors, and the ragged kernel asks this of ~8 tensors a head every step.)"""
+    return (t.is_contiguous() or t.numel() == 0
+            or (t.stride(-1) == 1 and (t.shape[-2] == 1 or t.stride(-2) == t.shape[-1])))
+
+
 def _rows_ok(t: torch.Tensor) -> bool:
     """Rows contiguous and heads evenly spaced: a contiguous [B, H, n, C] tensor or a token-range view
     of one (the cache's mirror, cache_path.py), which is what the kernels' addressing
     (head x head stride + row x C + column) assumes."""
-    if t.numel() == 0:
-        return True
-    rows = t.shape[-2] == 1 or t.stride(-2) == t.shape[-1]
-    return t.stride(-1) == 1 and rows and (t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
+    return _rows_contiguous(t) and (t.numel() == 0 or t.shape[0] == 1 or t.stride(0) == t.shape[1] * t.stride(1))
 
 
 def _combine(op: torch.Tensor, lp: torch.Tensor, q: torch.Tensor, n_rows: int, block_s: int | None = None,

@@ -30,7 +30,8 @@ import triton.language as tl
 
 from memvisor.kv.gpu.errors import KVLayoutError
 from memvisor.kv.gpu.triton_common import _dense_tiles, _dequant_tiles, _residual_and_store
-from memvisor.kv.gpu.triton_decode import _LOG2E, _check, _combine, _sm_count, _split_plan, with_smaller_tiles
+from memvisor.kv.gpu.triton_decode import (_LOG2E, _check, _combine, _rows_contiguous, _sm_count, _split_plan,
+                                             with_smaller_tiles)
 
 # a head's tensors in the table's order (quantized heads); the dense kernel uses the last two (keys, values)
 TENSORS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_full", "v_full")
@@ -108,12 +109,6 @@ def _dense_ragged_kernel(Q, META, OP, LP, sm_scale_log2, tps, H,
                                  tl.zeros([GP, D], tl.float32), sm_scale_log2, D, BLOCK_N)
     _residual_and_store(q, Q, Q, OP, LP, pid_bh, pid_s, tl.num_programs(1), 0, 0, 0, sm_scale_log2,
                         m_i, l_i, acc, False, GROUPS, GP, D, BLOCK_N)
-
-
-def _rows_contiguous(t: torch.Tensor) -> bool:
-    """A head tensor ``[B, n, C]`` whose rows are contiguous (any batch stride): the kernels' addressing."""
-    return (t.is_contiguous() or t.numel() == 0
-            or (t.stride(-1) == 1 and (t.shape[-2] == 1 or t.stride(-2) == t.shape[-1])))
 
 
 def _table(heads: list[dict[str, torch.Tensor]], maps: list[torch.Tensor] | None, bases: list[int] | None,
