@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from memvisor.kv.gpu import KiviLayer, decode_attention_reference, quantize_layer, random_layer, to_planes
+from memvisor.kv.gpu import decode_attention_reference, quantize_layer, random_layer, to_planes
 
 
 @dataclass

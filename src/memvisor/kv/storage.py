@@ -86,7 +86,7 @@ class HeadStore:
             self.k_sink = torch.empty(batch, 0, head_dim, dtype=dtype, **e)
             self.v_sink = torch.empty(batch, 0, head_dim, dtype=dtype, **e)
         if qcfg.bits is not None:
-            b, G = qcfg.bits, qcfg.group
+            G = qcfg.group
             self.k_codes = torch.empty(batch, 0, head_dim, dtype=torch.uint8, **e)
             self.k_scale = torch.empty(batch, 0, head_dim, dtype=torch.float16, **e)
             self.k_zero = torch.empty(batch, 0, head_dim, dtype=torch.float16, **e)

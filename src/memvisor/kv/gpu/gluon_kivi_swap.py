@@ -49,7 +49,6 @@ Supported: G = 32, GROUPS <= 4, D in {64, 128, 256}, BITS in {2, 4}; other shape
 
 from __future__ import annotations
 
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2

@@ -10,6 +10,33 @@ from memvisor.kv.gpu.gdc import tl_gdc_launch_dependents, tl_gdc_wait
 
 
 @triton.jit
+def _query_rows(Q, pid_bh, GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+    """The opening of a program of kv head ``pid_bh``: its ``GROUPS`` query heads' rows of ``Q`` ``[B*Hq, D]``
+    (padded to ``GP`` rows with zeros) and an empty online-softmax state: max ``[GP]``, sum ``[GP]``, output
+    ``[GP, D]``, float32."""
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + (pid_bh * GROUPS + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < GROUPS)[:, None],
+                other=0.0)
+    return q, tl.full([GP], float("-inf"), tl.float32), tl.zeros([GP], tl.float32), tl.zeros([GP, D], tl.float32)
+
+
+@triton.jit
+def _replicated_query(Q, pid_bh, sm_scale_log2, GROUPS: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
+                      NGV: tl.constexpr):
+    """Query rows replicated once per value channel group (the rep/tile/planes kernels): row ``r`` is query
+    head ``h = r % GROUPS`` of kv head ``pid_bh`` for channel group ``j = r // GROUPS``; rows past ``NGV *
+    GROUPS`` (``r_ok`` False) are zeros. Returns ``(q [ROWS, D] float32 times sm_scale_log2, h, j, r_ok)``."""
+    r = tl.arange(0, ROWS)
+    h = r % GROUPS
+    j = r // GROUPS
+    r_ok = r < NGV * GROUPS
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + (pid_bh * GROUPS + h)[:, None] * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+    return q.to(tl.float32) * sm_scale_log2, h, j, r_ok
+
+
+@triton.jit
 def _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2):
     """One tile into the online softmax: q [GP, D], k/v [BLOCK_N, D] (model dtype)."""
     s = tl.dot(q, tl.trans(k)) * sm_scale_log2
@@ -99,12 +126,9 @@ def _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, s
 def _residual_program(Q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
                       GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr):
     """The last program of each kv head: its query heads over the full-precision residual."""
-    offs_d = tl.arange(0, D)
-    g = tl.arange(0, GP)
-    q = tl.load(Q + (pid_bh * GROUPS + g)[:, None] * D + offs_d[None, :], mask=(g < GROUPS)[:, None], other=0.0)
+    q, m_i, l_i, acc = _query_rows(Q, pid_bh, GROUPS, GP, D)
     _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
-                        tl.full([GP], float("-inf"), tl.float32), tl.zeros([GP], tl.float32),
-                        tl.zeros([GP, D], tl.float32), True, GROUPS, GP, D, BLOCK_R)
+                        m_i, l_i, acc, True, GROUPS, GP, D, BLOCK_R)
 
 
 @triton.jit

@@ -33,7 +33,8 @@ import triton.language as tl
 
 from memvisor.kv.gpu.errors import KVLayoutError
 from memvisor.kv.gpu.layout import KiviLayer
-from memvisor.kv.gpu.triton_common import _combine_kernel, _dense_tiles, _dequant_tiles, _residual_and_store
+from memvisor.kv.gpu.triton_common import (_combine_kernel, _dense_tiles, _dequant_tiles, _query_rows,
+                                            _residual_and_store)
 from memvisor.kv.gpu.planes import SLOTS, PlanesLayer
 from memvisor.kv.gpu.swap_plan import EVEN_WAVES, PIPELINE_WAVES, SWAP_RESIDENT, even_plan, pipeline_plan, swap_plan
 from memvisor.kv.gpu.triton_kivi_planes import _planes_split_kernel
@@ -54,13 +55,7 @@ def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, KGI, sm_scale_
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_rows = tl.num_programs(1)
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + (pid_bh * GROUPS + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < GROUPS)[:, None],
-                other=0.0)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
+    q, m_i, l_i, acc = _query_rows(Q, pid_bh, GROUPS, GP, D)
     is_res = pid_s == n_rows - 1
     VB: tl.constexpr = BITS if VBITS == 0 else VBITS
     if pid_s < n_rows - 1:
@@ -80,13 +75,7 @@ def _dense_split_kernel(Q, K, V, OP, LP, sm_scale_log2, T, tps, sk_bh,
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_rows = tl.num_programs(1)
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + (pid_bh * GROUPS + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < GROUPS)[:, None],
-                other=0.0)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
+    q, m_i, l_i, acc = _query_rows(Q, pid_bh, GROUPS, GP, D)
     start = pid_s * tps
     m_i, l_i, acc = _dense_tiles(q, K + pid_bh * sk_bh, V + pid_bh * sk_bh, start, tl.minimum(start + tps, T),
                                  m_i, l_i, acc, sm_scale_log2, D, BLOCK_N)

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from memvisor.kv.gpu.planes import VALUE_EXP
-from memvisor.kv.gpu.triton_common import _residual_program, _store_replicated
+from memvisor.kv.gpu.triton_common import _replicated_query, _residual_program, _store_replicated
 
 
 def _and_asm(bits: int, jj: int) -> str:
@@ -133,12 +133,8 @@ def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
     TILE: tl.constexpr = SLOTS * G
     offs_d = tl.arange(0, D)
     if pid_s < n_rows - 1:
-        r = tl.arange(0, ROWS)
-        h = r % GROUPS
-        jv = r // GROUPS
-        r_ok = r < NGV * GROUPS
-        qrep = tl.load(Q + (pid_bh * GROUPS + h)[:, None] * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)
-        qrep = (qrep.to(tl.float32) * sm_scale_log2).to(tl.float16)  # [ROWS, D], log2 units
+        qrep, h, jv, r_ok = _replicated_query(Q, pid_bh, sm_scale_log2, GROUPS, ROWS, D, NGV)
+        qrep = qrep.to(tl.float16)  # [ROWS, D], log2 units
         offs_n = tl.arange(0, G)
         k16 = tl.arange(0, 16)
         kz_rows = k16 % SLOTS  # the tile's groups, then again: hi and lo halves of the zero-point term

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from memvisor.kv.gpu.triton_common import _residual_program, _store_replicated
+from memvisor.kv.gpu.triton_common import _replicated_query, _residual_program, _store_replicated
 
 
 @triton.jit
@@ -45,12 +45,7 @@ def _kivi_split_kernel_rep(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_l
     NGV: tl.constexpr = D // G
     offs_d = tl.arange(0, D)
     if pid_s < n_rows - 1:
-        r = tl.arange(0, ROWS)
-        h = r % GROUPS
-        j = r // GROUPS
-        r_ok = r < NGV * GROUPS
-        qrep = tl.load(Q + (pid_bh * GROUPS + h)[:, None] * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)
-        qrep = qrep.to(tl.float32) * sm_scale_log2  # [ROWS, D], log2 units
+        qrep, h, j, r_ok = _replicated_query(Q, pid_bh, sm_scale_log2, GROUPS, ROWS, D, NGV)  # log2 units
         m_i = tl.full([ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, D], tl.float32)
@@ -122,12 +117,8 @@ def _kivi_split_kernel_tile(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_
     offs_d = tl.arange(0, D)
     ksh = (tl.arange(0, PER) * BITS).to(tl.int16)
     if pid_s < n_rows - 1:
-        r = tl.arange(0, ROWS)
-        h = r % GROUPS
-        j = r // GROUPS
-        r_ok = r < NGV * GROUPS
-        qrep = tl.load(Q + (pid_bh * GROUPS + h)[:, None] * D + offs_d[None, :], mask=r_ok[:, None], other=0.0)
-        qrep = (qrep.to(tl.float32) * sm_scale_log2).to(tl.float16)  # [ROWS, D], log2 units
+        qrep, h, j, r_ok = _replicated_query(Q, pid_bh, sm_scale_log2, GROUPS, ROWS, D, NGV)
+        qrep = qrep.to(tl.float16)  # [ROWS, D], log2 units
         m_i = tl.full([ROWS], float("-inf"), tl.float32)
         l_i = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, D], tl.float32)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from memvisor.kv.gpu.errors import KVLayoutError
-from memvisor.kv.gpu.triton_common import _dense_tiles, _dequant_tiles, _residual_and_store
+from memvisor.kv.gpu.triton_common import _dense_tiles, _dequant_tiles, _query_rows, _residual_and_store
 from memvisor.kv.gpu.triton_decode import (_LOG2E, _check, _combine, _rows_contiguous, _sm_count, _split_plan,
                                              with_smaller_tiles)
 
@@ -66,13 +66,7 @@ def _kivi_ragged_kernel(Q, META, OP, LP, sm_scale_log2, tps, H,
     n_rows = tl.num_programs(1)
     b = pid_bh // H
     row = META + (pid_bh % H) * _NCOL
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + (pid_bh * GROUPS + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < GROUPS)[:, None],
-                other=0.0)
-    m_i = tl.full([GP], float("-inf"), tl.float32)
-    l_i = tl.zeros([GP], tl.float32)
-    acc = tl.zeros([GP, D], tl.float32)
+    q, m_i, l_i, acc = _query_rows(Q, pid_bh, GROUPS, GP, D)
     T_q = tl.load(row + _TQ).to(tl.int32)
     if pid_s < n_rows - 1:
         start = pid_s * tps
@@ -98,15 +92,11 @@ def _dense_ragged_kernel(Q, META, OP, LP, sm_scale_log2, tps, H,
     pid_s = tl.program_id(1)
     b = pid_bh // H
     row = META + (pid_bh % H) * _NCOL
-    offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
-    q = tl.load(Q + (pid_bh * GROUPS + offs_g)[:, None] * D + offs_d[None, :], mask=(offs_g < GROUPS)[:, None],
-                other=0.0)
+    q, m_i, l_i, acc = _query_rows(Q, pid_bh, GROUPS, GP, D)
     start = pid_s * tps
     m_i, l_i, acc = _dense_tiles(q, _ptr(row, 6, b, Q.dtype.element_ty), _ptr(row, 7, b, Q.dtype.element_ty),
                                  start, tl.minimum(start + tps, tl.load(row + _TR).to(tl.int32)),
-                                 tl.full([GP], float("-inf"), tl.float32), tl.zeros([GP], tl.float32),
-                                 tl.zeros([GP, D], tl.float32), sm_scale_log2, D, BLOCK_N)
+                                 m_i, l_i, acc, sm_scale_log2, D, BLOCK_N)
     _residual_and_store(q, Q, Q, OP, LP, pid_bh, pid_s, tl.num_programs(1), 0, 0, 0, sm_scale_log2,
                         m_i, l_i, acc, False, GROUPS, GP, D, BLOCK_N)
 

@@ -28,8 +28,8 @@ How to add a policy:
    needed; set ``name`` and ``needs_queries``). Keep per-token statistics as ``[..., Hkv, T]`` tensors and
    use ``_stats.extend`` / ``_stats.reindex`` / ``_stats.finish_scores``; get attention rows from
    ``_attention.group_attention`` (causal block mask, ragged padding, GQA mean). A policy whose statistics
-   need only those rows implements ``observe_probs`` (``observe`` then feeds it from ``group_attention``)
-   and sets ``observes_probs = True``: decode steps then cost it no second pass over the history.
+   need only those rows subclasses ``_attention.AttentionStatsPolicy`` and implements ``observe_probs`` (its
+   ``observe`` feeds it from ``group_attention``): decode steps then cost it no second pass over the history.
 2. Docstring: the paper, tensor shapes and units, every knob with its default, GQA reduction, masking.
 3. Register it below in ``POLICIES`` under its short ``name``.
 4. Tests in ``tests/kv/test_policies_<name>.py``: hand-made queries/keys giving known attention, asserting

@@ -15,7 +15,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from memvisor.kv.policies.base import PolicyError, valid_mask
+from memvisor.kv.policies._stats import ends
+from memvisor.kv.policies.base import PolicyError, TokenPolicy, valid_mask
 
 
 def check_qk(queries: Tensor, keys: Tensor) -> tuple[int, int, int, int, int, int]:
@@ -87,3 +88,43 @@ def group_attention(
         logits = logits.masked_fill(~allowed.view(1, Hkv, 1, stop - start, T), float("-inf"))
         probs = torch.softmax(logits, dim=-1).mean(2)
         yield start, probs, allowed.sum(-1)
+
+
+class AttentionStatsPolicy(TokenPolicy):
+    """A token policy whose statistics are functions of the attention probabilities alone (H2O, Scissorhands).
+
+    A subclass implements ``observe_probs`` (the statistic), ``scores``, ``on_evict`` and ``reset``, and sets the
+    knobs ``sinks``, ``recent`` (tokens kept at each end), ``scaling`` and ``chunk`` (as ``group_attention``'s).
+    ``observe`` computes the rows of :meth:`observed_queries` with :func:`group_attention` and hands them to
+    ``observe_probs``; the cache hands decode steps' rows straight to ``observe_probs`` (``observes_probs``).
+    """
+
+    needs_queries = True
+    observes_probs = True
+    scores_use_kv = False  # scores come from accumulated statistics and positions
+    sinks: int
+    recent: int
+    scaling: float | None
+    chunk: int
+
+    def observed_queries(self, queries: Tensor) -> Tensor:
+        """The queries of a forward ([B, Hq, Tq, D]) whose rows the statistic needs (default: all)."""
+        return queries
+
+    def observe(
+        self,
+        queries: Tensor,
+        keys: Tensor,
+        *,
+        lengths: Tensor | None = None,
+        positions: Tensor | None = None,
+        window: int | None = None,
+    ) -> None:
+        for _, probs, n_visible in group_attention(
+            self.observed_queries(queries), keys, lengths=lengths, scaling=self.scaling, chunk=self.chunk,
+            positions=positions, window=window,
+        ):
+            self.observe_probs(probs, n_visible, lengths=lengths)
+
+    def protected(self, T: int) -> Tensor:
+        return ends(T, self.sinks, self.recent)

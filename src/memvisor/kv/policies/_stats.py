@@ -46,6 +46,14 @@ def reindex(stat: Tensor, kept: list[Tensor]) -> Tensor:
     return out
 
 
+def ends(T: int, sinks: int, recent: int) -> Tensor:
+    """BoolTensor[T]: True at the first ``sinks`` and the last ``recent`` of T tokens (what most policies protect)."""
+    p = torch.zeros(T, dtype=torch.bool)
+    p[:sinks] = True
+    p[max(0, T - recent) :] = True  # recent == 0 marks nothing (the slice starts at T)
+    return p
+
+
 def finish_scores(stat: Tensor, T: int, lengths: Tensor | None) -> Tensor:
     """float32 [B, Hkv, T] scores on the CPU from a [B, Hkv, <=T] statistic (on any device), ``-inf`` at
     padding."""

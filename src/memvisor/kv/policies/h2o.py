@@ -25,16 +25,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from memvisor.kv.policies.base import PolicyError, TokenPolicy
-from memvisor.kv.policies._attention import group_attention
+from memvisor.kv.policies.base import PolicyError
+from memvisor.kv.policies._attention import AttentionStatsPolicy
 from memvisor.kv.policies._stats import extend, finish_scores, reindex
 
 
-class H2O(TokenPolicy):
+class H2O(AttentionStatsPolicy):
     name = "h2o"
-    needs_queries = True
-    observes_probs = True
-    scores_use_kv = False  # scores come from positions / accumulated statistics
     state_attrs = ("acc",)
 
     def __init__(self, recent: int = 32, sinks: int = 0, scaling: float | None = None, chunk: int = 256) -> None:
@@ -46,20 +43,6 @@ class H2O(TokenPolicy):
     def reset(self) -> None:
         self.acc: Tensor | None = None  # float32 [B, Hkv, T]
 
-    def observe(
-        self,
-        queries: Tensor,
-        keys: Tensor,
-        *,
-        lengths: Tensor | None = None,
-        positions: Tensor | None = None,
-        window: int | None = None,
-    ) -> None:
-        for _, probs, n_visible in group_attention(
-            queries, keys, lengths=lengths, scaling=self.scaling, chunk=self.chunk, positions=positions, window=window
-        ):
-            self.observe_probs(probs, n_visible, lengths=lengths)
-
     def observe_probs(self, probs: Tensor, n_visible: Tensor, *, lengths: Tensor | None = None) -> None:
         B, Hkv, _, T = probs.shape
         acc = torch.zeros(B, Hkv, 0) if self.acc is None else self.acc
@@ -69,13 +52,6 @@ class H2O(TokenPolicy):
         B, Hkv, T, _ = keys.shape
         acc = torch.zeros(B, Hkv, 0) if self.acc is None else self.acc
         return finish_scores(acc, T, lengths)
-
-    def protected(self, T: int) -> Tensor:
-        p = torch.zeros(T, dtype=torch.bool)
-        p[: self.sinks] = True
-        if self.recent:
-            p[max(0, T - self.recent) :] = True
-        return p
 
     def on_evict(self, kept: list[Tensor]) -> None:
         if self.acc is not None:

@@ -9,11 +9,10 @@ Knobs: ``sinks`` and ``recent`` (tokens always kept at the start / end; default 
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from memvisor.kv.policies.base import PolicyError, TokenPolicy
-from memvisor.kv.policies._stats import finish_scores
+from memvisor.kv.policies._stats import ends, finish_scores
 
 
 class KeyNorm(TokenPolicy):
@@ -30,8 +29,4 @@ class KeyNorm(TokenPolicy):
         return finish_scores(-keys.float().norm(dim=-1), keys.shape[2], lengths)
 
     def protected(self, T: int) -> Tensor:
-        p = torch.zeros(T, dtype=torch.bool)
-        p[: self.sinks] = True
-        if self.recent:
-            p[max(0, T - self.recent) :] = True
-        return p
+        return ends(T, self.sinks, self.recent)

@@ -27,16 +27,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from memvisor.kv.policies.base import PolicyError, TokenPolicy
-from memvisor.kv.policies._attention import group_attention
+from memvisor.kv.policies.base import PolicyError
+from memvisor.kv.policies._attention import AttentionStatsPolicy
 from memvisor.kv.policies._stats import extend, finish_scores, reindex
 
 
-class Scissorhands(TokenPolicy):
+class Scissorhands(AttentionStatsPolicy):
     name = "scissorhands"
-    needs_queries = True
-    observes_probs = True
-    scores_use_kv = False  # scores come from positions / accumulated statistics
     state_attrs = ("hits",)
 
     def __init__(
@@ -57,20 +54,8 @@ class Scissorhands(TokenPolicy):
     def reset(self) -> None:
         self.hits: Tensor | None = None  # bool [n, B, Hkv, T], one row per remembered query, oldest first
 
-    def observe(
-        self,
-        queries: Tensor,
-        keys: Tensor,
-        *,
-        lengths: Tensor | None = None,
-        positions: Tensor | None = None,
-        window: int | None = None,
-    ) -> None:
-        q = queries[:, :, -self.history :]
-        for _, probs, n_visible in group_attention(
-            q, keys, lengths=lengths, scaling=self.scaling, chunk=self.chunk, positions=positions, window=window
-        ):
-            self.observe_probs(probs, n_visible, lengths=lengths)
+    def observed_queries(self, queries: Tensor) -> Tensor:
+        return queries[:, :, -self.history :]  # older ones would fall out of the window anyway
 
     def observe_probs(self, probs: Tensor, n_visible: Tensor, *, lengths: Tensor | None = None) -> None:
         B, Hkv, Tq, T = probs.shape
@@ -92,13 +77,6 @@ class Scissorhands(TokenPolicy):
         if self.hits is None:
             return finish_scores(torch.zeros(B, Hkv, T), T, lengths)
         return finish_scores(self.counts(T).float(), T, lengths)
-
-    def protected(self, T: int) -> Tensor:
-        p = torch.zeros(T, dtype=torch.bool)
-        p[: self.sinks] = True
-        if self.recent:
-            p[max(0, T - self.recent) :] = True
-        return p
 
     def on_evict(self, kept: list[Tensor]) -> None:
         if self.hits is not None:

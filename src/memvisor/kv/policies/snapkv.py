@@ -29,7 +29,7 @@ from torch import Tensor
 
 from memvisor.kv.policies.base import PolicyError, TokenPolicy, valid_mask
 from memvisor.kv.policies._attention import check_qk, group_attention
-from memvisor.kv.policies._stats import finish_scores
+from memvisor.kv.policies._stats import ends, finish_scores
 
 
 class SnapKV(TokenPolicy):
@@ -105,7 +105,4 @@ class SnapKV(TokenPolicy):
         return finish_scores(pooled.reshape(B, Hkv, T), T, lengths)
 
     def protected(self, T: int) -> Tensor:
-        p = torch.zeros(T, dtype=torch.bool)
-        p[: self.sinks] = True
-        p[max(0, T - self.window) :] = True
-        return p
+        return ends(T, self.sinks, self.window)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from memvisor.kv.policies.base import PolicyError, TokenPolicy
-from memvisor.kv.policies._stats import finish_scores
+from memvisor.kv.policies._stats import ends, finish_scores
 
 
 class StreamingLLM(TokenPolicy):
@@ -42,8 +42,4 @@ class StreamingLLM(TokenPolicy):
         return finish_scores(recency.expand(B, H, T), T, lengths)
 
     def protected(self, T: int) -> Tensor:
-        p = torch.zeros(T, dtype=torch.bool)
-        p[: self.sinks] = True
-        if self.window:
-            p[max(0, T - self.window) :] = True
-        return p
+        return ends(T, self.sinks, self.window)
