@@ -295,3 +295,71 @@ def test_replace_does_not_refill_evicted_sinks():
     st.replace(kk[:, idx], vv[:, idx], torch.arange(120)[idx], sinks_kept=int((idx < st.ns).sum()))
     assert st.ns == 3 and torch.equal(st.positions()[:3], torch.tensor([1, 2, 3]))
     assert torch.equal(st.k_sink, k[:, 1:4])
+
+
+def _head(T: int, seed: int = 0, G: int = 32) -> HeadStore:
+    g = torch.Generator().manual_seed(seed)
+    st = HeadStore(1, 32, torch.float32, torch.device("cpu"), QuantConfig(4, G, 32, 2), False)
+    st.append(torch.randn(1, T, 32, generator=g), torch.randn(1, T, 32, generator=g))
+    return st
+
+
+def _rows(st: HeadStore) -> torch.Tensor:
+    """Each quantized token's key-scale row as the GPU kernels read ``group_prefix``."""
+    p, r0, rows = st.group_prefix()
+    t = torch.arange(st.nq)
+    out = r0 + (t - p).clamp(min=0) // st.q.group
+    if p:
+        out[:p] = rows.long()
+    return out
+
+
+def test_group_prefix_maps_streaming_llms_cut_groups_and_counts_their_bytes():
+    """StreamingLLM keeps 4 sinks of the first key group and evicts from the oldest groups after them: the groups
+    are cut only in a short prefix, whose rows the head keeps (and counts) while the rest are read as whole groups.
+    A flush carries the prefix over without computing it again; an eviction computes it anew."""
+    st = _head(700)
+    assert st.group_prefix() == (0, 0, None) and "key_group_rows" not in st.tensors()
+    before = st.nbytes()
+    st.keep(torch.cat([torch.arange(4), torch.arange(100, len(st))]))  # sinks 4 | groups cut at token 100
+    answer = st.group_prefix()
+    p, r0, rows = answer
+    assert (p, r0) == (4 + 28, 2) and rows.tolist() == [0] * 4 + [1] * 28  # emptied groups are dropped
+    assert torch.equal(_rows(st), st.group_of_tokens(0, st.nq))
+    assert st.tensors()["key_group_rows"] is rows
+    assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors().values())
+    assert st.nbytes() < before  # the 96 evicted tokens outweigh the 32 rows kept
+    g = torch.Generator().manual_seed(1)
+    st.append(torch.randn(1, 64, 32, generator=g), torch.randn(1, 64, 32, generator=g))  # flushes 2 whole groups
+    assert st.group_prefix() is answer and torch.equal(_rows(st), st.group_of_tokens(0, st.nq))
+    st.keep(torch.cat([torch.arange(4), torch.arange(40, len(st))]))  # evicts the rest of the cut group and more
+    assert st.group_prefix() is not answer and torch.equal(_rows(st), st.group_of_tokens(0, st.nq))
+
+
+def test_group_prefix_is_none_when_cut_groups_reach_far():
+    """Per-head token choices cut groups all through the history: nothing is kept (it would cost 4 bytes a
+    token); the GPU step maps every token instead."""
+    from memvisor.kv.storage import PREFIX_LIMIT
+
+    st = _head(900)
+    st.keep(torch.arange(0, len(st), 3))
+    assert st.nq > PREFIX_LIMIT and st.group_prefix() is None and "key_group_rows" not in st.tensors()
+    assert st.group_prefix() is None  # remembered until the groups change
+
+
+def test_head_stack_flush_carries_the_group_prefix():
+    """The stacked heads' flush (all heads in one op) appends whole groups: each head's prefix stays, not
+    recomputed (a read back from the GPU each time otherwise)."""
+    from memvisor.kv.gpu.cache_path import HeadStack
+
+    stores = [_head(300, seed=s) for s in range(2)]
+    keep = torch.cat([torch.arange(4), torch.arange(50, len(stores[0]))])
+    stack = HeadStack()
+    assert stack.keep(stores, [keep, keep])
+    answers = [st.group_prefix() for st in stores]
+    assert answers[0][0] == 4 + 14
+    g = torch.Generator().manual_seed(2)
+    stack.append(stores, torch.randn(1, 2, 40, 32, generator=g), torch.randn(1, 2, 40, 32, generator=g))
+    assert stack.flush(stores)
+    for st, answer in zip(stores, answers):
+        assert st.group_prefix() is answer and torch.equal(_rows(st), st.group_of_tokens(0, st.nq))

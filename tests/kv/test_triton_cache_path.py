@@ -352,10 +352,11 @@ def test_cuda_layers_that_evict_run_the_stacked_kernel_and_match_the_torch_path(
 
 
 @cuda
-@pytest.mark.parametrize("bits", [2, 4])
-def test_cuda_stacked_kernel_reads_scattered_key_groups(bits):
+@pytest.mark.parametrize("bits,cut", [(2, "scattered"), (4, "scattered"), (4, "streaming")])
+def test_cuda_stacked_kernel_reads_scattered_key_groups(bits, cut):
     """Heads that keep the same scattered tokens (groups of 0-32 survivors, a code byte split across
-    groups): the kernel's per-token key-group rows against the block-wise torch path."""
+    groups: every token mapped), or StreamingLLM's 4 sinks and newest tokens (two cut groups in front: their rows
+    kept, whole groups after): the kernel's key-group rows against the block-wise torch path."""
     from memvisor.kv.attention import layer_attention
     from memvisor.kv.gpu.cache_path import stacked_decode, stacked_kernel_applies
 
@@ -368,9 +369,12 @@ def test_cuda_stacked_kernel_reads_scattered_key_groups(bits):
     for h, st in enumerate(stores):
         st.append(k[:, h], v[:, h])
     keep = torch.sort(torch.randperm(T, device="cuda", generator=g)[: T // 3]).values
+    if cut == "streaming":
+        keep = torch.cat([torch.arange(4, device="cuda"), torch.arange(110, T, device="cuda")])
     for st in stores:
         st.keep(keep)
     assert stores[0].group_sizes.min() < 8
+    assert (stores[0].group_prefix() is None) == (cut == "scattered")
     query = torch.randn(B, Hq, 1, D, device="cuda", generator=g).bfloat16() * 3
     assert stacked_kernel_applies(stores, query, None, None)
     want = layer_attention(query, stores, torch.tensor([T], device="cuda"), D ** -0.5)
@@ -463,7 +467,7 @@ def test_cuda_ragged_kernel_reads_each_heads_own_scattered_groups(bits, vbits):
     from memvisor.kv.gpu.cache_path import ragged_decode, ragged_kernel_applies, stacked_kernel_applies
 
     g = torch.Generator(device="cuda").manual_seed(bits)
-    B, Hq, Hkv, D, T = 2, 8, 4, 64, 2000
+    B, Hq, Hkv, D, T = 2, 10, 5, 64, 2000
     stores = [HeadStore(B, D, torch.bfloat16, torch.device("cuda"), QuantConfig(bits, 32, 32, vbits, sinks=4), False)
               for _ in range(Hkv)]
     k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).bfloat16()
@@ -471,10 +475,13 @@ def test_cuda_ragged_kernel_reads_each_heads_own_scattered_groups(bits, vbits):
     keep = [torch.sort(torch.randperm(T, device="cuda", generator=g)[: T // (2 + h)]).values for h in range(2)]
     # head 2: only the 4 sinks and 16 quantized tokens (no residual); head 3: only the newest 20 (nothing quantized)
     keep += [torch.arange(20, device="cuda"), torch.arange(T - 20, T, device="cuda")]
+    # head 4: the sinks and the newest tokens from 110 on (StreamingLLM): one cut group in front, whole ones after
+    keep += [torch.cat([torch.arange(4, device="cuda"), torch.arange(110, T, device="cuda")])]
     for h, st in enumerate(stores):
         st.append(k[:, h], v[:, h])
         st.keep(keep[h])
     assert len(stores[0]) != len(stores[1]) and stores[1].group_sizes.min() < 8
+    assert stores[0].group_prefix() is None and stores[4].group_prefix()[:2] == (22, 1)
     assert stores[2].nr == 0 < stores[2].nq and stores[3].nq == 0 < stores[3].nr
     query = torch.randn(B, Hq, 1, D, device="cuda", generator=g).bfloat16() * 3
     assert ragged_kernel_applies(stores, query, None, None) and not stacked_kernel_applies(stores, query, None, None)
@@ -574,25 +581,33 @@ def test_swap_even_plan():
             assert n <= units and 8 * n <= 7 * 132 and -(-units // n) >= 3
 
 
-def test_key_group_maps_of_all_heads_in_one_op_equal_each_heads_own():
-    """The ragged kernel's key-group maps, built for every head at once (rows numbered through all heads, from each
-    head's base), equal each head's cumulative-sum search (``HeadStore.group_of_tokens``); None while every head's
-    groups are whole."""
+def test_key_group_maps_give_each_heads_own_rows():
+    """The ragged kernel's key-group maps: a head whose cut groups are a short prefix (StreamingLLM's eviction) gives
+    its kept prefix rows; heads cut all through get maps of every token built at once (rows numbered through those
+    heads, from each one's base); a whole head gives none. Each head's rows, read as the kernel reads them, equal its
+    cumulative-sum search (``HeadStore.group_of_tokens``); None while every head's groups are whole."""
     from memvisor.kv.gpu.cache_path import _key_group_maps
 
     g = torch.Generator().manual_seed(3)
-    B, D, T = 1, 32, 700
-    stores = [HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(4, 32, 32, 2), False) for _ in range(3)]
+    B, D, T, G = 1, 32, 700, 32
+    stores = [HeadStore(B, D, torch.float32, torch.device("cpu"), QuantConfig(4, G, 32, 2), False) for _ in range(4)]
     for st in stores:
         st.append(torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g))
     assert _key_group_maps(stores) is None
-    stores[0].keep(torch.sort(torch.randperm(T, generator=g)[:300]).values)
-    stores[2].keep(torch.arange(45, T))
-    maps, bases = _key_group_maps(stores)
-    assert stores[0].group_sizes.min() < 32 and len(maps) == 3
-    assert bases == [0, stores[0].group_sizes.numel(), stores[0].group_sizes.numel() + stores[1].group_sizes.numel()]
-    for st, m, base in zip(stores, maps, bases):
-        assert m.dtype == torch.int32 and torch.equal(m.long() - base, st.group_of_tokens(0, st.nq))
+    stores[0].keep(torch.sort(torch.randperm(T, generator=g)[:300]).values)  # cut all through: a full map
+    stores[2].keep(torch.arange(45, T))  # the first group cut: a prefix of 19 tokens
+    stores[3].keep(torch.sort(torch.randperm(T, generator=g)[:400]).values)
+    maps = _key_group_maps(stores)
+    assert maps.prefix == [stores[0].nq, 0, 19, stores[3].nq] and maps.rest[2] == 1 and maps.rows[1] is None
+    assert maps.base == [0, 0, 0, stores[0].group_sizes.numel()]
+    for h, st in enumerate(stores):
+        t = torch.arange(st.nq)
+        p = maps.prefix[h]
+        rows = maps.rest[h] + (t - p).clamp(min=0) // G
+        if p:
+            assert maps.rows[h].dtype == torch.int32 and maps.rows[h].numel() == p
+            rows[:p] = maps.rows[h].long() - maps.base[h]
+        assert torch.equal(rows, st.group_of_tokens(0, st.nq)), h
 
 
 def test_head_stack_remembers_unequal_groups_until_a_head_replaces_them(monkeypatch):

@@ -27,12 +27,17 @@ Layout (``n = ns + nq + nr`` tokens, oldest first: ``ns`` sinks and ``nr`` newes
   keys re-expanded with zeros in the pruned channels, block by block: ``q . k`` then equals the
   projected ``q[channels] . k[channels]``.
 
+- ``key_group_rows int32 [P]`` (CUDA heads after an eviction cut key groups short): the key-scale row of each of
+  the first P quantized tokens, when the groups after them are whole (:meth:`HeadStore.group_prefix`), for the
+  GPU kernels; counted whichever path attends, so a layer stores the same bytes on the kernel and torch paths.
+
 ``nbytes()`` is the sum of ``numel * element_size`` over every tensor above that exists. Indices (``keep``,
 the policies' scores) and positions run over the stored order: sinks, quantized, residual.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -40,6 +45,13 @@ import torch
 from torch import Tensor
 
 from memvisor.kv import quant
+
+
+# Cut key groups within the first PREFIX_LIMIT quantized tokens of a head (StreamingLLM's sinks, the oldest groups
+# it evicts from) keep their rows for the GPU kernels between steps (HeadStore.group_prefix); cut groups further in
+# (per-head token choices cut them all through the history) are mapped token by token at each GPU step instead:
+# kept, that map would cost 4 bytes a quantized token.
+PREFIX_LIMIT = 256
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,8 @@ class HeadStore:
             self.v_zero = torch.empty(batch, 0, head_dim // G, dtype=torch.float16, **e)
         self.pos = torch.empty(0, dtype=torch.int16, **e) if track_pos else None
         self.channels: Tensor | None = None  # ThinK: kept key channels (set_channels)
+        # group_prefix's answer and a weak reference to the group sizes it was computed from
+        self._prefix: tuple[weakref.ref, tuple[int, int, Tensor | None] | None] | None = None
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -118,6 +132,10 @@ class HeadStore:
         if self.q.bits is not None:
             for name in ("k_codes", "k_scale", "k_zero", "group_sizes", "v_codes", "v_scale", "v_zero"):
                 out[name] = getattr(self, name)
+            if self.device.type == "cuda" and self.nq:
+                self.group_prefix()  # what the GPU kernels read, stored on that device whichever path attends
+            if self.key_group_rows is not None:
+                out["key_group_rows"] = self.key_group_rows
         if self.pos is not None:
             out["pos"] = self.pos
         if self.channels is not None:
@@ -189,8 +207,10 @@ class HeadStore:
         self._append_key_codes(kc, n)
         self.k_scale = torch.cat([self.k_scale, ks], dim=1)
         self.k_zero = torch.cat([self.k_zero, kz], dim=1)
+        before = self.group_sizes
         self.group_sizes = torch.cat(
             [self.group_sizes, torch.full((n // G,), G, dtype=torch.int16, device=self.device)])
+        self.carry_group_prefix(before)
         self.v_codes = torch.cat([self.v_codes, vc], dim=1)
         self.v_scale = torch.cat([self.v_scale, vs], dim=1)
         self.v_zero = torch.cat([self.v_zero, vz], dim=1)
@@ -326,7 +346,46 @@ class HeadStore:
         fresh.append(k, v, pos)
         self.__dict__.update(fresh.__dict__)
 
+    def carry_group_prefix(self, before: Tensor) -> None:
+        """After a flush appended whole key groups to the group sizes ``before``: :meth:`group_prefix` stays what it
+        was (whole groups after the prefix), with no read back."""
+        if self._prefix is not None and self._prefix[0]() is before:
+            self._prefix = (weakref.ref(self.group_sizes), self._prefix[1])
+
     # ------------------------------------------------------------------ reading
+    def group_prefix(self) -> tuple[int, int, Tensor | None] | None:
+        """The quantized tokens' key groups as a cut prefix followed by whole groups, for the GPU kernels:
+        ``(P, R0, rows)``, tokens ``[0, P)`` having the key-scale rows ``rows`` (int32 [P], on the head's device) and
+        token ``t >= P`` the row ``R0 + (t - P) // G``. ``(0, 0, None)`` when every group is whole; None when cut
+        groups reach past the first :data:`PREFIX_LIMIT` tokens (map every token instead: ``group_of_tokens``).
+
+        Kept until the group sizes change (a flush carries it over) and, while kept, stored (``key_group_rows``,
+        counted by :meth:`nbytes`); computing it reads one value back from the device."""
+        current = self._current_prefix()
+        if current is not None or (self._prefix is not None and self._prefix[0]() is self.group_sizes):
+            return current
+        sizes, G = self.group_sizes, self.q.group
+        out: tuple[int, int, Tensor | None] | None = (0, 0, None)
+        if self.nq != sizes.numel() * G:
+            r0 = int(torch.nonzero(sizes != G).flatten()[-1]) + 1  # past the last cut group every group is whole
+            p = self.nq - (sizes.numel() - r0) * G
+            rows = torch.arange(r0, dtype=torch.int32, device=self.device)
+            out = None if p > PREFIX_LIMIT else (p, r0, torch.repeat_interleave(rows, sizes[:r0].long(), output_size=p))
+        self._prefix = (weakref.ref(sizes), out)
+        return out
+
+    @property
+    def key_group_rows(self) -> Tensor | None:
+        """The kept rows of :meth:`group_prefix` (int32 [P]), if any for the current group sizes."""
+        current = self._current_prefix()
+        return None if current is None else current[2]
+
+    def _current_prefix(self) -> tuple[int, int, Tensor | None] | None:
+        """group_prefix's kept answer if it is for the current group sizes, else None."""
+        if self._prefix is None or self._prefix[0]() is not self.group_sizes:
+            return None
+        return self._prefix[1]
+
     def group_of_tokens(self, start: int, end: int) -> Tensor:
         """LongTensor[end-start]: key-group row of each quantized token in [start, end)."""
         ends = torch.cumsum(self.group_sizes.long(), 0)
@@ -440,7 +499,7 @@ class StackedHeads:
         self.q, self.D, self.B, self.nq, self.ns = first.q, first.D, first.B, first.nq, first.ns
         self.device = first.device
         for name, t in first.tensors().items():
-            if name in ("pos", "channels"):
+            if name in ("pos", "channels", "key_group_rows"):
                 continue
             setattr(self, name, torch.stack([getattr(st, name) for st in stores], dim=1))
         if first.q.bits is not None:

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from memvisor.kv import quant
-from memvisor.kv.gpu.layout import KiviLayer
+from memvisor.kv.gpu.layout import KeyGroupMaps, KiviLayer
 from memvisor.kv.gpu.planes import SLOTS, PlanesLayer, to_planes
 from memvisor.kv.storage import HeadStore, QuantConfig, StackedHeads
 
@@ -185,9 +185,11 @@ class HeadStack:
             new[name] = torch.cat([self.stacked(stores, name), x], 2)
         new["k_res"] = k_res[:, :, n:].clone(memory_format=torch.contiguous_format)
         new["v_res"] = v_res[:, :, n:].clone(memory_format=torch.contiguous_format)
+        before = [st.group_sizes for st in stores]
         self._adopt_all(stores, new)
-        for st in stores:
+        for st, sizes in zip(stores, before):
             st.nq = nq + n
+            st.carry_group_prefix(sizes)
         return True
 
     def keep(self, stores: list[HeadStore], kept: list[Tensor]) -> bool:
@@ -279,11 +281,8 @@ def ragged_decode(query: Tensor, stores: list[HeadStore], scaling: float) -> Ten
     heads = [_head_tensors(st) for st in stores]
     if q.bits is None:
         return dense_ragged_attention(q1, heads, scaling).unsqueeze(1)
-    # the key-group maps are built for this step and dropped: kept between steps they would be stored bytes
-    # (4 per quantized token) for the layer to count
-    maps, bases = _key_group_maps(stores) or (None, None)
-    return kivi_ragged_attention(q1, heads, q.bits, q.vbits, q.group, scaling, key_groups=maps,
-                                 key_group_base=bases).unsqueeze(1)
+    return kivi_ragged_attention(q1, heads, q.bits, q.vbits, q.group, scaling,
+                                 key_groups=_key_group_maps(stores)).unsqueeze(1)
 
 
 def _head_tensors(st: HeadStore) -> dict[str, Tensor]:
@@ -296,20 +295,28 @@ def _head_tensors(st: HeadStore) -> dict[str, Tensor]:
     return out
 
 
-def _key_group_maps(stores: list[HeadStore]) -> tuple[list[Tensor], list[int]] | None:
-    """The ragged kernel's key-group maps of every head in three ops (a cumulative-sum search per head cost
-    ~75 us a head in session 16's profile): per head, int32 [nq] numbering its quantized tokens' key groups
-    through all heads (head h's first group is row ``bases[h]`` of that numbering), and ``bases``; None when every
-    head's groups are whole (token t's row is then t // G)."""
-    G = stores[0].q.group
-    ngs = [st.group_sizes.numel() for st in stores]
-    nqs = [st.nq for st in stores]
-    if all(ng * G == nq for ng, nq in zip(ngs, nqs)):
+def _key_group_maps(stores: list[HeadStore]) -> KeyGroupMaps | None:
+    """The ragged kernel's key-group maps (None when every head's groups are whole). A head whose cut groups are a
+    short prefix gives its kept one (``HeadStore.group_prefix``); the others' maps of every quantized token are
+    built for this step and dropped (kept, they would be 4 stored bytes a token), all in three ops (a
+    cumulative-sum search per head cost ~75 us a head in session 16's profile), numbering their groups through
+    those heads (head h's first group is row ``base[h]`` of that numbering)."""
+    prefixes = [st.group_prefix() for st in stores]
+    if all(p is not None and p[2] is None for p in prefixes):
         return None
-    sizes = torch.cat([st.group_sizes for st in stores])
-    rows = torch.arange(sum(ngs), device=sizes.device, dtype=torch.int32)
-    flat = torch.repeat_interleave(rows, sizes.long(), output_size=sum(nqs))
-    return list(flat.split(nqs)), [0, *itertools.accumulate(ngs[:-1])]
+    maps = KeyGroupMaps(rows=[None if p is None else p[2] for p in prefixes], base=[0] * len(stores),
+                        prefix=[st.nq if p is None else p[0] for st, p in zip(stores, prefixes)],
+                        rest=[0 if p is None else p[1] for p in prefixes])
+    full = [h for h, p in enumerate(prefixes) if p is None]
+    if full:
+        ngs = [stores[h].group_sizes.numel() for h in full]
+        nqs = [stores[h].nq for h in full]
+        sizes = torch.cat([stores[h].group_sizes for h in full])
+        rows = torch.arange(sum(ngs), device=sizes.device, dtype=torch.int32)
+        flat = torch.repeat_interleave(rows, sizes.long(), output_size=sum(nqs))
+        for h, m, base in zip(full, flat.split(nqs), itertools.accumulate([0, *ngs[:-1]])):
+            maps.rows[h], maps.base[h] = m, base
+    return maps
 
 
 def _launch(q1: Tensor, st0: HeadStore, stacked, scaling: float) -> Tensor:
@@ -326,11 +333,12 @@ def _launch(q1: Tensor, st0: HeadStore, stacked, scaling: float) -> Tensor:
         return dense_decode_attention_triton(q1, k_full.contiguous(), v_full.contiguous(), scaling)
     names = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
     k_codes, k_scale, k_zero, v_codes, v_scale, v_zero = (stacked(n) for n in names)
-    # every group whole (k_scale holds nq / G rows) unless eviction cut some: then each token's row, int32
-    whole = k_scale.shape[2] * q.group == st0.nq
-    groups = None if whole else st0.group_of_tokens(0, st0.nq).to(torch.int32)
-    layer = KiviLayer(q.bits, q.group, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_full, v_full, groups,
-                      vbits=q.vbits)
+    # every group whole unless eviction cut some: then the rows of the cut prefix (kept between steps), or of
+    # every token (built for this step) where cut groups reach further
+    prefix = st0.group_prefix()
+    rows, rest = (st0.group_of_tokens(0, st0.nq).to(torch.int32), 0) if prefix is None else (prefix[2], prefix[1])
+    layer = KiviLayer(q.bits, q.group, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_full, v_full, rows,
+                      vbits=q.vbits, key_group_rest=rest)
     return kivi_decode_attention(q1, layer, scaling, variant="dequant")
 
 

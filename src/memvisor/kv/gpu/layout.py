@@ -29,6 +29,19 @@ SUPPORTED_BITS = (2, 4)
 
 
 @dataclass
+class KeyGroupMaps:
+    """Where each kv head's quantized tokens find their key-scale rows, for the ragged kernel (triton_ragged.py),
+    as :class:`KiviLayer`'s ``key_groups`` says for one: per head h, token ``t < prefix[h]`` has row ``rows[h][t] -
+    base[h]`` (int32; ``rows[h]`` None when ``prefix[h]`` is 0) and token ``t >= prefix[h]`` row ``rest[h] + (t -
+    prefix[h]) // G``. ``base`` lets maps built for several heads at once number their groups through all of them."""
+
+    rows: list[torch.Tensor | None]
+    base: list[int]
+    prefix: list[int]
+    rest: list[int]
+
+
+@dataclass
 class KiviLayer:
     """One layer's quantized cache in the agreed layout (see module docstring for shapes).
 
@@ -49,13 +62,15 @@ class KiviLayer:
     v_zero: torch.Tensor
     k_res: torch.Tensor
     v_res: torch.Tensor
-    # int32 [t_quant]: the key-scale row of each quantized token where eviction cut groups short (the
+    # int32 [P]: the key-scale rows of the first P quantized tokens where eviction cut groups short (the
     # cache's ``group_sizes``; then k_scale/k_zero hold one row per group, whatever its size, and t_quant need
-    # not be a multiple of G); None: token t's row is t // G. Read by the "dequant" kernel only.
+    # not be a multiple of G); token t >= P has row ``key_group_rest + (t - P) // G`` (the groups after the cut
+    # ones are whole; P = t_quant maps every token). None: token t's row is t // G. Read by the "dequant" kernel.
     key_groups: torch.Tensor | None = None
     # values' bit width where it differs from the keys' (``bits``): KIVI with 4-bit keys and 2-bit values.
     # Read by the "dequant" kernel only; None: ``bits``.
     vbits: int | None = None
+    key_group_rest: int = 0
 
     @property
     def value_bits(self) -> int:

@@ -50,13 +50,13 @@ def _fold(q, k, v, m_i, l_i, acc, n_mask, sm_scale_log2):
 
 
 @triton.jit
-def _dequant_tiles(q, KC, KS, KZ, VC, VS, VZ, KGI, start, end, m_i, l_i, acc, sm_scale_log2,
+def _dequant_tiles(q, KC, KS, KZ, VC, VS, VZ, KGI, KG_P, KG_R0, start, end, m_i, l_i, acc, sm_scale_log2,
                    D: tl.constexpr, BITS: tl.constexpr, VB: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr,
                    GROUP_MAP: tl.constexpr):
     """Quantized tokens [start, end) of ONE kv head (pointers at that head's batch row) into the online softmax,
     each ``BLOCK_N``-token tile dequantized in registers (the cache layout of layout.py: keys ``BITS`` wide per
-    channel, values ``VB`` wide per token). ``GROUP_MAP``: token t's key scale row is ``KGI[t]`` (int32: key
-    groups cut by eviction), else t // G."""
+    channel, values ``VB`` wide per token). ``GROUP_MAP``: token t's key scale row is ``KGI[t]`` for t < ``KG_P``
+    (int32: key groups cut by eviction) and ``KG_R0 + (t - KG_P) // G`` after them (whole groups), else t // G."""
     PER: tl.constexpr = 8 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     VPER: tl.constexpr = 8 // VB
@@ -71,7 +71,8 @@ def _dequant_tiles(q, KC, KS, KZ, VC, VS, VZ, KGI, start, end, m_i, l_i, acc, sm
         kb = tl.load(KC + (offs_n // PER)[:, None] * D + offs_d[None, :], mask=m2, other=0)
         kq = (kb.to(tl.int32) >> ((offs_n % PER) * BITS)[:, None]) & MASK
         if GROUP_MAP:
-            krow = tl.load(KGI + offs_n, mask=n_mask, other=0)
+            in_map = offs_n < KG_P
+            krow = tl.where(in_map, tl.load(KGI + offs_n, mask=n_mask & in_map, other=0), KG_R0 + (offs_n - KG_P) // G)
         else:
             krow = offs_n // G
         kofs = krow[:, None] * D + offs_d[None, :]

@@ -43,14 +43,15 @@ from memvisor.kv.gpu.triton_kivi_rep import _kivi_split_kernel_rep, _kivi_split_
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
-def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, KGI, sm_scale_log2,
+@triton.jit(do_not_specialize=["KG_P", "KG_R0"])
+def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, KGI, KG_P, KG_R0, sm_scale_log2,
                        T_q, T_r, tps, skc_bh, sks_bh, svc_bh, svs_bh, skr_bh, svr_bh,
                        GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
                        G: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_MAP: tl.constexpr = False,
                        VBITS: tl.constexpr = 0):
     """The "dequant" split: each token addressed on its own, so a split may start anywhere. ``GROUP_MAP``:
-    token t's key scale row is ``KGI[t]`` (int32, shared by the heads: key groups cut by eviction), not t // G.
+    token t's key scale row is ``KGI[t]`` for t < ``KG_P`` and ``KG_R0 + (t - KG_P) // G`` after (int32, shared by
+    the heads: key groups cut by eviction, ``KiviLayer.key_groups``), not t // G.
     ``VBITS``: the values' bit width where it differs from the keys' ``BITS`` (0: the same)."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -62,8 +63,8 @@ def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, KGI, sm_scale_
         start = pid_s * tps
         m_i, l_i, acc = _dequant_tiles(q, KC + pid_bh * skc_bh, KS + pid_bh * sks_bh, KZ + pid_bh * sks_bh,
                                        VC + pid_bh * svc_bh, VS + pid_bh * svs_bh, VZ + pid_bh * svs_bh, KGI,
-                                       start, tl.minimum(start + tps, T_q), m_i, l_i, acc, sm_scale_log2,
-                                       D, BITS, VB, G, BLOCK_N, GROUP_MAP)
+                                       KG_P, KG_R0, start, tl.minimum(start + tps, T_q), m_i, l_i, acc,
+                                       sm_scale_log2, D, BITS, VB, G, BLOCK_N, GROUP_MAP)
     _residual_and_store(q, KR, VR, OP, LP, pid_bh, pid_s, n_rows, T_r, skr_bh, svr_bh, sm_scale_log2,
                         m_i, l_i, acc, is_res, GROUPS, GP, D, BLOCK_N)
 
@@ -243,7 +244,8 @@ def _kivi_launch(q: torch.Tensor, layer: KiviLayer, sm_scale: float | None, *, b
     else:
         kgi = layer.key_groups
         _kivi_split_kernel[(b * hkv, n_rows)](
-            q, *tensors, op, lp, q if kgi is None else kgi, scale * _LOG2E, layer.t_quant, t_r, tps, *strides,
+            q, *tensors, op, lp, q if kgi is None else kgi, 0 if kgi is None else kgi.numel(), layer.key_group_rest,
+            scale * _LOG2E, layer.t_quant, t_r, tps, *strides,
             GROUPS=groups, GP=gp, D=d, BITS=layer.bits, G=g, BLOCK_N=block_n, GROUP_MAP=kgi is not None,
             VBITS=0 if layer.value_bits == layer.bits else layer.value_bits, num_warps=num_warps, num_stages=num_stages)
     return _combine(op, lp, q, n_rows)

@@ -7,8 +7,9 @@ session 16, BENCHMARKS.md kv-gpu). Here every head's tensors are reached through
 
 ``meta: int64 [Hkv, NCOL]``, row h = head h's base addresses (bytes) of its eight tensors in the order of
 :data:`TENSORS`, then their batch strides (elements), then the address of its key-group map (0: none), its number
-of quantized tokens and of full-precision ones, and the row its map gives its first key group (the maps of all
-heads are built at once, numbering the groups of all heads: cache_path.py). Program ``(b * Hkv + h, s)`` takes
+of quantized tokens and of full-precision ones, the row its map gives its first key group (maps built for several
+heads at once number the groups of all of them: cache_path.py), the tokens its map covers and the row of the first
+token after them (layout.KeyGroupMaps). Program ``(b * Hkv + h, s)`` takes
 head h's query heads (GQA: the ``Hq / Hkv`` consecutive ones), batch row b, tokens ``[s * tps, (s + 1) * tps)``
 of that head's quantized tokens (none past its own length: such a program stores an empty partial, which the
 combine skips), and the last program of each row the head's full-precision tokens. The tiles are the stacked
@@ -29,6 +30,7 @@ import triton
 import triton.language as tl
 
 from memvisor.kv.gpu.errors import KVLayoutError
+from memvisor.kv.gpu.layout import KeyGroupMaps
 from memvisor.kv.gpu.triton_common import _dense_tiles, _dequant_tiles, _query_rows, _residual_and_store
 from memvisor.kv.gpu.triton_decode import (_LOG2E, _check, _combine, _rows_contiguous, _sm_count, _split_plan,
                                              with_smaller_tiles)
@@ -36,8 +38,8 @@ from memvisor.kv.gpu.triton_decode import (_LOG2E, _check, _combine, _rows_conti
 # a head's tensors in the table's order (quantized heads); the dense kernel uses the last two (keys, values)
 TENSORS = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "k_full", "v_full")
 NT = len(TENSORS)
-COL_MAP, COL_TQ, COL_TR, COL_BASE = 2 * NT, 2 * NT + 1, 2 * NT + 2, 2 * NT + 3
-NCOL = 2 * NT + 4
+COL_MAP, COL_TQ, COL_TR, COL_BASE, COL_P, COL_R0 = (2 * NT + i for i in range(6))
+NCOL = 2 * NT + 6
 
 
 # the table's columns as the kernels' constants (a jit function reads a global only as a constexpr)
@@ -47,6 +49,8 @@ _MAP = tl.constexpr(COL_MAP)
 _TQ = tl.constexpr(COL_TQ)
 _TR = tl.constexpr(COL_TR)
 _BASE = tl.constexpr(COL_BASE)
+_P = tl.constexpr(COL_P)
+_R0 = tl.constexpr(COL_R0)
 
 
 @triton.jit
@@ -75,7 +79,8 @@ def _kivi_ragged_kernel(Q, META, OP, LP, sm_scale_log2, tps, H,
         m_i, l_i, acc = _dequant_tiles(q, _ptr(row, 0, b, tl.uint8), _ptr(row, 1, b, tl.float16) - base * D,
                                        _ptr(row, 2, b, tl.float16) - base * D, _ptr(row, 3, b, tl.uint8),
                                        _ptr(row, 4, b, tl.float16), _ptr(row, 5, b, tl.float16), kgi,
-                                       start, tl.minimum(start + tps, T_q), m_i, l_i, acc, sm_scale_log2,
+                                       tl.load(row + _P).to(tl.int32), tl.load(row + _R0).to(tl.int32), start,
+                                       tl.minimum(start + tps, T_q), m_i, l_i, acc, sm_scale_log2,
                                        D, BITS, VB, G, BLOCK_N, GROUP_MAP)
     # the residual program: the head's full-precision tokens, addressed through its own pointers (stride 0)
     _residual_and_store(q, _ptr(row, 6, b, Q.dtype.element_ty), _ptr(row, 7, b, Q.dtype.element_ty), OP, LP,
@@ -101,8 +106,8 @@ def _dense_ragged_kernel(Q, META, OP, LP, sm_scale_log2, tps, H,
                         m_i, l_i, acc, False, GROUPS, GP, D, BLOCK_N)
 
 
-def _table(heads: list[dict[str, torch.Tensor]], maps: list[torch.Tensor] | None, bases: list[int] | None,
-           t_quant: list[int], t_full: list[int], device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _table(heads: list[dict[str, torch.Tensor]], maps: KeyGroupMaps | None, t_quant: list[int], t_full: list[int],
+           device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The per-head table (module docstring) on ``device``, one host-to-device copy of Hkv x NCOL integers, and the
     copies made of head tensors whose rows were not contiguous (to keep alive until the launch is queued)."""
     rows, copies = [], []
@@ -114,7 +119,9 @@ def _table(heads: list[dict[str, torch.Tensor]], maps: list[torch.Tensor] | None
                 copies.append(ts[i])
         rows += [0 if x is None else x.data_ptr() for x in ts]
         rows += [0 if x is None else x.stride(0) for x in ts]
-        rows += [0 if maps is None else maps[h].data_ptr(), t_quant[h], t_full[h], 0 if bases is None else bases[h]]
+        m = None if maps is None else maps.rows[h]
+        rows += [0 if m is None else m.data_ptr(), t_quant[h], t_full[h]]
+        rows += [0, 0, 0] if maps is None else [maps.base[h], maps.prefix[h], maps.rest[h]]
     return torch.tensor(rows, dtype=torch.int64).view(len(heads), NCOL).to(device, non_blocking=True), copies
 
 
@@ -140,8 +147,7 @@ def _check_heads(q: torch.Tensor, heads: list[dict[str, torch.Tensor]], t_quant:
 
 
 def kivi_ragged_attention(q: torch.Tensor, heads: list[dict[str, torch.Tensor]], bits: int, vbits: int, group: int,
-                          sm_scale: float | None = None, key_groups: list[torch.Tensor] | None = None,
-                          key_group_base: list[int] | None = None, *,
+                          sm_scale: float | None = None, key_groups: KeyGroupMaps | None = None, *,
                           block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
                           waves: float = 4.0) -> torch.Tensor:
     """q ``[B, Hq, D]`` (bf16/fp16, CUDA) over ``Hkv = len(heads)`` kv heads of a KIVI layer -> ``[B, Hq, D]``.
@@ -149,14 +155,15 @@ def kivi_ragged_attention(q: torch.Tensor, heads: list[dict[str, torch.Tensor]],
     ``heads[h]``: head h's tensors by the names of :data:`TENSORS`, each ``[B, ...]`` in layout.py's one-head
     layout (``k_codes uint8 [B, ceil(nq*bits/8), D]``, ``k_scale/k_zero fp16 [B, ng, D]``, ``v_codes uint8
     [B, nq, D*vbits/8]``, ``v_scale/v_zero fp16 [B, nq, D/G]``, ``k_full/v_full [B, nr, D]`` in q's dtype: the
-    full-precision tokens). ``key_groups``: per head, int32 ``[nq]`` key-scale row of each quantized token (where
-    eviction cut groups; None for every head: token t's row is t // G), counted from ``key_group_base[h]`` (None:
-    from 0)."""
+    full-precision tokens). ``key_groups``: where each head's quantized tokens find their key-scale rows when
+    eviction cut groups (layout.KeyGroupMaps; None: token t's row is t // G in every head)."""
     b, _, d = q.shape
     t_quant = [int(t["v_codes"].shape[1]) for t in heads]
     t_full = [int(t["k_full"].shape[1]) for t in heads]
     groups = _check_heads(q, heads, t_quant, t_full, quantized=True)
-    meta, _copies = _table(heads, key_groups, key_group_base, t_quant, t_full, q.device)
+    if key_groups is not None and any(m is not None and m.device != q.device for m in key_groups.rows):
+        raise KVLayoutError("key-group maps must be on the query's device")
+    meta, _copies = _table(heads, key_groups, t_quant, t_full, q.device)
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * _LOG2E
 
     def launch(block: int, stages: int) -> torch.Tensor:
@@ -183,7 +190,7 @@ def dense_ragged_attention(q: torch.Tensor, heads: list[dict[str, torch.Tensor]]
     b, _, d = q.shape
     lengths = [int(t["k_full"].shape[1]) for t in heads]
     groups = _check_heads(q, heads, [0] * len(heads), lengths, quantized=False)
-    meta, _copies = _table(heads, None, None, [0] * len(heads), lengths, q.device)
+    meta, _copies = _table(heads, None, [0] * len(heads), lengths, q.device)
     scale = (sm_scale if sm_scale is not None else 1.0 / math.sqrt(d)) * _LOG2E
 
     def launch(block: int, stages: int) -> torch.Tensor:
