@@ -347,15 +347,21 @@ def test_group_prefix_is_none_when_cut_groups_reach_far():
     assert st.group_prefix() is None  # remembered until the groups change
 
 
-def test_head_stack_flush_carries_the_group_prefix():
+@pytest.mark.parametrize("evict", ["stacked", "per head"])
+def test_head_stack_flush_carries_the_group_prefix(evict):
     """The stacked heads' flush (all heads in one op) appends whole groups: each head's prefix stays, not
-    recomputed (a read back from the GPU each time otherwise)."""
+    recomputed (a read back from the GPU each time otherwise), also when the heads were evicted one by one and
+    the flush first stacks their group sizes again (equal copies)."""
     from memvisor.kv.gpu.cache_path import HeadStack
 
     stores = [_head(300, seed=s) for s in range(2)]
     keep = torch.cat([torch.arange(4), torch.arange(50, len(stores[0]))])
     stack = HeadStack()
-    assert stack.keep(stores, [keep, keep])
+    if evict == "stacked":
+        assert stack.keep(stores, [keep, keep])
+    else:
+        for st in stores:
+            st.keep(keep)
     answers = [st.group_prefix() for st in stores]
     assert answers[0][0] == 4 + 14
     g = torch.Generator().manual_seed(2)

@@ -347,8 +347,8 @@ class HeadStore:
         self.__dict__.update(fresh.__dict__)
 
     def carry_group_prefix(self, before: Tensor) -> None:
-        """After a flush appended whole key groups to the group sizes ``before``: :meth:`group_prefix` stays what it
-        was (whole groups after the prefix), with no read back."""
+        """After the group sizes ``before`` were replaced by themselves plus whole key groups (a flush) or by an
+        equal copy (``HeadStack`` re-stacking them): :meth:`group_prefix` stays what it was, with no read back."""
         if self._prefix is not None and self._prefix[0]() is before:
             self._prefix = (weakref.ref(self.group_sizes), self._prefix[1])
 
@@ -381,10 +381,11 @@ class HeadStore:
         return None if current is None else current[2]
 
     def _current_prefix(self) -> tuple[int, int, Tensor | None] | None:
-        """group_prefix's kept answer if it is for the current group sizes, else None."""
-        if self._prefix is None or self._prefix[0]() is not self.group_sizes:
-            return None
-        return self._prefix[1]
+        """group_prefix's kept answer if it is for the current group sizes, else None (and an outdated one is
+        dropped: its rows would be held uncounted)."""
+        if self._prefix is not None and self._prefix[0]() is not self.group_sizes:
+            self._prefix = None
+        return None if self._prefix is None else self._prefix[1]
 
     def group_of_tokens(self, start: int, end: int) -> Tensor:
         """LongTensor[end-start]: key-group row of each quantized token in [start, end)."""

@@ -131,7 +131,10 @@ class HeadStack:
                 # the heads' views are alive, so their stacked storage is: view it whole again
                 return first.as_strided(shape, stride, first.storage_offset())
         base = torch.stack([getattr(st, name) for st in stores], _stack_axis(name))
+        before = [st.group_sizes for st in stores] if name == "group_sizes" else []
         self._adopt(stores, name, base)
+        for st, sizes in zip(stores, before):  # equal copies: each head's kept key-group prefix still holds
+            st.carry_group_prefix(sizes)
         return base
 
     def append(self, stores: list[HeadStore], k: Tensor, v: Tensor) -> None:

@@ -33,7 +33,9 @@ class KeyGroupMaps:
     """Where each kv head's quantized tokens find their key-scale rows, for the ragged kernel (triton_ragged.py),
     as :class:`KiviLayer`'s ``key_groups`` says for one: per head h, token ``t < prefix[h]`` has row ``rows[h][t] -
     base[h]`` (int32; ``rows[h]`` None when ``prefix[h]`` is 0) and token ``t >= prefix[h]`` row ``rest[h] + (t -
-    prefix[h]) // G``. ``base`` lets maps built for several heads at once number their groups through all of them."""
+    prefix[h]) // G``. ``base`` lets maps built for several heads at once number their groups through all of them
+    (the kernel offsets the head's scale pointers by it); such a head maps every token (``prefix[h]`` = its
+    quantized tokens), so ``rest`` only serves heads whose ``base`` is 0."""
 
     rows: list[torch.Tensor | None]
     base: list[int]

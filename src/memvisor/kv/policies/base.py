@@ -69,9 +69,9 @@ class TokenPolicy(ABC):
     ``scores_use_kv`` (False: ``scores`` reads only the shapes of ``keys`` and ``values``, so the
     cache may pass ``[B, Hkv, T, 0]`` tensors instead of the dequantized history at each eviction).
     A policy whose statistics are functions of the attention probabilities alone (H2O, Scissorhands) sets
-    ``observes_probs`` and implements :meth:`observe_probs`: the cache then hands it the probabilities its
-    own attention computed (decode steps and short appends), instead of calling ``observe`` to recompute
-    them from the whole dequantized history.
+    ``observes_probs`` and implements :meth:`observe_probs` (``_attention.AttentionStatsPolicy`` does the rest):
+    the cache then hands it the probabilities its own attention computed (decode steps and short appends),
+    instead of calling ``observe`` to recompute them from the whole dequantized history.
     """
 
     name: str = "abstract"
