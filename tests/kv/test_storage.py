@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from memvisor.kv import quant
-from memvisor.kv.storage import MAX_KEY_RUNS, HeadStore, QuantConfig, StackedHeads, group_runs
+from memvisor.kv.blocks import MAX_KEY_RUNS, group_runs
+from memvisor.kv.storage import HeadStore, QuantConfig, StackedHeads
 
 B, D = 2, 64
 
@@ -272,7 +273,7 @@ def test_stacked_heads_read_the_sinks_first():
     assert StackedHeads.compatible(stores)
     stacked = StackedHeads(stores)
     assert len(stacked) == 100 and stacked.ns == 2
-    from memvisor.kv.storage import iter_blocks
+    from memvisor.kv.blocks import iter_blocks
 
     k = torch.cat([b[0] for b in iter_blocks(stacked, 32)], -2)
     for h, st in enumerate(stores):

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memvisor.kv.storage import HeadStore, StackedHeads, iter_blocks
+from memvisor.kv.blocks import iter_blocks
+from memvisor.kv.storage import HeadStore, StackedHeads
 
 
 def default_block(device: torch.device) -> int:

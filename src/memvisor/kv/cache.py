@@ -24,6 +24,7 @@ from memvisor.errors import InvalidInput
 from memvisor.kv.adapter import HFCache, kv_shape, layer_windows
 from memvisor.kv.budget import BudgetError, split_layers, token_cost
 from memvisor.kv.layer import LayerConfig, LayerCore
+from memvisor.kv.planner import CANDIDATES
 from memvisor.kv.policies.base import ChannelPolicy, HeadBudget, LayerBudget, MergePolicy, TokenPolicy
 from memvisor.kv.storage import QuantConfig, StackedHeads
 
@@ -139,14 +140,9 @@ class CacheSpec:
 # CacheSpec.plan picks among them by the model's geometry. StreamingLLM's sinks and recency meet
 # the byte budget by evicting the oldest middle tokens. Full-precision sinks (``sinks``) are left out:
 # under eviction they cost needles (planner.py says what was measured).
+# The recipes are the planner's candidates (one list: what it may choose is what a user may name).
 _STREAM = ("streaming", {"sinks": 4})
-RECIPES: dict[str, dict] = {
-    "kivi4-stream": {"quant": "kivi4", "group": 32, "residual": 128, "token_policy": _STREAM},
-    "kivi4-stream-r32": {"quant": "kivi4", "group": 32, "residual": 32, "token_policy": _STREAM},
-    "kivi-k4v2-stream": {"quant": "kivi-k4v2", "group": 32, "residual": 32, "token_policy": _STREAM},
-    "kivi-k4v2-stream-r0": {"quant": "kivi-k4v2", "group": 32, "residual": 0, "token_policy": _STREAM},
-    "kivi2-stream": {"quant": "kivi2", "group": 32, "residual": 32, "token_policy": _STREAM},
-}
+RECIPES: dict[str, dict] = {name: {**fields, "token_policy": _STREAM} for name, fields in CANDIDATES}
 
 
 class CompressedCache(HFCache):

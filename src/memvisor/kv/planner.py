@@ -48,7 +48,7 @@ from typing import Any
 from memvisor.kv.adapter import kv_shape, layer_windows
 from memvisor.kv.budget import BudgetError, split_layers, token_cost
 
-# (recipe name, CacheSpec fields); most precise first. Names are also keys of cache.RECIPES.
+# (recipe name, CacheSpec fields); most precise first. cache.RECIPES is built from this list.
 CANDIDATES: list[tuple[str, dict]] = [
     ("kivi4-stream", {"quant": "kivi4", "group": 32, "residual": 128}),
     ("kivi4-stream-r32", {"quant": "kivi4", "group": 32, "residual": 32}),
