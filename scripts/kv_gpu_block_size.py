@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -76,6 +77,16 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def _compiled_kernels() -> set[tuple[str, str]]:
+    """(cache entry, kernel name) of every kernel in Triton's on-disk cache: an entry appears when a variant is
+    compiled (run with a fresh ``TRITON_CACHE_DIR`` to see every compilation)."""
+    root = Path(os.environ.get("TRITON_CACHE_DIR", Path.home() / ".triton" / "cache"))
+    if not root.is_dir():
+        return set()
+    return {(d.name, f.stem) for d in root.iterdir() if d.is_dir()
+            for f in d.glob("*.json") if not f.name.startswith("__grp__")}
+
+
 def time_steps(cores: list[LayerCore], steps: int, gen: torch.Generator,
                profile: str | None = None) -> tuple[float, torch.Tensor]:
     new = [[torch.randn(1, h, 1, D, device=DEV, generator=gen).bfloat16() for h in (HKV, HKV, HQ)]
@@ -111,14 +122,30 @@ def time_steps(cores: list[LayerCore], steps: int, gen: torch.Generator,
         pr.disable()
         pstats.Stats(pr).sort_stats("cumulative").print_stats("memvisor", 30)
         pstats.Stats(pr).sort_stats("tottime").print_stats(30)  # own time: torch ops, syncs, Triton's launcher
-    elif profile == "steps":  # each step's own time (synchronized after each): steady steps against flushes, evictions
-        ends = []
+    elif profile in ("steps", "steps-python"):  # each step's own time (a sync after each): flushes, evictions
+        import cProfile
+        import pstats
+        ends, compiled, profiles = [], {}, []
+        seen = _compiled_kernels()
         for i in range(2, steps + 2):
+            if profile == "steps-python":  # and the slowest steps' own time by function, below
+                profiles.append(cProfile.Profile())
+                profiles[-1].enable()
             step(i)
             _sync()
+            if profiles:
+                profiles[-1].disable()
             ends.append(time.perf_counter())
+            now = _compiled_kernels()
+            if now - seen:  # a kernel variant compiled during this step (a new specialization of its arguments)
+                compiled[i - 2] = sorted(name for _, name in now - seen)
+            seen = now
         each = [(b - a) * 1e3 for a, b in zip([t0] + ends, ends)]
-        print(json.dumps({"step_ms": [round(x, 2) for x in each]}), flush=True)
+        print(json.dumps({"step_ms": [round(x, 2) for x in each], "compiled_at_step": compiled}), flush=True)
+        for worst in sorted(range(len(profiles)), key=each.__getitem__)[-3:]:  # the three slowest steps
+            print(f"step {worst}: {each[worst]:.1f} ms", flush=True)
+            pstats.Stats(profiles[worst]).sort_stats("tottime").print_stats(20)
+            pstats.Stats(profiles[worst]).sort_stats("cumulative").print_stats("memvisor", 25)
     else:
         for i in range(2, steps + 2):
             step(i)
@@ -137,9 +164,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--layers", type=int, default=LAYERS)
-    ap.add_argument("--profile", choices=("torch", "python", "steps"),
-                    help="print a profile of each timed run: torch ops, the cache's Python functions (cProfile), or "
-                         "each step's milliseconds (a sync after each step)")
+    ap.add_argument("--profile", choices=("torch", "python", "steps", "steps-python"),
+                    help="print a profile of each timed run: torch ops, the cache's Python functions (cProfile), "
+                         "each step's milliseconds (a sync after each step) and the steps that compiled a kernel, "
+                         "or those and the three slowest steps' cProfiles")
     a = ap.parse_args()
     DEV, LAYERS = a.device, a.layers
     a.out.mkdir(parents=True, exist_ok=True)

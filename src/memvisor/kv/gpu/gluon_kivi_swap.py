@@ -267,7 +267,7 @@ def _epilogue(OP, LP, pid_bh, pid_s, n_rows, m_i, acc, lacc, zacc, out_scale, GR
     gl.store(LP + (pid_bh * GROUPS + nl) * n_rows + pid_s, lse, mask=nl < GROUPS)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=["T_r"])
 def _swap_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
                        T_q, T_r, ups, skw_bh, sks_bh, svsz_bh, t_pad, skr_bh, svr_bh,
                        GROUPS: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, STAGED: gl.constexpr,

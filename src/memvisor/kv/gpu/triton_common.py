@@ -8,6 +8,13 @@ import triton.language as tl
 
 from memvisor.kv.gpu.gdc import tl_gdc_launch_dependents, tl_gdc_wait
 
+# Integer arguments that change from one decode step to the next (quantized and residual lengths, tokens per split),
+# passed to ``do_not_specialize``: Triton would otherwise compile a new variant of a kernel whenever one of them
+# turns 1 or a multiple of 16, a 0.5-1.8 s stall in the middle of a decode with a cold kernel cache (H200,
+# scripts/kv_gpu_block_size.py --profile steps). The kernels' loads are contiguous along channels, not tokens, so
+# the hints those variants carry buy nothing.
+STEP_VARYING = ["T_q", "T_r", "tps"]
+
 
 @triton.jit
 def _query_rows(Q, pid_bh, GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
@@ -148,7 +155,7 @@ def _store_replicated(OP, LP, acc, z, l_i, m_i, pid_bh, pid_s, n_rows, h, jv, r_
     tl.store(LP + rows * n_rows + pid_s, lse, mask=r_ok & (jv == 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _combine_kernel(OP, LP, O, n_rows, D: tl.constexpr, BLOCK_S: tl.constexpr, DB: tl.constexpr,
                     PDL: tl.constexpr = False, PDL_TRIGGER: tl.constexpr = 2):
     """Program (row, c): channels [c * DB, (c + 1) * DB) of one query row, merged over its n_rows partials.

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from memvisor.kv.gpu.errors import KVLayoutError
 from memvisor.kv.gpu.layout import KiviLayer
-from memvisor.kv.gpu.triton_common import (_combine_kernel, _dense_tiles, _dequant_tiles, _query_rows,
+from memvisor.kv.gpu.triton_common import (STEP_VARYING, _combine_kernel, _dense_tiles, _dequant_tiles, _query_rows,
                                             _residual_and_store)
 from memvisor.kv.gpu.planes import SLOTS, PlanesLayer
 from memvisor.kv.gpu.swap_plan import EVEN_WAVES, PIPELINE_WAVES, SWAP_RESIDENT, even_plan, pipeline_plan, swap_plan
@@ -43,7 +43,7 @@ from memvisor.kv.gpu.triton_kivi_rep import _kivi_split_kernel_rep, _kivi_split_
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit(do_not_specialize=["KG_P", "KG_R0"])
+@triton.jit(do_not_specialize=["KG_P", "KG_R0", *STEP_VARYING])
 def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, KGI, KG_P, KG_R0, sm_scale_log2,
                        T_q, T_r, tps, skc_bh, sks_bh, svc_bh, svs_bh, skr_bh, svr_bh,
                        GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
@@ -69,7 +69,7 @@ def _kivi_split_kernel(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, KGI, KG_P, KG_
                         m_i, l_i, acc, is_res, GROUPS, GP, D, BLOCK_N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "tps"])
 def _dense_split_kernel(Q, K, V, OP, LP, sm_scale_log2, T, tps, sk_bh,
                         GROUPS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
     """The same flash-decoding split over a plain [B, Hkv, T, D] cache (the bf16/fp16 baseline)."""

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from memvisor.kv.gpu.planes import VALUE_EXP
-from memvisor.kv.gpu.triton_common import _replicated_query, _residual_program, _store_replicated
+from memvisor.kv.gpu.triton_common import STEP_VARYING, _replicated_query, _residual_program, _store_replicated
 
 
 def _and_asm(bits: int, jj: int) -> str:
@@ -120,7 +120,7 @@ def _four_groups(qrep, kwt, vw, zba, ks_base, vsz_base, g0, t0, k16, m_i, acc, l
     return m_new, acc, sums[0], sums[1]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_VARYING)
 def _planes_split_kernel(Q, KW, KS, KZ, VW, VSZ, KR, VR, OP, LP, sm_scale_log2,
                          T_q, T_r, tps, skw_bh, sks_bh, svsz_bh, t_pad, skr_bh, svr_bh,
                          GROUPS: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from memvisor.kv.gpu.triton_common import _replicated_query, _residual_program, _store_replicated
+from memvisor.kv.gpu.triton_common import STEP_VARYING, _replicated_query, _residual_program, _store_replicated
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def _codes_to_f16(b, shift, MASK: tl.constexpr):
     return bits.to(tl.float16, bitcast=True) - 1024.0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_VARYING)
 def _kivi_split_kernel_rep(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_log2,
                            T_q, T_r, tps, skc_bh, sks_bh, svc_bh, svs_bh, skr_bh, svr_bh,
                            GROUPS: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
@@ -94,7 +94,7 @@ def _kivi_split_kernel_rep(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_l
                           GROUPS, GP, D, BLOCK_R)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=STEP_VARYING)
 def _kivi_split_kernel_tile(Q, KC, KS, KZ, VC, VS, VZ, KR, VR, OP, LP, sm_scale_log2,
                             T_q, T_r, tps, skc_bh, sks_bh, svc_bh, svs_bh, skr_bh, svr_bh,
                             GROUPS: tl.constexpr, GP: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
