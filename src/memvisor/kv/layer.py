@@ -376,7 +376,7 @@ class LayerCore:
         lens = lengths if ragged else None
         if pol is not None:
             scores = pol.scores(keys, values, lengths=lens)
-            protected = pol.protected_mask(T, lengths, Hkv)
+            protected = pol.protected_mask(T, lens, Hkv)  # alike heads: one mask, not one per head
         else:  # no policy: keep the most recent tokens of each head
             scores = torch.arange(T, dtype=torch.float32).expand(keys.shape[0], Hkv, T).clone()
             scores[:, torch.arange(T).unsqueeze(0) >= lengths.unsqueeze(1)] = float("-inf")
