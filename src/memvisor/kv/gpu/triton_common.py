@@ -10,7 +10,7 @@ from memvisor.kv.gpu.gdc import tl_gdc_launch_dependents, tl_gdc_wait
 
 # Integer arguments that change from one decode step to the next (quantized and residual lengths, tokens per split),
 # passed to ``do_not_specialize``: Triton would otherwise compile a new variant of a kernel whenever one of them
-# turns 1 or a multiple of 16, a 0.5-1.8 s stall in the middle of a decode with a cold kernel cache (H200,
+# turns 1 or a multiple of 16, a 1-2.5 s step in the middle of a decode with a cold kernel cache (H200,
 # scripts/kv_gpu_block_size.py --profile steps). The kernels' loads are contiguous along channels, not tokens, so
 # the hints those variants carry buy nothing.
 STEP_VARYING = ["T_q", "T_r", "tps"]

@@ -245,7 +245,8 @@ def select(
 
 
 def _same_row(h: int, *rows: Tensor) -> bool:
-    """Whether row ``h`` of each [Hkv, T] tensor equals its row 0 (NaN scores never do: they are re-selected)."""
+    """Whether row ``h`` of each [Hkv, T] tensor equals its row 0: the same memory (a stride-0 expand) or equal
+    values (a NaN makes rows unequal, so such a head is selected again)."""
     return all(r.stride(0) == 0 or torch.equal(r[h], r[0]) for r in rows)
 
 
