@@ -125,22 +125,22 @@ def time_steps(cores: list[LayerCore], steps: int, gen: torch.Generator,
     elif profile in ("steps", "steps-python"):  # each step's own time (a sync after each): flushes, evictions
         import cProfile
         import pstats
-        ends, compiled, profiles = [], {}, []
+        each, compiled, profiles = [], {}, []
         seen = _compiled_kernels()
         for i in range(2, steps + 2):
             if profile == "steps-python":  # and the slowest steps' own time by function, below
                 profiles.append(cProfile.Profile())
                 profiles[-1].enable()
+            start = time.perf_counter()  # after the cache scan: a full ~/.triton/cache takes tens of ms to list
             step(i)
             _sync()
+            each.append((time.perf_counter() - start) * 1e3)
             if profiles:
                 profiles[-1].disable()
-            ends.append(time.perf_counter())
             now = _compiled_kernels()
             if now - seen:  # a kernel variant compiled during this step (a new specialization of its arguments)
                 compiled[i - 2] = sorted(name for _, name in now - seen)
             seen = now
-        each = [(b - a) * 1e3 for a, b in zip([t0] + ends, ends)]
         print(json.dumps({"step_ms": [round(x, 2) for x in each], "compiled_at_step": compiled}), flush=True)
         for worst in sorted(range(len(profiles)), key=each.__getitem__)[-3:]:  # the three slowest steps
             print(f"step {worst}: {each[worst]:.1f} ms", flush=True)
@@ -150,7 +150,7 @@ def time_steps(cores: list[LayerCore], steps: int, gen: torch.Generator,
         for i in range(2, steps + 2):
             step(i)
     _sync()
-    ms = (time.perf_counter() - t0) * 1e3 / steps
+    ms = sum(each) / steps if profile in ("steps", "steps-python") else (time.perf_counter() - t0) * 1e3 / steps
     return ms, torch.stack([o.float() for o in outs[:LAYERS]])  # the first step's outputs, every layer
 
 
