@@ -1,9 +1,14 @@
 """Pieces every benchmark shares: the system interface, turn formatting, greedy packing, timing, RSS."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import platform
 import resource
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -131,3 +136,26 @@ def machine_description() -> str:
         pass
     return f"{len(os.sched_getaffinity(0))} cores ({cpu}){mem}, {platform.system()} {platform.release()}, " \
            f"Python {platform.python_version()}"
+
+
+@functools.cache
+def _prctl():
+    """libc's prctl, looked up before any fork (a forked child should not load libraries); None off Linux."""
+    return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def run_worker(argv: list[str]) -> int:
+    """Run one benchmark worker process offline (``HF_HUB_OFFLINE=1``) and return its exit status.
+
+    On Linux the worker is told to die with this process (``PR_SET_PDEATHSIG``): ``subprocess.run`` forwards no
+    signal, so a bench stopped with SIGTERM (``kill``, a CI timeout) left its worker running behind it, e.g. an
+    hour-long 1M-memory ingest holding both cores. Ctrl-C reaches both through the terminal anyway."""
+    prctl, parent = _prctl(), os.getpid()
+
+    def die_with_parent() -> None:  # runs in the child between fork and exec
+        prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the call took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return subprocess.run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                          preexec_fn=die_with_parent if prctl else None).returncode

@@ -9,7 +9,6 @@ import datetime as _dt
 import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -36,7 +35,7 @@ def run_locomo(data: Path, out: Path, conversations: str = "", budgets: str = "2
                llm_model: str = "", llm_judge_model: str = "", answer_budget: int = 0,
                command: str = "", merge: list[Path] | None = None) -> dict:
     """Run every system's worker, then write results.json, results.md and recall.png into `out`."""
-    from memvisor.bench.common import load_average, machine_description
+    from memvisor.bench.common import load_average, machine_description, run_worker
     from memvisor.bench.locomo_data import file_sha256, load_conversations
     from memvisor.bench.locomo_report import markdown, plot
     from memvisor.bench.locomo_run import SYSTEMS
@@ -105,10 +104,10 @@ def run_locomo(data: Path, out: Path, conversations: str = "", budgets: str = "2
         typer.echo(f"[{i}/{len(names)}] {name}: {shlex.join(argv[1:3])} ...", err=True)
         if part.exists():
             part.unlink()
-        proc = subprocess.run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if proc.returncode != 0 or not part.exists():
-            results["failed"][name] = f"worker exited with {proc.returncode}"
-            typer.echo(f"  {name} failed (exit {proc.returncode}); continuing", err=True)
+        code = run_worker(argv)
+        if code != 0 or not part.exists():
+            results["failed"][name] = f"worker exited with {code}"
+            typer.echo(f"  {name} failed (exit {code}); continuing", err=True)
             continue
         results["systems"][name] = {**json.loads(part.read_text()), "command": command,
                                     "date": results["date"]}

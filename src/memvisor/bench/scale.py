@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def run_scale(sizes: list[int], out: Path, systems: list[str], *, mem0_max: int 
     """`keep`: keep each run's store in `keep/{system}-{n}` (a new folder) instead of deleting it.
     `reuse`: time memvisor's queries again on the stores an earlier `keep` run left there (no ingest); the
     earlier run's ingest figures stay in the results."""
-    from memvisor.bench.common import machine_description
+    from memvisor.bench.common import machine_description, run_worker
 
     bad = [s for s in systems if s not in ("memvisor", "mem0", "mem0-dense")]
     if bad:
@@ -57,9 +56,9 @@ def run_scale(sizes: list[int], out: Path, systems: list[str], *, mem0_max: int 
                 if name != "memvisor":
                     continue
                 argv += ["--reuse-at", str(reuse / f"{name}-{n}")]
-            proc = subprocess.run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            if proc.returncode != 0 or not part.exists():
-                typer.echo(f"  {name} n={n} failed (exit {proc.returncode})", err=True)
+            code = run_worker(argv)
+            if code != 0 or not part.exists():
+                typer.echo(f"  {name} n={n} failed (exit {code})", err=True)
                 continue
             run = json.loads(part.read_text())
             run["date"] = results["date"]
