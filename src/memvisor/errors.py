@@ -21,6 +21,11 @@ class UnknownMemory(NotFound):
     """A memory id that does not exist in the namespace (or was deleted)."""
 
 
+class KeyConflict(InvalidInput):
+    """An idempotency key (``add(key=...)``, an ingested turn's conversation and turn id) already names a memory
+    with other content: writing would either lose the new content or duplicate the key, so nothing is written."""
+
+
 class MalformedFile(InvalidInput):
     """An ingest or import file that cannot be parsed; the message gives the line and the reason."""
 

@@ -97,6 +97,47 @@ def test_ingest_is_idempotent(memory, small_conversation):
     assert memory.add("same words", namespace="chat").id == x.id
 
 
+def _count(memory, namespace):
+    return memory.store.db.execute("SELECT count(*) FROM items WHERE namespace=?", (namespace,)).fetchone()[0]
+
+
+def test_ingest_refuses_a_turn_whose_ids_name_other_content(memory, tmp_path):
+    """A turn is known by its conversation and turn ids (a JSON-lines file's name and line by default). Another
+    file of the same name, a second turn of one id, or the same file for another user used to be skipped as
+    "already present" (their text lost); now the ingest refuses with KeyConflict and writes nothing."""
+    from memvisor import KeyConflict
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    first, other = tmp_path / "a" / "chat.jsonl", tmp_path / "b" / "chat.jsonl"
+    first.write_text('{"speaker": "Ana", "text": "Monday I bought a piano"}\n')
+    other.write_text('{"speaker": "Ana", "text": "Tuesday I sold my car"}\n'
+                     '{"speaker": "Ben", "text": "why?"}\n')
+    assert memory.ingest(first, namespace="app").added == 1
+    with pytest.raises(KeyConflict, match="conversation 'chat' is already stored as memory .* another text"):
+        memory.ingest(other, namespace="app")
+    with pytest.raises(KeyConflict, match="another user"):
+        memory.ingest(first, namespace="app", user="bob")
+    assert _count(memory, "app") == 1  # nothing of either refused ingest was written (not even Ben's turn)
+    again = memory.ingest(first, namespace="app")  # the same content stays idempotent
+    assert (again.added, again.skipped_duplicates) == (0, 1)
+    twice = tmp_path / "twice.jsonl"
+    twice.write_text('{"speaker": "Ana", "text": "one", "id": "x"}\n{"speaker": "Ana", "text": "two", "id": "x"}\n')
+    with pytest.raises(KeyConflict, match=r"given twice in this write \(#0 and #1\)"):
+        memory.ingest(twice, namespace="app2")
+    assert memory.ingest(other, namespace="elsewhere").added == 2
+
+
+def test_add_with_a_used_key_and_other_content_is_refused(memory):
+    from memvisor import KeyConflict
+
+    item = memory.add("Ana moved to Lyon", namespace="app", key="k1")
+    assert memory.add("Ana moved to Lyon", namespace="app", key="k1").id == item.id  # a retry: the same memory
+    memory.update(item.id, namespace="app", text="Ana moved to Paris")  # later versions do not count
+    assert memory.add("Ana moved to Lyon", namespace="app", key="k1").id == item.id
+    with pytest.raises(KeyConflict, match="key 'k1' is already stored as memory .* another text"):
+        memory.add("Ben moved to Rome", namespace="app", key="k1")
+
+
 def test_turn_memories_carry_time_speaker_and_source(memory, small_conversation):
     memory.ingest(small_conversation, namespace="chat")
     hit = memory.search("Which islands is Ana hiking?", namespace="chat", k=1)[0]

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from memvisor import timeutil
-from memvisor.errors import InvalidInput
+from memvisor.errors import InvalidInput, KeyConflict
 from memvisor.models.embedders import Embedder, default_embedder
 from memvisor.models.tokenizer import HFTokenizer, default_tokenizer
 from memvisor.store import portable
@@ -30,6 +30,25 @@ Progress = Callable[[int], None]  # called with the number of items just written
 
 def default_home() -> Path:
     return Path(os.environ.get("MEMVISOR_HOME") or Path.home() / ".memvisor")
+
+
+def _raise_key_conflicts(items: list[NewItem], conflicts: list[tuple[int, str | int, list[str]]]) -> None:
+    """KeyConflict, before anything is written, for keys that already name other content: skipping such an item
+    as "already present" silently lost it (two JSON-lines files of the same name, two turns of one id)."""
+    if not conflicts:
+        return
+    i, other, differ = conflicts[0]
+    item, more = items[i], f" ({len(conflicts) - 1} more like it)" if len(conflicts) > 1 else ""
+    where = (f"is given twice in this write (#{other} and #{i})" if isinstance(other, int)
+             else f"is already stored as memory {other}")
+    if item.key.startswith("turn:"):
+        raise KeyConflict(
+            f"turn {item.sources[0]!r} of conversation {item.thread!r} {where} with another {' and '.join(differ)}"
+            f"{more}; nothing was ingested. A turn is known by its conversation and turn ids: give each "
+            "conversation its own id (a JSON-lines turn's 'conversation' field defaults to the file's name) and "
+            "each turn its own 'id', or ingest into another namespace")
+    raise KeyConflict(f"key {item.key!r} {where} with another {' and '.join(differ)}{more}; nothing was written: "
+                      "use a new key for new content")
 
 
 def _checked_vectors(vectors: Any, n: int, dim: int) -> np.ndarray:
@@ -176,6 +195,7 @@ class Memory:
     def _write(self, items: list[NewItem], batch_size: int, progress: Progress | None,
                embedded_context: list[str | None] | None = None) -> "AddResult":
         """`embedded_context`: per item, the context to embed when it is not the indexed one."""
+        _raise_key_conflicts(items, self.store.key_conflicts(items))
         written: list[MemoryItem] = []
         added = 0
         # Several transactions are embedded at once: the embedder sorts what it gets by length, so a wider

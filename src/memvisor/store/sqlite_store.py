@@ -142,6 +142,33 @@ class SQLiteStore:
 
     # ---- writes ---------------------------------------------------------------------------------
 
+    def key_conflicts(self, items: list[NewItem]) -> list[tuple[int, str | int, list[str]]]:
+        """(index, the other, differing fields) of each item whose client key already names other content with
+        another kind, text, user, agent or session: the other is a stored memory's id (its first version counts:
+        later updates do not) or the index of an earlier item of ``items``. A content-hash key cannot conflict:
+        the same key is the same content."""
+        out: list[tuple[int, str | int, list[str]]] = []
+        first: dict[tuple[str, str], tuple[str | int, tuple]] = {}
+        for i, item in enumerate(items):
+            if not item.key:
+                continue
+            key, mine = item.idempotency_key(), (item.kind, item.text, item.user, item.agent, item.session)
+            seen = first.get((item.namespace, key))
+            if seen is None:
+                hit = self.db.execute("SELECT id FROM item_keys WHERE namespace=? AND key=?",
+                                      (item.namespace, key)).fetchone()
+                if hit:
+                    row = self.db.execute("SELECT kind, text, user_id, agent_id, session_id FROM items WHERE "
+                                          "namespace=? AND id=? ORDER BY rid LIMIT 1", (item.namespace, hit[0]))
+                    seen = (hit[0], tuple(row.fetchone()))
+                else:
+                    seen = (i, mine)
+                first[(item.namespace, key)] = seen
+            differ = [name for name, a, b in zip(("kind", "text", "user", "agent", "session"), seen[1], mine) if a != b]
+            if differ:
+                out.append((i, seen[0], differ))
+        return out
+
     def add_items(self, items: list[NewItem], vectors: np.ndarray) -> list[tuple[MemoryItem, bool]]:
         """Write new memories in ONE transaction. Returns (item, created); created is False when the
         idempotency key already existed (the existing memory is returned, nothing is written)."""
