@@ -120,3 +120,16 @@ def test_user_text_is_printed_as_text_not_rich_markup(monkeypatch, capsys, tmp_p
     assert "tag is [/]" in out and "[bold]x[/bold] stays bracketed" in out
     code, _, err = run(monkeypatch, capsys, "search", "tag", "--namespace", "[/oops]", *h)
     assert code == 2 and "error:" in err and "[/oops]" in err and "Traceback" not in err
+
+
+def test_search_prints_dates_as_text_and_control_characters_as_escapes(monkeypatch, capsys, tmp_path):
+    """The date is styled, not printed as markup ("[cyan]1 March 2024[/]" was); a memory's terminal escapes are
+    shown escaped, so stored text cannot recolour or move the user's terminal."""
+    h = ["--home", str(tmp_path / "home")]
+    assert run(monkeypatch, capsys, "add", "Ana moved to Lyon", "--namespace", "app", "--valid-from", "2024-03-01",
+               *h)[0] == 0
+    assert run(monkeypatch, capsys, "add", "Frank \x1b[31mRED\x1b[0m\x07", "--namespace", "app", *h)[0] == 0
+    code, out, err = run(monkeypatch, capsys, "search", "Ana Frank", "--namespace", "app", *h)
+    assert code == 0, err
+    assert "1 March 2024" in out and "[cyan]" not in out and "[/]" not in out
+    assert "\x1b" not in out and "\x07" not in out and "Frank \\x1b[31mRED\\x1b[0m\\x07" in out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any, Optional
 
@@ -89,8 +90,8 @@ def search(query: str, namespace: str = NsOpt, user: Optional[str] = typer.Optio
     for h in hits:
         e = h.explanation
         why = f"bm25 #{e.bm25_rank or '-'} · vector #{e.vector_rank or '-'}"
-        out.print(f"[bold]{h.score:.4f}[/] {escape(h.item.id)}  {escape(_when(h.item.valid_from))}[dim]{why}[/]\n"
-                  f"    {escape(h.item.text)}", highlight=False)
+        out.print(f"[bold]{h.score:.4f}[/] {escape(h.item.id)}  {_when(h.item.valid_from)}[dim]{why}[/]\n"
+                  f"    {escape(_printable(h.item.text))}", highlight=False)
 
 
 @app.command()
@@ -104,7 +105,7 @@ def context(query: str, namespace: str = NsOpt, budget: int = typer.Option(..., 
     if as_json:
         _print_json(ctx.to_dict())
         return
-    sys.stdout.write(ctx.text + "\n")
+    sys.stdout.write((_printable(ctx.text) if sys.stdout.isatty() else ctx.text) + "\n")  # a pipe gets it as is
     err.print(f"[dim]{ctx.tokens}/{ctx.budget_tokens} tokens · {len(ctx.citations)} memories cited · "
               f"{ctx.dropped} candidates did not fit[/]")
 
@@ -197,7 +198,13 @@ def _json_object(text: Optional[str], flag: str) -> Optional[dict]:
 def _when(valid_from: Optional[str]) -> str:
     from memvisor import timeutil
 
-    return f"[cyan]{timeutil.human(valid_from)}[/] " if valid_from else ""
+    return f"[cyan]{escape(timeutil.human(valid_from))}[/] " if valid_from else ""
+
+
+def _printable(text: str) -> str:
+    """Stored text for a terminal: control characters other than newline and tab written as escapes (``\\x1b``),
+    so a memory cannot move the cursor, recolour or retitle the user's terminal."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}" for c in text)
 
 
 def _register_benches() -> None:
@@ -214,5 +221,5 @@ def main() -> None:
     try:
         app()
     except MemvisorError as e:
-        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+        err.print(f"[red]error:[/] {escape(_printable(str(e)))}", highlight=False)
         raise SystemExit(2) from None
