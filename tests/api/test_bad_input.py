@@ -162,12 +162,31 @@ def _corrupt_export(memory, tmp_path, how):
     elif how == "empty namespace":
         manifest = json.loads((bad / "manifest.json").read_text())
         (bad / "manifest.json").write_text(json.dumps(manifest | {"namespace": ""}))
+    elif how == "time not a stored time":  # searches parse it: it used to import, then break every search
+        items[0]["valid_from"] = "yesterday"
+    elif how == "row twice":
+        items.append(dict(items[0]))
+        manifest = json.loads((bad / "manifest.json").read_text())
+        (bad / "manifest.json").write_text(json.dumps(manifest | {"items": len(items)}))
+    elif how == "manifest not an object":
+        (bad / "manifest.json").write_text("[1]")
+    elif how == "key twice":
+        keys = (bad / "keys.jsonl").read_text().splitlines()
+        (bad / "keys.jsonl").write_text("\n".join(keys + keys[:1]) + "\n")
+    elif how == "rids not a list":
+        events = [json.loads(x) for x in (bad / "events.jsonl").read_text().splitlines()]
+        events[0]["payload"]["rids"] = 5
+        (bad / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     (bad / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    if how == "items not utf-8":
+        with open(bad / "items.jsonl", "ab") as f:
+            f.write(b"\xff\xfe\n")
     return bad
 
 
 @pytest.mark.parametrize("how", ["missing keys file", "row without a field", "metadata not json", "vectors too wide",
-                                 "empty namespace"])
+                                 "empty namespace", "time not a stored time", "row twice", "manifest not an object",
+                                 "key twice", "rids not a list", "items not utf-8"])
 def test_a_damaged_export_is_refused_before_anything_is_imported(memory, tmp_path, how):
     from memvisor import Memory
 
@@ -177,3 +196,44 @@ def test_a_damaged_export_is_refused_before_anything_is_imported(memory, tmp_pat
         with pytest.raises(MalformedFile):
             other.import_(bad)
         assert snapshot(other) == before
+
+
+def test_unreadable_files_and_homes_are_typed_errors(memory, tmp_path):
+    """Each of these raised a bare Python exception (UnicodeDecodeError, TypeError, ValueError, FileExistsError,
+    sqlite3.DatabaseError) before; now a typed error that says what to fix, and nothing is written."""
+    from memvisor import Memory
+
+    memory.add("Ana lives in Lyon", namespace="chat")
+    before = snapshot(memory)
+    binary = tmp_path / "bin.jsonl"
+    binary.write_bytes(b"\xff\xfe x")
+    with pytest.raises(MalformedFile, match="not UTF-8 text"):
+        memory.ingest(binary, namespace="chat")
+    for when in (1234, "1:99 pm on 8 May, 2023"):
+        sample = {"sample_id": "s", "conversation": {"speaker_a": "A", "speaker_b": "B", "session_1_date_time": when,
+                                                     "session_1": [{"speaker": "A", "dia_id": "D1:1", "text": "hi"}]}}
+        path = tmp_path / "locomo.json"
+        path.write_text(json.dumps([sample]))
+        with pytest.raises(MalformedFile, match="session_1_date_time: unreadable LoCoMo session time"):
+            memory.ingest(path, namespace="chat")
+    assert snapshot(memory) == before
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(InvalidInput, match="is a file: export into a new or empty folder"):
+        memory.export("chat", a_file)
+    with pytest.raises(InvalidInput, match="home .* is a file"):
+        Memory(a_file)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "memvisor.db").write_bytes(b"not a database " * 100)
+    with pytest.raises(InvalidInput, match="is not a memvisor database"):
+        Memory(tmp_path / "junk")
+
+
+def test_wrong_types_say_so(memory):
+    memory.add("Ana lives in Lyon", namespace="chat", kind="semantic")
+    with pytest.raises(InvalidInput, match="text must be a string, got int"):
+        memory.add(123, namespace="chat")
+    with pytest.raises(InvalidInput, match="query must be a string, got bytes"):
+        memory.search(b"Ana", namespace="chat")
+    assert [h.item.text for h in memory.search("Ana", namespace="chat", kinds="semantic")] == ["Ana lives in Lyon"]
+    assert memory.search("Ana", namespace="chat", kinds="episodic") == []

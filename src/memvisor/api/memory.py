@@ -158,7 +158,9 @@ class Memory:
         if not isinstance(r, dict):
             raise InvalidInput(f"{where}: expected a dict with 'text' (or a string), got {type(r).__name__}")
         text = r.get("text")
-        if not isinstance(text, str) or not text.strip():
+        if not isinstance(text, str):
+            raise InvalidInput(f"{where}: text must be a string, got {type(text).__name__}")
+        if not text.strip():
             raise InvalidInput(f"{where}: text is empty; give the memory's text")
         if len(text) > MAX_TEXT_CHARS:
             raise InvalidInput(f"{where}: text has {len(text)} characters, more than {MAX_TEXT_CHARS}: "
@@ -289,7 +291,8 @@ class Memory:
                  kinds: Iterable[str] | None, metadata: dict | None, as_of: Any, known_at: Any) -> Filters:
         _check_name(namespace, "namespace", required=True)
         self.store.require_namespace(namespace)
-        return Filters(namespace=namespace, user=user, agent=agent, session=session, kinds=tuple(kinds or ()),
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds or ())  # "semantic" is one kind, not letters
+        return Filters(namespace=namespace, user=user, agent=agent, session=session, kinds=kinds,
                        metadata=dict(metadata or {}), as_of=timeutil.to_iso(as_of, "as_of"),
                        known_at=timeutil.to_iso(known_at, "known_at"))
 
@@ -359,7 +362,9 @@ def _embedding_texts(items: list[NewItem], contexts: list[str | None] | None) ->
 
 
 def _check_query(query: str) -> None:
-    if not isinstance(query, str) or not query.strip():
+    if not isinstance(query, str):
+        raise InvalidInput(f"the query must be a string, got {type(query).__name__}")
+    if not query.strip():
         raise InvalidInput("the query is empty; ask something")
     if len(query) > MAX_TEXT_CHARS:
         raise InvalidInput(f"the query has {len(query)} characters, more than {MAX_TEXT_CHARS}")

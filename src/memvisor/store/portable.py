@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from memvisor import timeutil
 from memvisor.errors import InvalidInput, MalformedFile
 from memvisor.store.sqlite_store import SCHEMA_VERSION, SQLiteStore
 from memvisor.types import IngestReport
@@ -27,6 +28,8 @@ ITEM_FIELDS = ("rid", "id", "version", "kind", "user_id", "agent_id", "session_i
 
 
 def export_namespace(store: SQLiteStore, namespace: str, directory: Path) -> Path:
+    if directory.exists() and not directory.is_dir():
+        raise InvalidInput(f"{directory} is a file: export into a new or empty folder")
     directory.mkdir(parents=True, exist_ok=True)
     if any(directory.iterdir()):
         raise InvalidInput(f"{directory} is not empty: export into a new or empty folder")
@@ -57,7 +60,11 @@ def export_namespace(store: SQLiteStore, namespace: str, directory: Path) -> Pat
 
 def _read_jsonl(path: Path) -> list[dict]:
     out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedFile(f"{path}: not UTF-8 text (offset {e.start}): give the file memvisor export wrote") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 out.append(json.loads(line))
@@ -66,17 +73,35 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def _is_timestamp(value: object) -> bool:
+    try:
+        timeutil.parse(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def _check_rows(directory: Path, items: list, events: list, keys: list, tensors: dict, dim: int) -> None:
     """Everything an import writes is checked before its transaction: a bad row is a MalformedFile that
     names it, never a KeyError mid-import or a stored value that breaks later searches."""
     def fail(name: str, number: int, what: str) -> None:
         raise MalformedFile(f"{directory / name}: line {number}: {what}")
 
+    rows_seen: set = set()
     for number, row in enumerate(items, start=1):
         if not isinstance(row, dict) or not set(ITEM_FIELDS) <= set(row):
             fail("items.jsonl", number, f"a row needs the fields {', '.join(ITEM_FIELDS)}")
-        if not isinstance(row["text"], str) or not isinstance(row["id"], str) or not isinstance(row["rid"], int):
-            fail("items.jsonl", number, "id and text must be strings, rid an integer")
+        if not all(isinstance(row[f], str) for f in ("id", "text", "kind", "status", "recorded_at")) \
+                or not all(isinstance(row[f], int) for f in ("rid", "version", "seq")):
+            fail("items.jsonl", number, "id, text, kind, status and recorded_at must be strings; rid, version and "
+                                        "seq integers")
+        for field in ("valid_from", "valid_to", "recorded_at", "expired_at"):  # searches parse them
+            if row[field] is not None and not _is_timestamp(row[field]):
+                fail("items.jsonl", number, f"{field} {row[field]!r} is not a stored time like 2024-03-01T00:00:00"
+                                            ".000000Z")
+        if row["rid"] in rows_seen:  # (id, version) may repeat: a version re-recorded with a bounded validity
+            fail("items.jsonl", number, f"a second row with rid {row['rid']}")
+        rows_seen.add(row["rid"])
         for field, kind in (("metadata", dict), ("sources", list)):
             try:
                 ok = isinstance(json.loads(row[field]), kind)
@@ -88,9 +113,17 @@ def _check_rows(directory: Path, items: list, events: list, keys: list, tensors:
         if not isinstance(e, dict) or not {"seq", "op", "item_id", "payload", "recorded_at"} <= set(e) \
                 or not isinstance(e["payload"], dict):
             fail("events.jsonl", number, "an event needs seq, op, item_id, recorded_at and a payload object")
+        for field in ("rids", "removed_rids"):
+            value = e["payload"].get(field)
+            if value is not None and not (isinstance(value, list) and all(isinstance(r, int) for r in value)):
+                fail("events.jsonl", number, f"payload {field} must be a list of integers")
+    keys_seen: set = set()
     for number, k in enumerate(keys, start=1):
         if not isinstance(k, dict) or not isinstance(k.get("key"), str) or not isinstance(k.get("id"), str):
             fail("keys.jsonl", number, "a key row needs the strings key and id")
+        if k["key"] in keys_seen:
+            fail("keys.jsonl", number, f"the key {k['key']!r} is given twice")
+        keys_seen.add(k["key"])
     rids, vectors = tensors.get("rids"), tensors.get("vectors")
     if rids is None or vectors is None or vectors.shape != (len(items), dim) or rids.shape != (len(items),) \
             or set(int(r) for r in rids) != {row["rid"] for row in items} or not np.isfinite(vectors).all():
@@ -103,9 +136,13 @@ def import_namespace(store: SQLiteStore, directory: Path) -> IngestReport:
     if not manifest_path.is_file():
         raise InvalidInput(f"{directory} has no manifest.json: give a folder written by `memvisor export`")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise MalformedFile(f"{manifest_path}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise MalformedFile(f"{manifest_path}: not UTF-8 text: give the file memvisor export wrote") from None
+    if not isinstance(manifest, dict):
+        raise MalformedFile(f"{manifest_path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT or manifest.get("schema_version") != SCHEMA_VERSION:
         raise InvalidInput(f"{directory}: format {manifest.get('format')!r} version {manifest.get('schema_version')!r}"
                            f" is not {FORMAT!r} version {SCHEMA_VERSION}")

@@ -88,11 +88,18 @@ class SQLiteStore:
 
     def __init__(self, home: Path, dim: int, embedder_name: str):
         self.home = home
+        if home.exists() and not home.is_dir():
+            raise InvalidInput(f"the memvisor home {home} is a file: give a folder (it is created if missing)")
         home.mkdir(parents=True, exist_ok=True)
         self.dim = dim
         self.db = sqlite3.connect(home / "memvisor.db", isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as e:  # the first read of the file: "file is not a database"
+            self.db.close()
+            raise InvalidInput(f"{home / 'memvisor.db'} is not a memvisor database ({e}): give another home "
+                               "folder, or move that file away") from None
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=10000")
         # Deleted rows are overwritten with zeros, not left readable in free pages (delete is a purge).

@@ -44,7 +44,11 @@ def load_conversations(path: str | Path) -> list[Conversation]:
     path = Path(path)
     if not path.is_file():
         raise InvalidInput(f"no such file: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedFile(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it "
+                            "as UTF-8") from None
     if path.suffix == ".jsonl":
         return _read_jsonl(text, path)
     try:
@@ -91,16 +95,17 @@ _LOCOMO_TIME = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*([ap]m)\s+on\s+(\d{1,2})\s+(
 
 def parse_locomo_time(value: str) -> str:
     """'1:56 pm on 8 May, 2023' -> stored ISO form (times are taken as UTC)."""
-    m = _LOCOMO_TIME.match(value or "")
+    m = _LOCOMO_TIME.match(value) if isinstance(value, str) else None
     if not m:
         raise MalformedFile(f"unreadable LoCoMo session time {value!r} (expected like '1:56 pm on 8 May, 2023')")
     hour, minute, half, day, month, year = m.groups()
     hour = int(hour) % 12 + (12 if half.lower() == "pm" else 0)
     try:
-        when = datetime.strptime(f"{day} {month} {year}", "%d %B %Y")
+        when = datetime.strptime(f"{day} {month} {year}", "%d %B %Y").replace(hour=hour, minute=int(minute))
     except ValueError:
-        raise MalformedFile(f"unreadable LoCoMo session date {value!r}") from None
-    return timeutil.to_iso(when.replace(hour=hour, minute=int(minute)))
+        raise MalformedFile(f"unreadable LoCoMo session time {value!r} (expected like '1:56 pm on 8 May, "
+                            "2023')") from None
+    return timeutil.to_iso(when)
 
 
 def render_locomo_turn(turn: dict[str, Any]) -> str:
@@ -123,7 +128,10 @@ def locomo_conversation(sample: dict[str, Any], where: str = "sample") -> Conver
     turns: list[Turn] = []
     for n in sessions:
         date_key = f"session_{n}_date_time"
-        time = parse_locomo_time(conv[date_key]) if conv.get(date_key) else None
+        try:
+            time = parse_locomo_time(conv[date_key]) if conv.get(date_key) else None
+        except MalformedFile as e:
+            raise MalformedFile(f"{where}: {date_key}: {e}") from None
         for i, t in enumerate(conv[f"session_{n}"]):
             if not isinstance(t, dict) or not t.get("speaker"):
                 raise MalformedFile(f"{where}: session_{n} turn {i} has no speaker")
