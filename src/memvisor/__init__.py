@@ -6,11 +6,11 @@
     print(memory.context("Where does Ana live?", namespace="app", budget_tokens=256).text)
 """
 from memvisor.api.memory import Memory
-from memvisor.errors import (InvalidInput, KeyConflict, MalformedFile, MemvisorError, ModelUnavailable, NotFound,
-                             UnknownMemory, UnknownNamespace)
+from memvisor.errors import (InvalidInput, KeyConflict, MalformedFile, MemvisorError, ModelUnavailable,
+                             NotFound, UnknownMemory, UnknownNamespace)
 from memvisor.types import Citation, Context, IngestReport, MemoryItem, ScoreExplanation, SearchHit
 
 __version__ = "0.1.0"
 __all__ = ["Memory", "MemoryItem", "SearchHit", "ScoreExplanation", "Context", "Citation", "IngestReport",
-           "MemvisorError", "InvalidInput", "KeyConflict", "MalformedFile", "NotFound", "UnknownMemory", "UnknownNamespace",
-           "ModelUnavailable"]
+           "MemvisorError", "InvalidInput", "KeyConflict", "MalformedFile", "NotFound", "UnknownMemory",
+           "UnknownNamespace", "ModelUnavailable"]

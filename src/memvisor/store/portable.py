@@ -63,7 +63,8 @@ def _read_jsonl(path: Path) -> list[dict]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise MalformedFile(f"{path}: not UTF-8 text (offset {e.start}): give the file memvisor export wrote") from None
+        raise MalformedFile(f"{path}: not UTF-8 text (offset {e.start}): give the file memvisor export "
+                            "wrote") from None
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
