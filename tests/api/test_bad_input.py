@@ -237,3 +237,15 @@ def test_wrong_types_say_so(memory):
         memory.search(b"Ana", namespace="chat")
     assert [h.item.text for h in memory.search("Ana", namespace="chat", kinds="semantic")] == ["Ana lives in Lyon"]
     assert memory.search("Ana", namespace="chat", kinds="episodic") == []
+
+
+def test_a_second_invalidate_cannot_move_the_end_later(memory):
+    item = memory.add("Ana lives in Lyon", namespace="chat", valid_from="2020-01-01")
+    memory.invalidate(item.id, namespace="chat", at="2024-01-01")
+    before = snapshot(memory)
+    with pytest.raises(InvalidInput, match="already stopped being true at 2024-01-01"):
+        memory.invalidate(item.id, namespace="chat", at="2025-01-01")
+    with pytest.raises(InvalidInput, match="already stopped being true"):
+        memory.invalidate(item.id, namespace="chat")  # now
+    assert snapshot(memory) == before
+    assert memory.invalidate(item.id, namespace="chat", at="2023-06-01").valid_to.startswith("2023-06-01")

@@ -268,6 +268,9 @@ class Memory:
         if head.valid_from and end <= head.valid_from:
             raise InvalidInput(f"at {end} must be after the memory's valid_from {head.valid_from}; "
                                "to remove a memory that was never true, delete it")
+        if head.valid_to and end > head.valid_to:  # a later end would make it true again in between, silently
+            raise InvalidInput(f"memory {memory_id} already stopped being true at {head.valid_to}: invalidate it "
+                               "at that time or earlier, or add a new memory if it became true again")
         return self.store.revise(namespace, memory_id, "invalidate", {"valid_to": end, "reason": reason}, None)
 
     def delete(self, memory_id: str, *, namespace: str = "default") -> int:
