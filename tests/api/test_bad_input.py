@@ -249,3 +249,11 @@ def test_a_second_invalidate_cannot_move_the_end_later(memory):
         memory.invalidate(item.id, namespace="chat")  # now
     assert snapshot(memory) == before
     assert memory.invalidate(item.id, namespace="chat", at="2023-06-01").valid_to.startswith("2023-06-01")
+
+
+def test_a_bad_ingested_turn_is_named_by_its_turn_and_conversation(memory, tmp_path):
+    path = tmp_path / "talk.jsonl"
+    path.write_text(json.dumps({"speaker": "Ana", "text": "hi"}) + "\n"
+                    + json.dumps({"speaker": "Ana", "text": "x" * 20_001}) + "\n")
+    with pytest.raises(InvalidInput, match=r"^turn 'talk:2' of conversation 'talk': text has 20001 characters"):
+        memory.ingest(path, namespace="chat")

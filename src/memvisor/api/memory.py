@@ -146,12 +146,13 @@ class Memory:
                     metadata={"speaker": turn.speaker, "turn_id": turn.source_id, "conversation": conv.id},
                     sources=[turn.source_id], valid_from=turn.time, thread=conv.id, position=position,
                     key=f"turn:{conv.id}:{turn.source_id}"))
-        items = [self._validate(namespace, r, i) for i, r in enumerate(records)]
+        items = [self._validate(namespace, r, i, f"turn {r['sources'][0]!r} of conversation {r['thread']!r}")
+                 for i, r in enumerate(records)]  # errors name the turn, not its place in the whole ingest
         result = self._write(items, 256, progress, embedded_context)
         return IngestReport(namespace, result.added, result.duplicates, [i.id for i in result.items])
 
-    def _validate(self, namespace: str, r: dict[str, Any] | str, index: int) -> NewItem:
-        where = f"memory #{index}" if index else "memory"
+    def _validate(self, namespace: str, r: dict[str, Any] | str, index: int, where: str | None = None) -> NewItem:
+        where = where or (f"memory #{index}" if index else "memory")
         _check_name(namespace, "namespace", required=True)
         if isinstance(r, str):  # add_many(["text", ...]): the memory's text alone
             r = {"text": r}
