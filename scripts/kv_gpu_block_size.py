@@ -14,8 +14,10 @@ each block size, and checks that the block size does not change the output (same
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import time
 from pathlib import Path
 
@@ -112,8 +114,6 @@ def time_steps(cores: list[LayerCore], steps: int, gen: torch.Generator,
         print(table.table(sort_by="self_cpu_time_total", row_limit=30), flush=True)
         print(table.table(sort_by="self_device_time_total", row_limit=15), flush=True)
     elif profile == "python":  # the cache's own functions by cumulative time (the host side of an eager step)
-        import cProfile
-        import pstats
         pr = cProfile.Profile()
         pr.enable()
         for i in range(2, steps + 2):
@@ -123,8 +123,6 @@ def time_steps(cores: list[LayerCore], steps: int, gen: torch.Generator,
         pstats.Stats(pr).sort_stats("cumulative").print_stats("memvisor", 30)
         pstats.Stats(pr).sort_stats("tottime").print_stats(30)  # own time: torch ops, syncs, Triton's launcher
     elif profile in ("steps", "steps-python"):  # each step's own time (a sync after each): flushes, evictions
-        import cProfile
-        import pstats
         each, compiled, profiles = [], {}, []
         seen = _compiled_kernels()
         for i in range(2, steps + 2):
