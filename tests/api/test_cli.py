@@ -75,7 +75,7 @@ def test_every_command(monkeypatch, capsys, tmp_path, small_conversation):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["context", "q", "--namespace", "app", "--budget", "0"], "budget_tokens must be"),
+    (["context", "q", "--namespace", "app", "--budget", "0"], "Invalid value for '--budget'"),
     (["add", "", "--namespace", "app"], "text is empty"),
     (["add", "x", "--namespace", "app", "--valid-from", "someday"], "not an ISO-8601"),
     (["search", "q", "--namespace", "nowhere"], "has no memories"),
@@ -133,3 +133,49 @@ def test_search_prints_dates_as_text_and_control_characters_as_escapes(monkeypat
     assert code == 0, err
     assert "1 March 2024" in out and "[cyan]" not in out and "[/]" not in out
     assert "\x1b" not in out and "\x07" not in out and "Frank \\x1b[31mRED\\x1b[0m\\x07" in out
+
+
+def test_home_before_the_command_and_the_commands_own_home_wins(monkeypatch, capsys, tmp_path):
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    monkeypatch.setenv("MEMVISOR_HOME", str(tmp_path / "env"))
+    assert run(monkeypatch, capsys, "--home", first, "add", "Pixel is a grey cat", "-n", "pets")[0] == 0
+    assert run(monkeypatch, capsys, f"--home={first}", "add", "Rex is a dog", "-n", "pets", "--home", second)[0] == 0
+    assert run(monkeypatch, capsys, "add", "Tom is a cat", "-n", "pets")[0] == 0
+    texts = {}
+    for home in (first, second, str(tmp_path / "env")):
+        code, out, _ = run(monkeypatch, capsys, "search", "animal", "-n", "pets", "--json", "--home", home)
+        texts[home] = sorted(h["text"] for h in json.loads(out))
+    assert list(texts.values()) == [["Pixel is a grey cat"], ["Rex is a dog"], ["Tom is a cat"]]
+
+
+def test_update_merges_metadata_and_sets_kind(monkeypatch, capsys, tmp_path, small_conversation):
+    h = ["--home", str(tmp_path / "home")]
+    run(monkeypatch, capsys, "ingest", str(small_conversation), "-n", "chat", *h)
+    _, out, _ = run(monkeypatch, capsys, "search", "Which islands is Ana hiking?", "-n", "chat", "-k", "1",
+                    "--json", *h)
+    turn = json.loads(out)[0]
+    code, out, _ = run(monkeypatch, capsys, "update", turn["id"], "-n", "chat", "--metadata", '{"mood": "happy"}',
+                       "--kind", "semantic", *h)
+    assert code == 0 and "version 2" in out
+    _, out, _ = run(monkeypatch, capsys, "get", turn["id"], "-n", "chat", *h)
+    got = json.loads(out)
+    assert got["kind"] == "semantic"
+    assert got["metadata"] == {**turn["item"]["metadata"], "mood": "happy"} and got["metadata"]["speaker"] == "Ana"
+
+
+def test_delete_namespace_asks_for_yes_then_frees_the_name(monkeypatch, capsys, tmp_path):
+    h = ["--home", str(tmp_path / "home")]
+    run(monkeypatch, capsys, "add", "Pixel is a grey cat", "-n", "pets", *h)
+    run(monkeypatch, capsys, "export", str(tmp_path / "cube"), "-n", "pets", *h)
+    code, _, err = run(monkeypatch, capsys, "import", str(tmp_path / "cube"), *h)
+    assert code == 2 and "memvisor delete-namespace pets" in err
+    monkeypatch.setattr(sys, "stdin", open(__file__))  # not a terminal: no prompt, a clear refusal
+    code, _, err = run(monkeypatch, capsys, "delete-namespace", "pets", *h)
+    assert code == 2 and "--yes" in err
+    assert run(monkeypatch, capsys, "search", "cat", "-n", "pets", *h)[0] == 0  # nothing was removed
+    code, out, _ = run(monkeypatch, capsys, "delete-namespace", "pets", "--yes", *h)
+    assert code == 0 and "1 memory removed" in out
+    code, _, err = run(monkeypatch, capsys, "search", "cat", "-n", "pets", *h)
+    assert code == 2 and "has no memories" in err
+    code, out, _ = run(monkeypatch, capsys, "import", str(tmp_path / "cube"), *h)
+    assert code == 0 and "imported 1 memory into namespace pets" in out

@@ -247,3 +247,71 @@ def test_a_delete_whose_process_dies_before_close_is_scrubbed_by_the_next_close(
         assert [h.item.text for h in m.search("bank PIN", namespace="app")] == ["Pixel the cat sleeps on the balcony"]
     blobs = b"".join(p.read_bytes() for p in home.rglob("*") if p.is_file())
     assert b"48213" not in blobs and b"zqxjvwk" not in blobs
+
+
+def test_update_merges_metadata_and_a_turn_keeps_its_speaker(memory, small_conversation):
+    """`update(metadata=...)` is a top-level JSON merge patch: an ingested turn keeps the speaker its
+    ranking and its context line use; None removes a key; a new speaker re-embeds "speaker: text"."""
+    import numpy as np
+
+    memory.ingest(small_conversation, namespace="chat")
+    turn = memory.search("Which islands is Ana hiking?", namespace="chat", k=1)[0].item
+    rid = memory.store.head_row("chat", turn.id)["rid"]
+    before = memory.store.vectors_of([rid])[0]
+    got = memory.update(turn.id, namespace="chat", metadata={"mood": "excited", "conversation": None})
+    assert got.metadata == {"speaker": "Ana", "turn_id": turn.metadata["turn_id"], "mood": "excited"}
+    row = memory.store.head_row("chat", turn.id)
+    assert row["speaker"] == "Ana"
+    assert np.array_equal(memory.store.vectors_of([row["rid"]])[0], before)  # same "Ana: text": same vector
+    assert "Ana: To Norway" in memory.context("Lofoten islands", namespace="chat", budget_tokens=200).text
+    memory.update(turn.id, namespace="chat", metadata={"speaker": "Ben"})
+    row = memory.store.head_row("chat", turn.id)
+    assert row["speaker"] == "Ben"
+    want = memory.embedder.encode(["Ben: Where are you going on holiday this summer?\n"
+                                   "Ben: To Norway, hiking the Lofoten islands in July."])[0]
+    assert memory.store.vectors_of([row["rid"]])[0] @ want > 0.999
+    with pytest.raises(InvalidInput, match="metadata must be a JSON object"):
+        memory.update(turn.id, namespace="chat", metadata=["speaker"])
+
+
+def test_delete_namespace_purges_it_and_frees_its_name(tmp_path, small_conversation):
+    """Every row, key, log entry and index file of the namespace goes, and nothing of it stays in the
+    files; other namespaces are untouched; the name can be imported again. A second process that held
+    the namespace's index in memory rebuilds it once the name is written again: kept, its old vectors
+    would be saved back to disk at that process's close."""
+    import numpy as np
+
+    from memvisor import Memory
+
+    home = tmp_path / "home"
+    m, other = Memory(home), Memory(home)
+    m.add("Pixel the cat sleeps on the balcony", namespace="pets")
+    m.ingest(small_conversation, namespace="chat")  # the highest rids: given again after the drop
+    pin = m.add("my bank PIN is 48213 zqxjvwk", namespace="chat")
+    pin_vec = m.store.vectors_of([m.store.head_row("chat", pin.id)["rid"]]).astype(np.float16).tobytes()
+    m.export("chat", tmp_path / "cube")
+    assert other.search("bank PIN", namespace="chat", k=1)[0].item.id == pin.id
+    m.store.vector_index("chat").dirty = 1
+    m.store.save_index("chat")
+    assert m.delete_namespace("chat") == 9
+    assert m.store.namespaces() == ["pets"]
+    for table in ("items", "events", "item_keys"):
+        assert m.store.db.execute(f"SELECT count(*) FROM {table} WHERE namespace='chat'").fetchone()[0] == 0
+    with pytest.raises(UnknownNamespace):
+        m.search("bank PIN", namespace="chat")
+    with pytest.raises(UnknownNamespace):
+        m.delete_namespace("chat")
+    fresh = m.add("Rex the dog guards the garden", namespace="chat")
+    assert m.store.head_row("chat", fresh.id)["rid"] <= 9  # a rid of the dropped rows, given again
+    assert [h.item.id for h in other.search("bank PIN", namespace="chat")] == [fresh.id]
+    assert len(other.store.vector_index("chat")) == 1
+    m.close()
+    other.close()  # its index is dirty (it caught up with the add): saved last, over m's
+    blobs = b"".join(p.read_bytes() for p in home.rglob("*") if p.is_file())
+    assert b"48213" not in blobs and b"zqxjvwk" not in blobs and b"Lofoten" not in blobs
+    assert pin_vec not in blobs
+    with Memory(home) as m:
+        assert [h.item.text for h in m.search("cat", namespace="pets")] == ["Pixel the cat sleeps on the balcony"]
+        m.delete_namespace("chat")
+        assert m.import_(tmp_path / "cube").added == 9
+        assert m.search("bank PIN", namespace="chat", k=1)[0].item.text == "my bank PIN is 48213 zqxjvwk"

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from memvisor.api.limits import MAX_BUDGET_TOKENS
 from memvisor.errors import MemvisorError
 
 app = typer.Typer(help="memvisor: memory for LLM applications (plaintext, KV and parametric).",
@@ -24,15 +25,29 @@ app.add_typer(bench_app, name="bench")
 out = Console()
 err = Console(stderr=True)
 
-HomeOpt = typer.Option(None, "--home", envvar="MEMVISOR_HOME", help="Memory home folder (default ~/.memvisor).")
+# Each command takes --home too (after its name); the root's --home and MEMVISOR_HOME apply when it is not given.
+HomeOpt = typer.Option(None, "--home", help="Memory home folder (default: --home before the command, "
+                       "MEMVISOR_HOME, or ~/.memvisor).")
 NsOpt = typer.Option(..., "--namespace", "-n", help="Namespace (a hard partition, e.g. one app or tenant).")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of text.")
+
+
+# The root's --home (or MEMVISOR_HOME), set by `_root` before the command runs; "typed": on the command line.
+_root_home: dict[str, Any] = {"home": None, "typed": False}
+
+
+@app.callback()
+def _root(ctx: typer.Context, home: Optional[Path] = typer.Option(
+        None, "--home", envvar="MEMVISOR_HOME", help="Memory home folder for every command (default ~/.memvisor).")
+          ) -> None:
+    source = ctx.get_parameter_source("home")
+    _root_home.update(home=home, typed=source is not None and source.name == "COMMANDLINE")
 
 
 def _memory(home: Optional[Path]):
     from memvisor.api.memory import Memory
 
-    return Memory(home)
+    return Memory(home or _root_home["home"])
 
 
 def _print_json(value: Any) -> None:
@@ -71,7 +86,7 @@ def ingest(file: Path, namespace: str = NsOpt, user: Optional[str] = typer.Optio
         task = bar.add_task(f"ingesting {escape(file.name)}", total=total)
         report = m.ingest(conversations, namespace=namespace, user=user,
                           progress=lambda n: bar.advance(task, n))
-    out.print(f"added {report.added} memories, skipped {report.skipped_duplicates} already present "
+    out.print(f"added {_memories(report.added)}, skipped {report.skipped_duplicates} already present "
               f"(namespace {namespace})", markup=False)
 
 
@@ -95,7 +110,8 @@ def search(query: str, namespace: str = NsOpt, user: Optional[str] = typer.Optio
 
 
 @app.command()
-def context(query: str, namespace: str = NsOpt, budget: int = typer.Option(..., "--budget", help="Token budget."),
+def context(query: str, namespace: str = NsOpt,
+            budget: int = typer.Option(..., "--budget", min=1, max=MAX_BUDGET_TOKENS, help="Token budget."),
             user: Optional[str] = typer.Option(None, "--user"),
             as_of: Optional[str] = typer.Option(None, "--as-of", help="ISO-8601: what was true then."),
             as_json: bool = JsonOpt, home: Optional[Path] = HomeOpt) -> None:
@@ -126,14 +142,16 @@ def history(memory_id: str, namespace: str = NsOpt, home: Optional[Path] = HomeO
 
 @app.command()
 def update(memory_id: str, namespace: str = NsOpt, text: Optional[str] = typer.Option(None, "--text"),
-           metadata: Optional[str] = typer.Option(None, "--metadata", help="A JSON object (replaces the old)."),
+           metadata: Optional[str] = typer.Option(
+               None, "--metadata", help="A JSON object merged into the old (a key set to null is removed)."),
+           kind: Optional[str] = typer.Option(None, "--kind", help="episodic | semantic | core | procedural"),
            valid_from: Optional[str] = typer.Option(
                None, "--valid-from", help="ISO-8601: the world changed then (else: a correction)."),
            home: Optional[Path] = HomeOpt) -> None:
     """Write a new version of a memory; the old one stays in its history."""
     with _memory(home) as m:
         item = m.update(memory_id, namespace=namespace, text=text, metadata=_json_object(metadata, "--metadata"),
-                        valid_from=valid_from)
+                        kind=kind, valid_from=valid_from)
     out.print(f"{item.id} is now version {item.version}", markup=False)
 
 
@@ -155,6 +173,21 @@ def delete(memory_id: str, namespace: str = NsOpt, home: Optional[Path] = HomeOp
     out.print(f"deleted {memory_id} ({removed} stored versions removed)", markup=False)
 
 
+@app.command("delete-namespace")
+def delete_namespace(namespace: str, yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+                     home: Optional[Path] = HomeOpt) -> None:
+    """Purge a namespace: every memory, version and log entry in it (its name is free again)."""
+    from memvisor.errors import InvalidInput
+
+    if not yes:
+        if not sys.stdin.isatty():
+            raise InvalidInput(f"deleting namespace {namespace!r} removes all its memories: add --yes to confirm")
+        typer.confirm(f"Delete namespace {namespace!r} and all its memories?", abort=True, err=True)
+    with _memory(home) as m:
+        removed = m.delete_namespace(namespace)
+    out.print(f"deleted namespace {namespace} ({_memories(removed)} removed)", markup=False)
+
+
 @app.command("export")
 def export_(directory: Path, namespace: str = NsOpt, home: Optional[Path] = HomeOpt) -> None:
     """Write a namespace to DIR as plain files (JSON lines + safetensors)."""
@@ -168,7 +201,7 @@ def import_(directory: Path, home: Optional[Path] = HomeOpt) -> None:
     """Load a namespace exported with `memvisor export`."""
     with _memory(home) as m:
         report = m.import_(directory)
-    out.print(f"imported {report.added} memories into namespace {report.namespace}", markup=False)
+    out.print(f"imported {_memories(report.added)} into namespace {report.namespace}", markup=False)
 
 
 @app.command()
@@ -178,7 +211,8 @@ def demo(home: Optional[Path] = typer.Option(None, "--home", help="Keep the demo
     """Ingest a small bundled conversation, then answer questions from memory with the local SmolLM2."""
     from memvisor.api.demo import run_demo
 
-    run_demo(home, budget, out, progress_bar)
+    # the demo writes into a home only when told to on its command line, never because MEMVISOR_HOME is set
+    run_demo(home or (_root_home["home"] if _root_home["typed"] else None), budget, out, progress_bar)
 
 
 def _json_object(text: Optional[str], flag: str) -> Optional[dict]:
@@ -193,6 +227,10 @@ def _json_object(text: Optional[str], flag: str) -> Optional[dict]:
     if not isinstance(value, dict):
         raise InvalidInput(f"{flag} must be a JSON object like '{{\"k\": \"v\"}}'")
     return value
+
+
+def _memories(count: int) -> str:
+    return f"{count} memory" if count == 1 else f"{count} memories"
 
 
 def _when(valid_from: Optional[str]) -> str:
@@ -215,8 +253,19 @@ def _register_benches() -> None:
     kv.register(bench_app)
 
 
+def _command_name(args: list[str]) -> Optional[str]:
+    """The command named on the command line, past the root's options (`--home DIR` or `--home=DIR`)."""
+    rest = iter(args)
+    for arg in rest:
+        if arg == "--home":
+            next(rest, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "bench":
+    if _command_name(sys.argv[1:]) == "bench":
         _register_benches()
     try:
         app()

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from memvisor import timeutil
+from memvisor.api.limits import MAX_BUDGET_TOKENS, MAX_TEXT_CHARS
 from memvisor.errors import InvalidInput, KeyConflict
 from memvisor.models.embedders import Embedder, default_embedder
 from memvisor.models.tokenizer import HFTokenizer, default_tokenizer
@@ -21,8 +22,6 @@ from memvisor.text.pack import ContextPacker
 from memvisor.text.retrieve import Candidate, HybridRetriever
 from memvisor.types import KINDS, Context, IngestReport, MemoryItem, ScoreExplanation, SearchHit
 
-MAX_TEXT_CHARS = 20_000   # longer texts should be split into several memories
-MAX_BUDGET_TOKENS = 1_000_000
 BULK_WRITE = 10_000  # a write call this large saves the ANN index at its end (a reload beats a rebuild)
 EMBED_WINDOW = 2_048  # memories embedded per embedder call in a bulk write (whole transactions)
 Progress = Callable[[int], None]  # called with the number of items just written
@@ -228,12 +227,21 @@ class Memory:
                metadata: dict[str, Any] | None = None, kind: str | None = None,
                valid_from: Any = None) -> MemoryItem:
         """A new version. With `valid_from` the world changed then (the old version stays true before it);
-        without, it is a correction of the old version. The old version stays in `history`."""
+        without, it is a correction of the old version. The old version stays in `history`.
+
+        `metadata` is merged into the old metadata (a JSON merge patch at the top level): the keys it
+        gives replace the old ones, a key given as None is removed, the others stay (an ingested turn
+        keeps its speaker)."""
         if text is None and metadata is None and kind is None:
             raise InvalidInput("update needs at least one of text, metadata or kind")
         head = self.get(memory_id, namespace=namespace)
-        merged = self._validate(namespace, dict(text=text if text is not None else head.text,
-                                                kind=kind or head.kind, metadata=metadata), 0)
+        if metadata is not None:
+            if not isinstance(metadata, dict):
+                raise InvalidInput(f"metadata must be a JSON object (a dict), got {type(metadata).__name__}")
+            removed = {k for k, v in metadata.items() if v is None}
+            metadata = {k: v for k, v in {**head.metadata, **metadata}.items() if k not in removed}
+        merged = self._validate(namespace, dict(text=text if text is not None else head.text, kind=kind or head.kind,
+                                                metadata=metadata if metadata is not None else head.metadata), 0)
         start = timeutil.to_iso(valid_from, "valid_from")
         if start and head.valid_from and start <= head.valid_from:
             raise InvalidInput(f"valid_from {start} must be after the current version's valid_from "
@@ -243,9 +251,9 @@ class Memory:
                                f"{head.valid_to}: it stopped being true then; add a new memory instead")
         changes = {"text": text and merged.text, "metadata": metadata, "kind": kind, "valid_from": start}
         vector = None
-        if text is not None:
-            merged.metadata = metadata if metadata is not None else head.metadata
-            merged.context = self._embedded_context(self.store.head_row(namespace, memory_id))
+        row = self.store.head_row(namespace, memory_id)
+        if text is not None or merged.speaker != row["speaker"]:  # the vector embeds "speaker: text"
+            merged.context = self._embedded_context(row)
             vector = _checked_vectors(self.embedder.encode([_embedding_text(merged)]), 1, self.store.dim)[0]
         return self.store.revise(namespace, memory_id, "update", changes, vector)
 
@@ -279,6 +287,13 @@ class Memory:
         _check_name(namespace, "namespace", required=True)
         self.store.require_namespace(namespace)
         return self.store.delete(namespace, memory_id)
+
+    def delete_namespace(self, namespace: str) -> int:
+        """Purge a namespace: every memory, version, key and log entry in it, and its index. Its name is
+        free again (to write or import into). Returns the number of memories removed."""
+        _check_name(namespace, "namespace", required=True)
+        self.store.require_namespace(namespace)
+        return self.store.drop_namespace(namespace)
 
     # ---- reads ----------------------------------------------------------------------------------
 
@@ -335,7 +350,8 @@ class Memory:
         return portable.export_namespace(self.store, namespace, Path(directory))
 
     def import_(self, directory: str | Path) -> IngestReport:
-        """Load an exported namespace into this home (the namespace must not exist here yet)."""
+        """Load an exported namespace into this home (the namespace must not exist here yet: `delete_namespace`
+        frees a name)."""
         return portable.import_namespace(self.store, Path(directory))
 
 

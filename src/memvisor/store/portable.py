@@ -12,6 +12,7 @@ imported copy gives the same results as over the original.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -159,7 +160,7 @@ def import_namespace(store: SQLiteStore, directory: Path) -> IngestReport:
             raise MalformedFile(f"{directory} has no {name}: give a complete folder written by `memvisor export`")
     if namespace in store.namespaces():
         raise InvalidInput(f"namespace {namespace!r} already exists in {store.home}: import into another home, "
-                           "or delete its memories first")
+                           f"or remove it first (`memvisor delete-namespace {shlex.quote(namespace)}`)")
     items = _read_jsonl(directory / "items.jsonl")
     events = _read_jsonl(directory / "events.jsonl")
     keys = _read_jsonl(directory / "keys.jsonl")

@@ -290,6 +290,28 @@ class SQLiteStore:
             cur.execute("INSERT OR REPLACE INTO meta VALUES (?, '1')", (SCRUB_MARK + namespace,))
         return len(rids)
 
+    def drop_namespace(self, namespace: str) -> int:
+        """Purge a whole namespace: its rows, keys, log and ANN index, as if it never existed (its name can
+        be written or imported again). Returns the number of memories it held. The files are scrubbed at
+        close, as after `delete`."""
+        with self.transaction() as cur:
+            count = cur.execute("SELECT count(DISTINCT id) FROM items WHERE namespace=?", (namespace,)).fetchone()[0]
+            rows = cur.execute("SELECT rid, text, context FROM items WHERE namespace=?", (namespace,)).fetchall()
+            cur.executemany("INSERT INTO items_fts (items_fts, rowid, text, context) VALUES ('delete', ?, ?, ?)",
+                            [(r["rid"], r["text"], r["context"]) for r in rows])
+            cur.execute("DELETE FROM vectors WHERE rid IN (SELECT rid FROM items WHERE namespace=?)", (namespace,))
+            for table, column in (("items", "namespace"), ("item_keys", "namespace"), ("events", "namespace"),
+                                  ("namespaces", "name")):
+                cur.execute(f"DELETE FROM {table} WHERE {column}=?", (namespace,))
+            cur.execute("INSERT OR REPLACE INTO meta VALUES (?, '1')", (SCRUB_MARK + namespace,))
+        # The index file is a cache of what was just removed: gone with it. Another process holding the
+        # index in memory resets it at its next catch-up (`_catch_up`: the log's first event moved on).
+        self._indexes.pop(namespace, None)
+        self._speakers.pop(namespace, None)
+        for path in (self._index_path(namespace), self.home / "vectors" / f"{_index_name(namespace)}.json"):
+            path.unlink(missing_ok=True)
+        return count
+
     def _scrub_deleted(self) -> None:
         """What is still on disk of deleted rows goes too, once per close for the namespaces marked by a
         delete (not per delete: a rewrite costs ~0.9 s at 10k memories): FTS5 keeps deleted words in its
@@ -418,7 +440,11 @@ class SQLiteStore:
         last = self.last_seq(namespace)
         if last == index.applied_seq:
             return
-        if last < index.applied_seq:  # the index is newer than the database (restored backup?): rebuild
+        # its own one-row seek on events_by_seq (min and max in one SELECT would scan the namespace's events)
+        first = self.db.execute("SELECT min(seq) FROM events WHERE namespace=?", (namespace,)).fetchone()[0] or 0
+        # Newer than the database (a restored backup?), or built before the namespace was dropped and written
+        # again (its log now starts after what the index applied): rebuilt from the log.
+        if last < index.applied_seq or first > index.applied_seq:
             index.reset()
         added: list[int] = []
         for op, payload in self.db.execute("SELECT op, payload FROM events WHERE namespace=? AND seq>? "
