@@ -10,7 +10,8 @@ After a warm-up, methods run in turn, ``--rounds`` times interleaved (the host's
 round kept.
 ``--torch-path`` adds each compressed method on the block-wise torch path (``CacheSpec.fused_decode=False``:
 no CPU kernel).
-``--profile`` prints a cProfile of the first compressed method's decode steps instead.
+``--profile`` prints a cProfile of the first compressed method's decode steps instead (after two
+unprofiled steps), and what the CPU kernel's wrapper calls.
 """
 from __future__ import annotations
 
@@ -87,11 +88,14 @@ def main() -> None:
     if args.profile:
         name = [m for m in methods if m.startswith("auto")][0]
         cache = methods[name]()
+        decode(model, key, cache, 42, args.tokens, 2)  # not profiled: numba's import and kernel load
         prof = cProfile.Profile()
         prof.enable()
-        decode(model, key, cache, 42, args.tokens, args.steps)
+        decode(model, key, cache, 42, args.tokens + 2, args.steps)
         prof.disable()
-        pstats.Stats(prof).sort_stats(args.sort).print_stats(35)
+        stats = pstats.Stats(prof).sort_stats(args.sort)
+        stats.print_stats(35)
+        stats.print_callees("cpu/cache_path.py.*[(]decode[)]")  # what the kernel's wrapper spends around it
         return
     decode(model, key, plain(), 42, args.tokens, 8)  # warm-up: the process's first steps are slow
     # ... and the CPU kernel's first call compiles it (seconds) or loads it from numba's cache
