@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from memvisor.kv import BudgetError, CacheSpec, CompressedCache, cache_kwarg, prefill_blockwise
-from memvisor.kv.policies import H2O, AdaKVHeadBudget, KVMerger, PyramidLayerBudget, SnapKV, StreamingLLM
+from memvisor.kv.policies import H2O, AdaKVHeadBudget, KVMerger, PyramidLayerBudget, Scissorhands, SnapKV, StreamingLLM
 from memvisor.kv.policies.base import TokenPolicy
 
 pytestmark = pytest.mark.slow
@@ -253,3 +253,37 @@ def test_gemma_sinks_only_in_full_attention_layers(gemma3):
             assert st.ns == 0 and c.cfg.qcfg.sinks == 0
             pos = st.positions()
             assert len(st) <= c.cfg.window - 1 and bool((pos > 702 - c.cfg.window).all())
+
+
+def test_prefill_and_model_loading_name_bad_input(smollm2, text_ids):
+    from transformers import DynamicCache
+
+    from memvisor.errors import InvalidInput
+    from memvisor.kv import load_local_model
+
+    model, _ = smollm2
+    cache = CompressedCache(model.config, CacheSpec(quant="kivi4"))
+    for ids, block, message in ((text_ids[:, :8], 0, "block must be"), (text_ids[0, :8], 4, r"\[B, T\]"),
+                                (text_ids[:, :0], 4, "T >= 1"), ([[1, 2, 3]], 4, "LongTensor")):
+        with pytest.raises(InvalidInput, match=message):
+            prefill_blockwise(model, ids, cache, block=block)
+    with pytest.raises(InvalidInput, match="CompressedCache"):  # refused before any forward runs
+        prefill_blockwise(model, text_ids[:, :8], DynamicCache(config=model.config))
+    assert cache.get_seq_length() == 0
+    with pytest.raises(InvalidInput, match="unknown model 'llama'"):
+        load_local_model("llama")
+
+
+def test_per_token_statistics_do_not_leave_the_budget_unused(smollm2, text_ids):
+    """Scissorhands' hits (up to 32 query rows of a byte per stored token) shrink with every token evicted, so the
+    cap counts them as they will be after the eviction: counted as they were before, this cache kept 21 tokens a
+    head and used 48% of its budget; now 87 and 99%."""
+    from memvisor.kv import uncompressed_bytes
+
+    model, _ = smollm2
+    budget = uncompressed_bytes(model.config, text_ids.shape[1]) // 8
+    cache = CompressedCache(model.config, CacheSpec(budget_bytes=budget, quant="kivi4", residual=0,
+                                                    token_policy=Scissorhands(), slack=0))
+    prefill_blockwise(model, text_ids, cache, block=text_ids.shape[1])
+    assert 0.5 * text_ids.shape[1] > max(cache.stored_tokens()[0]) > 60
+    assert 0.95 * budget < cache.nbytes() <= budget

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from memvisor.kv import ATTN_NAME, CacheSpec, CompressedCache, cache_kwarg
+from memvisor.kv import ATTN_NAME, CacheSpec, CacheSpecError, CompressedCache, cache_kwarg
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +132,72 @@ def test_padded_batch_is_refused_by_the_compressed_cache(smollm2, text_ids):
         with pytest.raises(PaddedBatchError, match="padded batches"):
             model(input_ids=ids, attention_mask=padded, use_cache=True,
                   **{key: CompressedCache(model.config, CacheSpec(quant="kivi4"))})
+
+
+def test_a_model_not_on_memvisor_attention_is_refused_not_silently_wrong(smollm2, text_ids):
+    """On another attention function a compressed layer's update hands back only the forward's own tokens,
+    so the next forward would attend to itself alone (and nothing would be compressed): it raises."""
+    from memvisor.kv import CacheStateError
+
+    model, _ = smollm2
+    key = cache_kwarg(model)
+    cache = CompressedCache(model.config, CacheSpec(quant="kivi4"))
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            model(input_ids=text_ids[:, :24], use_cache=True, **{key: cache})
+            with pytest.raises(CacheStateError, match="use_kv_attention"):
+                model(input_ids=text_ids[:, 24:25], use_cache=True, **{key: cache})
+    finally:
+        model.set_attn_implementation(ATTN_NAME)
+    cache.reset()  # what the message says: then the cache works again
+    with torch.no_grad():
+        model(input_ids=text_ids[:, :24], use_cache=True, **{key: cache})
+        model(input_ids=text_ids[:, 24:25], use_cache=True, **{key: cache})
+    assert cache.get_seq_length() == 25
+
+
+def test_a_forward_that_failed_midway_leaves_a_cache_that_says_so(smollm2, text_ids):
+    """A padded batch is refused at layer 0's attention: layer 0 then holds a forward more than the others,
+    and the next forward is refused with what to do instead of failing on mismatched tensors."""
+    from memvisor.kv import CacheStateError, PaddedBatchError
+
+    model, _ = smollm2
+    key = cache_kwarg(model)
+    ids = text_ids[:, :24].repeat(2, 1)
+    padded = torch.ones_like(ids)
+    padded[1, :10] = 0
+    cache = CompressedCache(model.config, CacheSpec(quant="kivi4"))
+    with torch.no_grad():
+        with pytest.raises(PaddedBatchError):
+            model(input_ids=ids, attention_mask=padded, use_cache=True, **{key: cache})
+        with pytest.raises(CacheStateError, match="reset"):
+            model(input_ids=ids, use_cache=True, **{key: cache})
+    cache.reset()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{key: cache})
+        with pytest.raises(CacheStateError, match="batch of 2 row"):  # another request's batch, without reset()
+            model(input_ids=ids[:1, :5], use_cache=True, **{key: cache})
+
+
+def test_a_budget_planned_for_another_batch_is_refused(smollm2, text_ids):
+    model, _ = smollm2
+    ids = text_ids[:, :24].repeat(2, 1)
+    spec = CacheSpec.plan(model.config, budget_bytes=2_000_000, context_tokens=24)
+    with torch.no_grad(), pytest.raises(CacheSpecError, match="batch_size=2"):
+        model(input_ids=ids, use_cache=True, **{cache_kwarg(model): CompressedCache(model.config, spec)})
+    spec = CacheSpec.plan(model.config, budget_bytes=2_000_000, context_tokens=24, batch_size=2)
+    cache = CompressedCache(model.config, spec)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
+    assert cache.nbytes() <= 2_000_000
+
+
+def test_a_cache_built_for_another_model_is_refused(smollm2, gemma3, text_ids):
+    model, _ = smollm2
+    cache = CompressedCache(gemma3[0].config, CacheSpec())
+    with torch.no_grad(), pytest.raises(CacheSpecError, match="this model's config"):
+        model(input_ids=text_ids[:, :8], use_cache=True, **{cache_kwarg(model): cache})
 
 
 def test_sliding_passthrough_layers_hold_only_their_window_after_a_long_prefill(gemma3):

@@ -12,11 +12,40 @@ CFG = LlamaConfig(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, n
                   intermediate_size=256, vocab_size=100)
 
 
-@pytest.mark.parametrize("kw", [dict(quant="kivi3"), dict(budget_bytes=-1), dict(group=0), dict(block=100),
-                                dict(quant="kivi2", group=12), dict(budget_bytes=1.5)])
-def test_bad_spec_raises_typed_error(kw):
-    with pytest.raises(CacheSpecError):
+@pytest.mark.parametrize("kw, message", [
+    (dict(quant="kivi3"), "quant must be"), (dict(budget_bytes=-1), "budget_bytes"), (dict(group=0), "group"),
+    (dict(block=100), "multiple of 8"), (dict(quant="kivi2", group=12), "multiple of 8"),
+    (dict(budget_bytes=1.5), "budget_bytes"), (dict(budget_bytes=True), "budget_bytes"),
+    (dict(fused_decode="no"), "fused_decode"), (dict(token_policy="h2o"), "make_policy"),
+    (dict(head_budget=object()), "head_budget"), (dict(quant="kivi4", group=24), "divide the model's head_dim"),
+])
+def test_bad_spec_raises_typed_error(kw, message):
+    with pytest.raises(CacheSpecError, match=message):
         CompressedCache(CFG, CacheSpec(**kw))
+
+
+def test_a_spec_or_config_of_the_wrong_kind_is_named():
+    with pytest.raises(CacheSpecError, match="spec must be a CacheSpec"):
+        CompressedCache(CFG, {"quant": "kivi4"})
+    with pytest.raises(CacheSpecError, match="model.config"):
+        CompressedCache(object(), CacheSpec())
+
+
+def test_numpy_integer_budgets_are_integers():
+    import numpy as np
+
+    cache = CompressedCache(CFG, CacheSpec(budget_bytes=np.int64(200_000), context_tokens=np.int32(100)))
+    assert cache.spec.budget_bytes == 200_000 and type(cache.spec.budget_bytes) is int
+
+
+def test_uncompressed_bytes_counts_every_layer_head_and_row():
+    from memvisor.kv import uncompressed_bytes
+
+    # 4 layers x 2 KV heads x 32 channels x (k, v) x 4 bytes (float32 by default) x 10 tokens x 3 rows
+    assert uncompressed_bytes(CFG, 10, batch_size=3) == 4 * 2 * 32 * 2 * 4 * 10 * 3
+    assert uncompressed_bytes(CFG, 10, dtype=torch.bfloat16) == 4 * 2 * 32 * 2 * 2 * 10
+    with pytest.raises(CacheSpecError, match="tokens"):
+        uncompressed_bytes(CFG, -1)
 
 
 def test_token_cost_matches_layout():

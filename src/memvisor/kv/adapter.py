@@ -46,6 +46,11 @@ class PaddedBatchError(InvalidInput):
     """A batch whose rows are padded to a common length, on a compressed cache."""
 
 
+class CacheStateError(InvalidInput):
+    """A compressed cache whose layers disagree: a forward stored tokens that memvisor's attention never
+    read (the model is not switched to it), or a forward failed midway."""
+
+
 # id(key tensor returned by update) -> (weakref to it, layer). The weakref check makes a reused id
 # (after the tensor died) miss instead of routing to the wrong layer.
 _pending: dict[int, tuple[weakref.ref, LayerCore]] = {}
@@ -188,3 +193,35 @@ class HFCache(Cache):
     def __init__(self, cores: list[LayerCore]) -> None:
         super().__init__(layers=[HFLayer(c) for c in cores])
         self.cores = cores
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[Tensor, Tensor]:
+        if layer_idx == 0:  # a forward starts: the last one must have completed on every layer
+            self.check_complete()
+            held = {c.batch_size for c in self.cores} - {None}
+            if held and held != {key_states.shape[0]}:
+                raise CacheStateError(f"this cache holds a batch of {held.pop()} row(s), the forward gives "
+                                      f"{key_states.shape[0]}: a cache holds one request; call cache.reset() first")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def check_complete(self) -> None:
+        """Raise :class:`CacheStateError` unless every layer saw the same tokens and its attention ran.
+
+        Without this, a model on another attention function attends only to each forward's own tokens
+        (a compressed layer's ``update`` hands back just those), silently: wrong text, and nothing is
+        ever compressed. A forward that raised midway leaves the first layers a forward ahead."""
+        waiting = [c.cfg.layer_idx for c in self.cores if c.awaiting_attention]
+        if waiting:
+            raise CacheStateError(
+                f"the last forward stored tokens in layer(s) {_short(waiting)} whose attention never ran: the model "
+                f"must use memvisor's attention (memvisor.kv.use_kv_attention(model); load_local_model does it "
+                f"unless kv_attention=False), and a forward that failed midway leaves the cache unusable: call "
+                f"cache.reset() and prefill again")
+        seen = {c.cum for c in self.cores}
+        if len(seen) > 1:
+            raise CacheStateError(f"the cache's layers hold different token counts ({sorted(seen)}): a forward "
+                                  f"failed midway; call cache.reset() and prefill again")
+
+
+def _short(items: list[int]) -> str:
+    return ", ".join(map(str, items[:8])) + (f" and {len(items) - 8} more" if len(items) > 8 else "")

@@ -15,6 +15,7 @@ reproduces transformers' ``DynamicCache`` bit for bit under any attention implem
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -106,7 +107,8 @@ class CacheSpec:
     @classmethod
     def plan(cls, model_config: Any, budget_bytes: int, context_tokens: int, **overrides: Any) -> "CacheSpec":
         """The recipe :mod:`memvisor.kv.planner` chooses for this model, budget and context length
-        (precision while at least 30% of every layer's span fits, else the most tokens)."""
+        (nearly every token with 4-bit keys where that fits; else twice the tokens over precision; else precision
+        while at least 30% of every layer's span fits; else the most tokens)."""
         from memvisor.kv.planner import plan
 
         return plan(model_config, budget_bytes, context_tokens, **overrides)
@@ -114,16 +116,29 @@ class CacheSpec:
     def validate(self) -> None:
         if self.quant not in QUANT_BITS:
             raise CacheSpecError(f"quant must be one of {sorted(QUANT_BITS)}, got {self.quant!r}")
-        if self.budget_bytes is not None and (not isinstance(self.budget_bytes, int) or self.budget_bytes < 0):
+        # numpy integers are integers; a bool is not a byte count
+        for name in ("budget_bytes", "context_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+                setattr(self, name, int(v))
+        if self.budget_bytes is not None and (not _is_int(self.budget_bytes) or self.budget_bytes < 0):
             raise CacheSpecError(f"budget_bytes must be an int >= 0 or None, got {self.budget_bytes!r}")
-        if self.context_tokens is not None and (not isinstance(self.context_tokens, int) or self.context_tokens < 1):
+        if self.context_tokens is not None and (not _is_int(self.context_tokens) or self.context_tokens < 1):
             raise CacheSpecError(f"context_tokens must be an int >= 1 or None, got {self.context_tokens!r}")
         for name in ("group", "residual", "sinks", "slack", "block", "batch_size"):
             v = getattr(self, name)
             if name == "block" and v is None:
                 continue
-            if not isinstance(v, int) or v < (0 if name in ("residual", "sinks", "slack") else 1):
+            if not _is_int(v) or v < (0 if name in ("residual", "sinks", "slack") else 1):
                 raise CacheSpecError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.fused_decode, bool):
+            raise CacheSpecError(f"fused_decode must be True or False, got {self.fused_decode!r}")
+        for name, kind in (("token_policy", TokenPolicy), ("head_budget", HeadBudget), ("layer_budget", LayerBudget),
+                           ("merge_policy", MergePolicy), ("channel_policy", ChannelPolicy)):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, kind):
+                hint = f" (e.g. memvisor.kv.policies.make_policy({v!r}))" if isinstance(v, str) else ""
+                raise CacheSpecError(f"{name} must be a {kind.__name__} object or None, got {type(v).__name__}{hint}")
         if self.block is not None and self.block % 8:
             raise CacheSpecError(f"block must be a multiple of 8, got {self.block}")
         if self.quant != "none" and self.group % 8:
@@ -153,10 +168,18 @@ class CompressedCache(HFCache):
     """
 
     def __init__(self, model_config: Any, spec: CacheSpec | None = None) -> None:
-        spec = spec or CacheSpec()
+        spec = CacheSpec() if spec is None else spec
+        if not isinstance(spec, CacheSpec):
+            raise CacheSpecError(f"spec must be a CacheSpec (or None), got {type(spec).__name__}")
         spec.validate()
         self.spec = spec
-        n_layers, n_kv, head_dim = kv_shape(model_config)
+        try:
+            n_layers, n_kv, head_dim = kv_shape(model_config)
+        except AttributeError:
+            raise CacheSpecError(f"model_config must be a transformers model config (model.config), got "
+                                 f"{type(model_config).__name__}") from None
+        if spec.quant != "none" and head_dim % spec.group:  # values are grouped along the head's channels
+            raise CacheSpecError(f"group={spec.group} must divide the model's head_dim ({head_dim}) for KIVI values")
         windows = layer_windows(model_config)[:n_layers]
         bits = QUANT_BITS[spec.quant]
         vbits = VALUE_BITS.get(spec.quant, bits)
@@ -188,11 +211,27 @@ class CompressedCache(HFCache):
             for i in range(n_layers)
         ]
         super().__init__(cores)
+        self._kv_shape = (n_kv, head_dim)
         self.layer_budget_bytes = layer_bytes
         self.peak_bytes = 0
         self._layer_bytes = [0] * n_layers
         for c in cores:
             c.observer = self._observe_bytes
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[Tensor, Tensor]:
+        rows = key_states.shape[0]
+        if layer_idx >= len(self.cores) or tuple(key_states.shape[1::2]) != self._kv_shape:
+            raise CacheSpecError(f"this cache was built for a model of {len(self.cores)} layers of "
+                                 f"{self._kv_shape[0]} KV heads x {self._kv_shape[1]} channels; layer {layer_idx} "
+                                 f"gives "
+                                 f"{key_states.shape[1]} x {key_states.shape[-1]}: build it from this model's config")
+        if layer_idx == 0 and self.spec.budget_bytes is not None and rows != self.spec.batch_size:
+            # a token's bytes scale with the rows: the plan (layer split, recipe) was made for another batch
+            raise CacheSpecError(f"the budget was planned for batch_size={self.spec.batch_size}, the forward gives "
+                                 f"{rows} rows: set CacheSpec(batch_size={rows}) (or CacheSpec.plan(..., "
+                                 f"batch_size={rows}))")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def _observe_bytes(self, layer_idx: int, before: int, after: int) -> None:
         # High-water mark: this layer before its compression, every other layer as it stands.
@@ -249,6 +288,30 @@ class CompressedCache(HFCache):
                 c.compress(force=True)
                 for st in c.stores:
                     st.flush()
+
+
+def uncompressed_bytes(model_config: Any, tokens: int, batch_size: int = 1, dtype: Any = None) -> int:
+    """Bytes a plain (uncompressed) cache of this model holds after ``tokens`` tokens: what a budget is a
+    fraction of (``budget_bytes=uncompressed_bytes(config, T) // 4`` is 4x). Keys and values of every KV head
+    of every layer, a sliding-window layer holding ``min(tokens, window - 1)`` (as transformers' own cache),
+    ``batch_size`` rows, in ``dtype`` (default: the model's; ``torch.bfloat16`` gives the benchmarks' unit)."""
+    import torch
+
+    for name, value in (("tokens", tokens), ("batch_size", batch_size)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+            raise CacheSpecError(f"{name} must be an integer >= 0, got {value!r}")
+    try:
+        n_layers, n_kv, head_dim = kv_shape(model_config)
+    except AttributeError:
+        raise CacheSpecError(f"model_config must be a transformers model config (model.config), got "
+                             f"{type(model_config).__name__}") from None
+    width = _dtype_bytes(model_config) if dtype is None else torch.empty(0, dtype=dtype).element_size()
+    spans = [tokens if w is None else min(tokens, w - 1) for w in layer_windows(model_config)[:n_layers]]
+    return int(sum(spans)) * n_kv * head_dim * 2 * width * int(batch_size)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _dtype_bytes(config: Any) -> int:

@@ -126,6 +126,16 @@ class LayerCore:
             return kv, offset
         return stored + query_length, self.cum - stored
 
+    @property
+    def batch_size(self) -> int | None:
+        """Rows of the batch this layer holds (None before its first forward)."""
+        return None if self.stores is None else self.stores[0].B
+
+    @property
+    def awaiting_attention(self) -> bool:
+        """Whether a forward's tokens were stored and its :meth:`attend` has not run yet."""
+        return self._pending is not None
+
     # ------------------------------------------------------------------ forward
     def update(self, key_states: Tensor, value_states: Tensor) -> tuple[Tensor, Tensor] | None:
         """Store a forward's new tokens ([B, Hkv, Tq, D]). Passthrough: returns the full (k, v)
@@ -322,27 +332,43 @@ class LayerCore:
             return
         self._apply_keep(kept, merge=False)
 
-    def head_caps(self) -> int:
+    def head_caps(self, after_eviction: bool = True) -> int:
         """Head-tokens per head that fit ``budget_bytes`` (uniform split over heads), counting the
-        full-precision residual and sinks the heads hold now (eviction never grows them)."""
-        per_head = max(self.cfg.budget_bytes - self.policy_bytes(), 0) / len(self.stores)
-        return self.cost.capacity(per_head, residual=max(st.nr + st.ns for st in self.stores))
+        full-precision residual and sinks the heads hold now (eviction never grows them) and the policy's
+        statistics as they will be once the heads hold that many (per-token ones shrink with eviction: counted
+        as they were before, Scissorhands' 32 query rows of hits left a third of its budget unused).
+        ``after_eviction=False``: the statistics as they are now, one step instead of a search (a lower bound,
+        enough to tell that nothing needs evicting)."""
+        H, residual = len(self.stores), max(st.nr + st.ns for st in self.stores)
+
+        def fits(n: int | None) -> int:  # tokens a head can hold with the statistics of n tokens a head (None: now)
+            pol = self.cfg.policy
+            state = 0 if pol is None else pol.nbytes() if n is None else pol.state_bytes(n)
+            return self.cost.capacity(max(self.cfg.budget_bytes - state, 0) / H, residual=residual)
+
+        if not after_eviction:
+            return fits(None)
+        lo, hi = 0, fits(0)  # largest n with fits(n) >= n; fits only falls as n grows
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) >= mid else (lo, mid - 1)
+        return lo
 
     def compress(self, force: bool = False, added: int | None = None) -> None:
         """Evict down to the byte budget when it is exceeded (``force``: evict whenever any token
         is over the cap, ignoring the slack hysteresis; ``added``: tokens the forward just stored)."""
         if self.cfg.budget_bytes is None or self.stores is None:
             return
-        state = self.policy_bytes()
+        state = self.cfg.policy.state_bytes(0) if self.cfg.policy is not None else 0  # what no eviction frees
         if state >= self.cfg.budget_bytes:
             raise BudgetError(f"layer {self.cfg.layer_idx}: the {self.cfg.policy.name} policy keeps {state:,} bytes of "
                               f"statistics, more than the layer's budget of {self.cfg.budget_bytes:,}: raise "
                               "budget_bytes or choose a policy that keeps less (StreamingLLM keeps none)")
-        cap = self.head_caps()
         Hkv = len(self.stores)
         total = sum(self.lengths())
-        if total <= cap * Hkv and self.nbytes() <= self.cfg.budget_bytes:
+        if total <= self.head_caps(after_eviction=False) * Hkv and self.nbytes() <= self.cfg.budget_bytes:
             return
+        cap = self.head_caps()
         # Hysteresis: evict a little below the cap so decode does not evict every step; never
         # more than a quarter of the cap (small budgets would otherwise lose most of their tokens).
         # A forward of more than ``slack`` tokens (a prefill block) evicts at every forward anyway:

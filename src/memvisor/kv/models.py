@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from memvisor.errors import ModelUnavailable
+from memvisor.errors import InvalidInput, ModelUnavailable
 from memvisor.kv.adapter import use_kv_attention
 from memvisor.models.packages import cache_dir, quiet_loading
 
@@ -56,7 +56,7 @@ def _package_dir(name: str) -> Path:
 def gguf_path(name: str) -> Path:
     """Path of the model's GGUF file (assembling Gemma's chunks on first use)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
+        raise InvalidInput(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
     folder = _package_dir(name)
     if name == "smollm2":
         path = folder / MODELS[name]["file"]

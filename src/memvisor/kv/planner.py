@@ -12,8 +12,9 @@ uses (``token_cost`` and ``split_layers``), without running the model:
    ``c`` (tokens per head / span). When a candidate with 4-bit keys keeps at least :data:`NEAR_FULL`,
    the plan takes the most precise one keeping at least :data:`FULL_COVERAGE` (nearly every token), or
    else the 4-bit-key one that keeps the most (so a budget a little under 4x does not fall back to
-   evicting the oldest 29%); otherwise the first candidate with coverage of at least
-   :data:`MIN_COVERAGE`; when none reaches that, the one that keeps the most (these two rules pass over
+   evicting the oldest 29%); otherwise the 4-bit-key candidate that keeps the most when it keeps at least
+   :data:`COVERAGE_GAIN` times what the most precise one keeps; otherwise the first candidate with coverage of at
+   least :data:`MIN_COVERAGE`; when none reaches that, the one that keeps the most (these three rules pass over
    :data:`FOR_COVERAGE`).
 
 Why coverage first (session 16, BENCHMARKS.md ``kv``): StreamingLLM forgets the OLDEST tokens, so an
@@ -29,12 +30,17 @@ finds on those tasks, KIVI-4 (coverage 0.59) 6 (top-1 0.911 / 0.954, KL 0.053 / 
 Gemma 3 at 3x: 4-bit keys / 2-bit values keeping every token 0.995 / 0.007 against KIVI-4 (coverage
 0.75) 0.980 / 0.048. Keys stay 4-bit: 2-bit keys cost more than
 evicting (session 9: 0.811 / 0.239).
+Why twice the tokens beat precision: SmolLM2 at 4x of a 768-token context (bf16, 12 needle tasks, session 20,
+``benchmarks/kv/smollm2-s20-768``): KIVI-4 with its 128-token residual (coverage 0.34) top-1 0.848, KL 0.366,
+2 of 11 needles; keys 4 / values 2 (0.75) 0.935, 0.042, 9 of 11. Gemma 3 at 4x below.
 Why precision next (teacher-forced top-1 / KL): precision beats tokens while enough of the context
 stays. Gemma 3 at 4x (session 7, when the cache priced its residual differently): KIVI-4 with a
 128-token residual kept 0.16 of the full layers' context and fell to 0.844 / 0.463, KIVI-4 with a
 32-token residual (0.47 then) reached 0.984 / 0.014, KIVI-2 keeping every token 0.930 / 0.136.
 :data:`MIN_COVERAGE` = 0.3, :data:`NEAR_FULL` = 0.9 and :data:`FULL_COVERAGE` = 0.95 are set from
-measurements on two models (rules of thumb, not derivations). No candidate keeps full-precision sinks (``CacheSpec.sinks``):
+measurements on two models, :data:`COVERAGE_GAIN` = 2 from the two cases above (rules of thumb, not
+derivations; it leaves every configuration BENCHMARKS.md records at 4k tokens as it was).
+No candidate keeps full-precision sinks (``CacheSpec.sinks``):
 they halve the KL where nothing is evicted, but under eviction their bytes move the eviction boundary and
 cost needles (session 9: SmolLM2 at 4x, float32, needle retention 1.00 -> 0.75; Gemma 3 at 4x, bf16, 3 of 3 -> 2 of 3).
 
@@ -43,6 +49,7 @@ Units: bytes; ``coverage`` is a fraction (1.0: every token of every layer's span
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 from memvisor.kv.adapter import kv_shape, layer_windows
@@ -64,6 +71,7 @@ CANDIDATES: list[tuple[str, dict]] = [
 # keep the most, it was not measured.
 FOR_COVERAGE = {"kivi-k4v2-stream-r0"}
 MIN_COVERAGE = 0.3
+COVERAGE_GAIN = 2.0
 NEAR_FULL = 0.9
 FULL_COVERAGE = 0.95
 _BITS = {"kivi4": (4, 4), "kivi-k4v2": (4, 2), "kivi2": (2, 2)}
@@ -90,8 +98,10 @@ def coverage(model_config: Any, budget_bytes: int, context_tokens: int, quant: s
 def choose(model_config: Any, budget_bytes: int, context_tokens: int, dtype_bytes: int = 2,
            batch_size: int = 1) -> tuple[str, dict, dict[str, float]]:
     """(recipe name, its CacheSpec fields, coverage of every candidate) for this budget."""
-    if context_tokens < 1:
-        raise BudgetError(f"context_tokens must be >= 1, got {context_tokens}")
+    for name, value, least in (("budget_bytes", budget_bytes, 1), ("context_tokens", context_tokens, 1),
+                               ("batch_size", batch_size, 1)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
+            raise BudgetError(f"{name} must be an integer >= {least}, got {value!r}")
     cov = {name: coverage(model_config, budget_bytes, context_tokens, f["quant"], f["group"], f["residual"],
                           dtype_bytes, batch_size) for name, f in CANDIDATES}
     four = [(name, fields) for name, fields in CANDIDATES if _BITS[fields["quant"]][0] == 4]
@@ -99,7 +109,13 @@ def choose(model_config: Any, budget_bytes: int, context_tokens: int, dtype_byte
         full = [(name, fields) for name, fields in four if cov[name] >= FULL_COVERAGE]
         name, fields = full[0] if full else max(four, key=lambda c: cov[c[0]])
         return name, dict(fields), cov
+    if max(cov.values()) == 0:
+        raise BudgetError(f"budget_bytes={budget_bytes} holds no token of some layer under any recipe: give more "
+                          f"bytes (the cache's size uncompressed: memvisor.kv.uncompressed_bytes)")
     rest = [(name, fields) for name, fields in CANDIDATES if name not in FOR_COVERAGE]
+    widest = max((c for c in four if c[0] not in FOR_COVERAGE), key=lambda c: cov[c[0]])
+    if cov[widest[0]] >= COVERAGE_GAIN * cov[CANDIDATES[0][0]]:
+        return widest[0], dict(widest[1]), cov
     for name, fields in rest:
         if cov[name] >= MIN_COVERAGE:
             return name, dict(fields), cov
@@ -117,6 +133,7 @@ def plan(model_config: Any, budget_bytes: int, context_tokens: int, **overrides:
 
     batch = overrides.get("batch_size", 1)
     name, fields, _ = choose(model_config, budget_bytes, context_tokens, _dtype_bytes(model_config), batch)
+    budget_bytes, context_tokens = int(budget_bytes), int(context_tokens)
     # StreamingLLM never evicts a token kept in full precision (a bad value is CacheSpec.validate's to refuse)
     asked = overrides.get("sinks", 0)
     sinks = max(4, asked) if isinstance(asked, int) else 4

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from memvisor.errors import InvalidInput
 from memvisor.kv.adapter import cache_kwarg
 from memvisor.kv.cache import CompressedCache
 
@@ -32,10 +33,11 @@ class PrefillResult:
 def forward_blocks(model, input_ids: Tensor, cache, block: int) -> tuple[Tensor, int]:
     """Feed ``input_ids`` [B, T] into ``cache`` (any transformers cache) ``block`` tokens per forward, positions
     continuing the tokens the cache has seen; (logits [B, 1, vocab] of the last token, forwards run)."""
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be [B, T] with T >= 1, got {tuple(input_ids.shape)}")
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise InvalidInput(f"block must be an int >= 1, got {block!r}")
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids).__name__
+        raise InvalidInput(f"input_ids must be a LongTensor [B, T] with T >= 1 (a batch of token ids), got {shape}")
     key = cache_kwarg(model)
     seen = cache.get_seq_length()
     logits = None
@@ -56,6 +58,9 @@ def prefill_blockwise(model, input_ids: Tensor, cache: CompressedCache, block: i
     and attended, before the layer compresses (i.e. the true high-water mark of every layer is
     bounded by its budget plus one block).
     """
+    if not isinstance(cache, CompressedCache):  # checked first: a plain cache has no byte count to report
+        raise InvalidInput(f"prefill_blockwise fills a CompressedCache (it reports its bytes), got "
+                           f"{type(cache).__name__}; forward_blocks feeds any transformers cache block by block")
     logits, n = forward_blocks(model, input_ids, cache, block)
     cache.track_peak()
     return PrefillResult(logits=logits, peak_bytes=cache.peak_bytes, bytes=cache.nbytes(), blocks=n)

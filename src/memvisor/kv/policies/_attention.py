@@ -107,6 +107,14 @@ class AttentionStatsPolicy(TokenPolicy):
     scaling: float | None
     chunk: int
 
+    def state_bytes(self, tokens: int) -> int:
+        """Their statistics hold one entry per stored token (last axis, the longest head's length): they scale
+        with ``tokens``."""
+        now = self.nbytes()
+        held = max((getattr(self, a).shape[-1] for a in self.state_attrs if isinstance(getattr(self, a, None), Tensor)),
+                   default=0)
+        return now * tokens // held if held else now
+
     def observed_queries(self, queries: Tensor) -> Tensor:
         """The queries of a forward ([B, Hq, Tq, D]) whose rows the statistic needs (default: all)."""
         return queries

@@ -120,6 +120,12 @@ class TokenPolicy(ABC):
         return sum(t.numel() * t.element_size() for t in (getattr(self, a, None) for a in self.state_attrs)
                    if isinstance(t, Tensor))
 
+    def state_bytes(self, tokens: int) -> int:
+        """Bytes the statistics would take with every head holding ``tokens`` tokens: what eviction plans with
+        (a policy whose statistics are per token frees some with every token it evicts). Default: their bytes
+        now, a fixed size (SnapKV's window of queries)."""
+        return self.nbytes()
+
     def protected(self, T: int) -> Tensor:
         """BoolTensor[T]: tokens kept whatever their score (sinks, recent window), for a head holding T tokens."""
         return torch.zeros(T, dtype=torch.bool)
