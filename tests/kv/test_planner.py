@@ -124,6 +124,10 @@ def test_plan_takes_twice_the_tokens_over_precision():
     # at 8x of 4k tokens keys 4 / values 2 keep 1.4x what KIVI-4 keeps: precision, as measured against the peers
     name, _, cov = choose(SMOL, bf16_bytes(SMOL) // 8, T)
     assert cov["kivi-k4v2-stream"] < COVERAGE_GAIN * cov["kivi4-stream"] and name == "kivi4-stream"
+    # twice nothing is not a gain: where KIVI-4 keeps no token and 4-bit keys keep under 30%, the old rules
+    name, _, cov = choose(GEMMA, bf16_bytes(GEMMA) // 16, T)
+    assert max(cov[n] for n in ("kivi4-stream", "kivi4-stream-r32", "kivi-k4v2-stream")) < MIN_COVERAGE
+    assert name == "kivi2-stream"
 
 
 def test_coverage_orders_candidates_by_bytes_per_token():

@@ -224,8 +224,8 @@ class CompressedCache(HFCache):
         if layer_idx >= len(self.cores) or tuple(key_states.shape[1::2]) != self._kv_shape:
             raise CacheSpecError(f"this cache was built for a model of {len(self.cores)} layers of "
                                  f"{self._kv_shape[0]} KV heads x {self._kv_shape[1]} channels; layer {layer_idx} "
-                                 f"gives "
-                                 f"{key_states.shape[1]} x {key_states.shape[-1]}: build it from this model's config")
+                                 f"gives {key_states.shape[1]} x {key_states.shape[-1]}: build it from this model's "
+                                 f"config")
         if layer_idx == 0 and self.spec.budget_bytes is not None and rows != self.spec.batch_size:
             # a token's bytes scale with the rows: the plan (layer split, recipe) was made for another batch
             raise CacheSpecError(f"the budget was planned for batch_size={self.spec.batch_size}, the forward gives "

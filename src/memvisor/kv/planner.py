@@ -13,9 +13,9 @@ uses (``token_cost`` and ``split_layers``), without running the model:
    the plan takes the most precise one keeping at least :data:`FULL_COVERAGE` (nearly every token), or
    else the 4-bit-key one that keeps the most (so a budget a little under 4x does not fall back to
    evicting the oldest 29%); otherwise the 4-bit-key candidate that keeps the most when it keeps at least
-   :data:`COVERAGE_GAIN` times what the most precise one keeps; otherwise the first candidate with coverage of at
-   least :data:`MIN_COVERAGE`; when none reaches that, the one that keeps the most (these three rules pass over
-   :data:`FOR_COVERAGE`).
+   :data:`COVERAGE_GAIN` times what the most precise one keeps (and :data:`MIN_COVERAGE`); otherwise the
+   first candidate with coverage of at least :data:`MIN_COVERAGE`; when none reaches that, the one that keeps
+   the most (these three rules pass over :data:`FOR_COVERAGE`).
 
 Why coverage first (session 16, BENCHMARKS.md ``kv``): StreamingLLM forgets the OLDEST tokens, so an
 evicting recipe loses whatever sat in the first ``1 - coverage`` of the context, whatever its
@@ -114,7 +114,7 @@ def choose(model_config: Any, budget_bytes: int, context_tokens: int, dtype_byte
                           f"bytes (the cache's size uncompressed: memvisor.kv.uncompressed_bytes)")
     rest = [(name, fields) for name, fields in CANDIDATES if name not in FOR_COVERAGE]
     widest = max((c for c in four if c[0] not in FOR_COVERAGE), key=lambda c: cov[c[0]])
-    if cov[widest[0]] >= COVERAGE_GAIN * cov[CANDIDATES[0][0]]:
+    if cov[widest[0]] >= max(MIN_COVERAGE, COVERAGE_GAIN * cov[CANDIDATES[0][0]]):
         return widest[0], dict(widest[1]), cov
     for name, fields in rest:
         if cov[name] >= MIN_COVERAGE:

@@ -111,8 +111,8 @@ class AttentionStatsPolicy(TokenPolicy):
         """Their statistics hold one entry per stored token (last axis, the longest head's length): they scale
         with ``tokens``."""
         now = self.nbytes()
-        held = max((getattr(self, a).shape[-1] for a in self.state_attrs if isinstance(getattr(self, a, None), Tensor)),
-                   default=0)
+        stats = [getattr(self, a, None) for a in self.state_attrs]
+        held = max((t.shape[-1] for t in stats if isinstance(t, Tensor)), default=0)
         return now * tokens // held if held else now
 
     def observed_queries(self, queries: Tensor) -> Tensor:
