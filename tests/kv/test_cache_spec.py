@@ -24,6 +24,16 @@ def test_bad_spec_raises_typed_error(kw, message):
         CompressedCache(CFG, CacheSpec(**kw))
 
 
+def test_statistics_of_a_fixed_size_over_a_layer_budget_are_refused_when_the_cache_is_built():
+    """SnapKV keeps its window of queries whatever the layer holds: 32 x 4 query heads x 32 channels x 4 bytes
+    (float32) = 16 KiB a layer. A budget leaving a layer less can never be met: refused now, not mid-forward."""
+    from memvisor.kv.policies import SnapKV
+
+    with pytest.raises(BudgetError, match="snapkv policy keeps 16384 B"):
+        CompressedCache(CFG, CacheSpec(budget_bytes=4 * 12_000, quant="kivi4", token_policy=SnapKV(window=32)))
+    CompressedCache(CFG, CacheSpec(budget_bytes=4 * 40_000, quant="kivi4", token_policy=SnapKV(window=32)))
+
+
 def test_a_spec_or_config_of_the_wrong_kind_is_named():
     with pytest.raises(CacheSpecError, match="spec must be a CacheSpec"):
         CompressedCache(CFG, {"quant": "kivi4"})

@@ -22,7 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from memvisor.errors import InvalidInput
-from memvisor.kv.adapter import HFCache, kv_shape, layer_windows
+from memvisor.kv.adapter import HFCache, kv_shape, layer_windows, text_config
 from memvisor.kv.budget import BudgetError, split_layers, token_cost
 from memvisor.kv.layer import LayerConfig, LayerCore
 from memvisor.kv.planner import CANDIDATES
@@ -197,6 +197,13 @@ class CompressedCache(HFCache):
             layer_bytes = split_layers(spec.budget_bytes, costs, n_kv, windows, spec.layer_budget,
                                        spec.context_tokens)
             smallest = min(c.fp for c in costs) * n_kv
+            if spec.token_policy is not None:  # statistics of a fixed size (SnapKV's queries): known now
+                q_heads = text_config(model_config).num_attention_heads
+                fixed = spec.token_policy.planned_state_bytes(spec.batch_size, q_heads, head_dim, dtype_bytes)
+                if fixed and fixed >= min(layer_bytes):
+                    raise BudgetError(f"budget_bytes={spec.budget_bytes} leaves a layer {min(layer_bytes)} B, but the "
+                                      f"{spec.token_policy.name} policy keeps {fixed} B of statistics a layer: raise "
+                                      "budget_bytes or choose a policy that keeps less (StreamingLLM keeps none)")
             if min(layer_bytes) < smallest:
                 raise BudgetError(
                     f"budget_bytes={spec.budget_bytes} leaves a layer {min(layer_bytes)} B, less than "

@@ -126,6 +126,12 @@ class TokenPolicy(ABC):
         now, a fixed size (SnapKV's window of queries)."""
         return self.nbytes()
 
+    def planned_state_bytes(self, batch: int, query_heads: int, head_dim: int, dtype_bytes: int) -> int:
+        """The most bytes the statistics take in a layer of this shape whatever it holds, known before any forward
+        (a budget below it can never be met). Default 0: statistics that grow with the tokens held, which
+        eviction plans with (:meth:`state_bytes`)."""
+        return 0
+
     def protected(self, T: int) -> Tensor:
         """BoolTensor[T]: tokens kept whatever their score (sinks, recent window), for a head holding T tokens."""
         return torch.zeros(T, dtype=torch.bool)

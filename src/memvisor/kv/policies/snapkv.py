@@ -56,6 +56,10 @@ class SnapKV(TokenPolicy):
     def reset(self) -> None:
         self.queries: Tensor | None = None  # [B, Hq, <=window, D], newest last
 
+    def planned_state_bytes(self, batch: int, query_heads: int, head_dim: int, dtype_bytes: int) -> int:
+        """Its ``window`` newest queries of every query head, in the model's dtype."""
+        return batch * query_heads * self.window * head_dim * dtype_bytes
+
     def observe(
         self,
         queries: Tensor,
