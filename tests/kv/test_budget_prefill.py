@@ -1,6 +1,8 @@
 """The byte budget on the real SmolLM2: respected after every forward with every kind of policy,
 ragged heads, bounded block-wise prefill (peak ~ budget + one block, flat in the input length)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -287,3 +289,22 @@ def test_per_token_statistics_do_not_leave_the_budget_unused(smollm2, text_ids):
     prefill_blockwise(model, text_ids, cache, block=text_ids.shape[1])
     assert 0.5 * text_ids.shape[1] > max(cache.stored_tokens()[0]) > 60
     assert 0.95 * budget < cache.nbytes() <= budget
+
+
+def test_a_budget_below_the_protected_tokens_warns_and_still_holds(smollm2, text_ids):
+    """The byte budget is the cap: a policy protecting more tokens than it leaves a head gives some up, and says
+    so (once), instead of silently keeping fewer."""
+    from memvisor.kv import BudgetWarning, uncompressed_bytes
+
+    model, _ = smollm2
+    budget = uncompressed_bytes(model.config, 40)  # 40 tokens in full precision: under the 64-token window
+    cache = CompressedCache(model.config, CacheSpec(budget_bytes=budget, token_policy=StreamingLLM(sinks=4, window=64)))
+    with pytest.warns(BudgetWarning, match="fewer tokens than the streaming policy protects") as seen:
+        prefill_blockwise(model, text_ids[:, :200], cache, block=200)
+    assert len(seen) == 1 or all("streaming" in str(w.message) for w in seen)
+    assert cache.nbytes() <= budget and max(cache.stored_tokens()[0]) < 64
+    roomy = CompressedCache(model.config, CacheSpec(budget_bytes=4 * budget, token_policy=StreamingLLM(sinks=4,
+                                                                                                       window=64)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BudgetWarning)
+        prefill_blockwise(model, text_ids[:, :200], roomy, block=200)

@@ -142,6 +142,8 @@ def test_probabilities_for_policies_that_take_them(window):
     assert got[1][0, 1, 0, 150:].abs().max() == 0  # past the shorter head's length
 
 
+# the small budget is below these policies' default recent windows: what it tests, not what it warns about
+@pytest.mark.filterwarnings("ignore::memvisor.kv.budget.BudgetWarning")
 @pytest.mark.parametrize("policy", ["h2o", "scissorhands"])
 def test_layer_with_a_policy_that_observes_probabilities(policy):
     """A layer under H2O/Scissorhands decodes through the kernel and evicts the same tokens as the torch path."""

@@ -12,7 +12,7 @@ Public API (see each module's docstring):
 
 from memvisor.kv.adapter import (ATTN_NAME, TRANSFORMERS_VERSION, CacheStateError, PaddedBatchError, cache_kwarg,
                                  use_kv_attention)
-from memvisor.kv.budget import BudgetError, TokenCost, token_cost
+from memvisor.kv.budget import BudgetError, BudgetWarning, TokenCost, token_cost
 from memvisor.kv.cache import CacheSpec, CacheSpecError, CompressedCache, uncompressed_bytes
 from memvisor.kv.models import ModelNotFoundError, load_local_model
 from memvisor.kv.prefill import PrefillResult, prefill_blockwise
@@ -21,6 +21,7 @@ from memvisor.kv.storage import HeadStore, QuantConfig
 __all__ = [
     "ATTN_NAME",
     "BudgetError",
+    "BudgetWarning",
     "CacheSpec",
     "CacheSpecError",
     "CacheStateError",

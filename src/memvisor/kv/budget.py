@@ -17,6 +17,10 @@ class BudgetError(InvalidInput):
     """A byte budget that cannot be met (too small for the fixed parts of the cache)."""
 
 
+class BudgetWarning(UserWarning):
+    """A byte budget that is met by giving up something the spec asked for (a policy's protected tokens)."""
+
+
 @dataclass(frozen=True)
 class TokenCost:
     """Bytes of one head-token, for ``batch`` rows of ``head_dim`` channels.

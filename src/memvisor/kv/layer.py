@@ -15,6 +15,7 @@ so the model's own attention runs on bit-identical inputs.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from memvisor.kv import cpu as cpu_decode
 from memvisor.kv.attention import default_block, layer_attention
-from memvisor.kv.budget import BudgetError, TokenCost, token_cost
+from memvisor.kv.budget import BudgetError, BudgetWarning, TokenCost, token_cost
 from memvisor.kv.gpu.cache_path import (DecodeMirror, HeadStack, kernel_applies, ragged_decode, ragged_kernel_applies,
                                         stacked_decode, stacked_kernel_applies)
 from memvisor.kv.policies.base import ChannelPolicy, HeadBudget, MergePolicy, TokenPolicy, select
@@ -66,6 +67,7 @@ class LayerCore:
                             and cfg.merge is None and cfg.channel is None)
         self.cost: TokenCost | None = None
         self._pending: tuple[int, int] | None = None  # (Tq, first position) of the current forward
+        self._warned_protected = False  # BudgetWarning given once a layer (a budget below the protected tokens)
         self.evictions = 0
         # Stacked kernel-layout copy of the quantized groups, made at the first fused decode step.
         self.mirror: DecodeMirror | None = None
@@ -411,6 +413,11 @@ class LayerCore:
             budget = self.cfg.head_budget.split(scores, protected, target, lengths=lens)
         else:
             budget = torch.full((Hkv,), target // Hkv, dtype=torch.long)
+        if pol is not None and not self._warned_protected and bool((budget < protected.sum(-1)).any()):
+            self._warned_protected = True  # one message for every layer (the warnings filter shows it once)
+            warnings.warn(f"the byte budget leaves a head fewer tokens than the {pol.name} policy protects (its sinks "
+                          "and recent window): the lowest-scored protected tokens are evicted too; raise budget_bytes "
+                          "or protect fewer", BudgetWarning, stacklevel=2)
         kept = select(scores, protected, budget, lengths=lens)
         self._apply_keep(kept, merge=True, dense=(keys, values, lens))
         self.evictions += 1
