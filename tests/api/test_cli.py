@@ -1,6 +1,7 @@
 """Every CLI command, in-process through `main()` (the console script's entry point)."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -169,7 +170,7 @@ def test_delete_namespace_asks_for_yes_then_frees_the_name(monkeypatch, capsys, 
     run(monkeypatch, capsys, "export", str(tmp_path / "cube"), "-n", "pets", *h)
     code, _, err = run(monkeypatch, capsys, "import", str(tmp_path / "cube"), *h)
     assert code == 2 and "memvisor delete-namespace pets" in err
-    monkeypatch.setattr(sys, "stdin", open(__file__))  # not a terminal: no prompt, a clear refusal
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # not a terminal: no prompt, a clear refusal
     code, _, err = run(monkeypatch, capsys, "delete-namespace", "pets", *h)
     assert code == 2 and "--yes" in err
     assert run(monkeypatch, capsys, "search", "cat", "-n", "pets", *h)[0] == 0  # nothing was removed
