@@ -193,6 +193,33 @@ def test_a_budget_planned_for_another_batch_is_refused(smollm2, text_ids):
     assert cache.nbytes() <= 2_000_000
 
 
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_uncompressed_bytes_is_what_a_plain_cache_holds(which, request):
+    """The unit of a budget: equal to an uncompressed cache's bytes after a forward, sliding layers included."""
+    from memvisor.kv import uncompressed_bytes
+
+    model, _ = request.getfixturevalue(which)
+    ids = torch.randint(10, 20000, (2, 600), generator=torch.Generator().manual_seed(0))  # past Gemma's window
+    cache = CompressedCache(model.config, CacheSpec(batch_size=2))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+    assert cache.nbytes() == uncompressed_bytes(model.config, 600, batch_size=2)
+
+
+def test_block_wise_prefill_then_generate_gives_generate_s_tokens(smollm2, text_ids):
+    """The README's recipe: prefill all but the last prompt token, then generate from the whole prompt (generate
+    feeds only what the cache has not seen)."""
+    from memvisor.kv import prefill_blockwise
+
+    model, _ = smollm2
+    ids = text_ids[:, :120]
+    cache = CompressedCache(model.config, CacheSpec())
+    prefill_blockwise(model, ids[:, :-1], cache, block=32)
+    got = model.generate(ids, max_new_tokens=6, do_sample=False, **{cache_kwarg(model): cache})
+    want = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want) and cache.get_seq_length() == 120 + 5
+
+
 def test_a_cache_built_for_another_model_is_refused(smollm2, gemma3, text_ids):
     model, _ = smollm2
     cache = CompressedCache(gemma3[0].config, CacheSpec())

@@ -16,7 +16,8 @@ from memvisor.models.embedders import Embedder, default_embedder
 from memvisor.models.tokenizer import HFTokenizer, default_tokenizer
 from memvisor.store import portable
 from memvisor.store.filters import Filters
-from memvisor.store.sqlite_store import NewItem, SQLiteStore, row_to_item
+from memvisor.store.items import NewItem, row_to_item
+from memvisor.store.sqlite_store import SQLiteStore
 from memvisor.text.formats import Conversation, load_conversations
 from memvisor.text.pack import ContextPacker
 from memvisor.text.retrieve import Candidate, HybridRetriever

@@ -173,11 +173,7 @@ class CompressedCache(HFCache):
             raise CacheSpecError(f"spec must be a CacheSpec (or None), got {type(spec).__name__}")
         spec.validate()
         self.spec = spec
-        try:
-            n_layers, n_kv, head_dim = kv_shape(model_config)
-        except AttributeError:
-            raise CacheSpecError(f"model_config must be a transformers model config (model.config), got "
-                                 f"{type(model_config).__name__}") from None
+        n_layers, n_kv, head_dim = _model_shape(model_config)
         if spec.quant != "none" and head_dim % spec.group:  # values are grouped along the head's channels
             raise CacheSpecError(f"group={spec.group} must divide the model's head_dim ({head_dim}) for KIVI values")
         windows = layer_windows(model_config)[:n_layers]
@@ -307,14 +303,19 @@ def uncompressed_bytes(model_config: Any, tokens: int, batch_size: int = 1, dtyp
     for name, value in (("tokens", tokens), ("batch_size", batch_size)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
             raise CacheSpecError(f"{name} must be an integer >= 0, got {value!r}")
-    try:
-        n_layers, n_kv, head_dim = kv_shape(model_config)
-    except AttributeError:
-        raise CacheSpecError(f"model_config must be a transformers model config (model.config), got "
-                             f"{type(model_config).__name__}") from None
+    n_layers, n_kv, head_dim = _model_shape(model_config)
     width = _dtype_bytes(model_config) if dtype is None else torch.empty(0, dtype=dtype).element_size()
     spans = [tokens if w is None else min(tokens, w - 1) for w in layer_windows(model_config)[:n_layers]]
     return int(sum(spans)) * n_kv * head_dim * 2 * width * int(batch_size)
+
+
+def _model_shape(model_config: Any) -> tuple[int, int, int]:
+    """:func:`kv_shape`, with a typed error for something that is not a model's config."""
+    try:
+        return kv_shape(model_config)
+    except AttributeError:
+        raise CacheSpecError(f"model_config must be a transformers model config (model.config), got "
+                             f"{type(model_config).__name__}") from None
 
 
 def _is_int(v: Any) -> bool:

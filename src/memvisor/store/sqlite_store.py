@@ -12,7 +12,6 @@ import hashlib
 import json
 import secrets
 import sqlite3
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,6 +21,7 @@ import numpy as np
 from memvisor import timeutil
 from memvisor.errors import InvalidInput, UnknownMemory, UnknownNamespace
 from memvisor.store.filters import Filters
+from memvisor.store.items import ITEM_COLUMNS, NewItem, row_to_item, row_to_new_item
 from memvisor.store.term_stats import TermStats
 from memvisor.store.vector_index import VectorIndex
 from memvisor.types import MemoryItem
@@ -31,56 +31,13 @@ SCHEMA_VERSION = 1
 # to write); the log replays the rest after a crash.
 SAVE_EVERY = 50_000
 
-ITEM_COLUMNS = ("rid, id, namespace, version, kind, user_id, agent_id, session_id, thread, position, text, "
-                "context, speaker, metadata, sources, status, valid_from, valid_to, recorded_at, expired_at, seq")
 # meta key prefix, + namespace: a delete there still has traces in the files to scrub (at close)
 SCRUB_MARK = "scrub_pending:"
-
-
-@dataclass
-class NewItem:
-    """A validated memory about to be written (see `Memory.add`)."""
-
-    namespace: str
-    text: str
-    kind: str
-    user: str | None
-    agent: str | None
-    session: str | None
-    metadata: dict[str, Any]
-    sources: list[str]
-    valid_from: str | None
-    valid_to: str | None
-    thread: str | None = None
-    position: int | None = None
-    context: str | None = None  # indexed with the text (e.g. the previous turn), never shown as the memory
-    key: str | None = None  # idempotency key; a content hash when the client gives none
-
-    @property
-    def speaker(self) -> str | None:
-        value = self.metadata.get("speaker")
-        return value.strip() or None if isinstance(value, str) else None
-
-    def idempotency_key(self) -> str:
-        if self.key:
-            return "client:" + self.key
-        body = json.dumps([self.kind, self.user, self.agent, self.session, self.text, self.sources,
-                           self.valid_from, self.thread, self.position], ensure_ascii=False)
-        return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
 
 
 def _index_name(namespace: str) -> str:
     """The file stem of a namespace's ANN index (names may hold any printable character)."""
     return hashlib.sha256(namespace.encode()).hexdigest()[:16]
-
-
-def row_to_item(row: sqlite3.Row) -> MemoryItem:
-    return MemoryItem(
-        id=row["id"], namespace=row["namespace"], text=row["text"], kind=row["kind"],
-        user=row["user_id"], agent=row["agent_id"], session=row["session_id"],
-        metadata=json.loads(row["metadata"]), sources=json.loads(row["sources"]), version=row["version"],
-        status=row["status"], valid_from=row["valid_from"], valid_to=row["valid_to"],
-        recorded_at=row["recorded_at"], expired_at=row["expired_at"])
 
 
 class SQLiteStore:
@@ -241,7 +198,7 @@ class SQLiteStore:
         now = timeutil.now()
         with self.transaction() as cur:
             head = self.head_row(namespace, item_id, cur)
-            old = self._as_new_item(head)
+            old = row_to_new_item(head)
             cur.execute("UPDATE items SET expired_at=?, status='superseded' WHERE rid=?", (now, head["rid"]))
             seq = self._event(cur, namespace, op, item_id, dict(changes), now)
             old_vec = cur.execute("SELECT vec FROM vectors WHERE rid=?", (head["rid"],)).fetchone()[0]
@@ -250,7 +207,7 @@ class SQLiteStore:
                 rids.append(self._insert_row(cur, seq, item_id, head["version"], old, "invalidated",
                                              head["valid_from"], changes["valid_to"], now, old_vec))
             else:
-                new = self._as_new_item(head)
+                new = row_to_new_item(head)
                 for field in ("text", "kind", "metadata"):
                     if changes.get(field) is not None:
                         setattr(new, field, changes[field])
@@ -334,14 +291,6 @@ class SQLiteStore:
         with self.transaction() as cur:
             cur.executemany("DELETE FROM meta WHERE key=?", [(m,) for m in marks])
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-    @staticmethod
-    def _as_new_item(row: sqlite3.Row) -> NewItem:
-        return NewItem(namespace=row["namespace"], text=row["text"], kind=row["kind"], user=row["user_id"],
-                       agent=row["agent_id"], session=row["session_id"], metadata=json.loads(row["metadata"]),
-                       sources=json.loads(row["sources"]), valid_from=row["valid_from"],
-                       valid_to=row["valid_to"], thread=row["thread"], position=row["position"],
-                       context=row["context"])
 
     # ---- reads ----------------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from memvisor import timeutil
 from memvisor.models.tokenizer import HFTokenizer
 from memvisor.store.filters import Filters
-from memvisor.store.sqlite_store import SQLiteStore, row_to_item
+from memvisor.store.items import row_to_item
+from memvisor.store.sqlite_store import SQLiteStore
 from memvisor.text.retrieve import Candidate
 from memvisor.types import Citation, Context
 
